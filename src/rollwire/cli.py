@@ -1,0 +1,135 @@
+"""The `rollwire` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rollwire.errors import RollwireError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_FAMILY = "qwen2_vl"
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def resolve_model(model: str | None) -> Path:
+    """A model directory: the given one, or the embedded tiny default (built on first use)."""
+    if model:
+        return Path(model)
+    from rollwire.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(DEFAULT_FAMILY)
+
+
+def load_messages_file(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Messages (and optional tools) from JSON: a list of messages or {"messages", "tools"}.
+
+    Relative image paths are taken relative to the file's folder.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RollwireError(f"messages file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise RollwireError(f"messages file {path} is not JSON: {exc}") from None
+    tools = None
+    if isinstance(data, dict):
+        tools = data.get("tools")
+        data = data.get("messages")
+    if not isinstance(data, list):
+        raise RollwireError(f"{path}: expected a list of messages or an object with 'messages'")
+    base = path.resolve().parent
+    for message in data:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            for key in ("image", "path"):
+                src = part.get(key)
+                if (isinstance(src, str) and "://" not in src and not src.startswith("data:")
+                        and not Path(src).is_absolute()):
+                    part[key] = str(base / src)
+    return data, tools
+
+
+@app.command()
+def render(
+    messages: Annotated[Path, typer.Option(help="JSON file: a list of messages, or {messages, tools}.")],
+    model: Annotated[str | None, typer.Option(help="Model directory (default: the tiny qwen2_vl model).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    generation_prompt: Annotated[bool, typer.Option(help="Append the assistant generation prompt.")] = True,
+    add_vision_id: Annotated[bool, typer.Option(help="Label images 'Picture k:' (Qwen-VL).")] = False,
+    thinking: Annotated[bool, typer.Option(help="Qwen3 thinking mode.")] = True,
+) -> None:
+    """Render a conversation to token ids and image refs, as the model will see it."""
+    from rollwire.render import create_renderer
+
+    try:
+        msgs, tools = load_messages_file(messages)
+        renderer = create_renderer(resolve_model(model), add_vision_id=add_vision_id, enable_thinking=thinking)
+        out = renderer.render(msgs, tools, add_generation_prompt=generation_prompt)
+    except RollwireError as exc:
+        raise _fail(exc) from exc
+    images = [
+        {"id": r.id, "offset": r.offset, "length": r.length, "grid_thw": list(r.grid_thw)} for r in out.images
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps({"token_ids": out.token_ids, "images": images}) + "\n")
+        return
+    console.print(f"[bold]{len(out.token_ids)} tokens[/bold], {len(out.images)} image(s), "
+                  f"family {renderer.family}")
+    console.print("[bold]token ids[/bold]")
+    console.print(" ".join(map(str, out.token_ids)), highlight=False, soft_wrap=True)
+    console.print("[bold]text[/bold] (image spans marked)")
+    pos = 0
+    pieces: list[str] = []
+    for ref in out.images:
+        pieces.append(renderer.decode(out.token_ids[pos : ref.offset]))
+        pieces.append(f"[[image {ref.id[:12]}: {ref.length} pad tokens, grid {'x'.join(map(str, ref.grid_thw))}]]")
+        pos = ref.end
+    pieces.append(renderer.decode(out.token_ids[pos:]))
+    console.print("".join(pieces), highlight=False, markup=False, soft_wrap=True)
+    if images:
+        table = Table("#", "id", "offset", "length", "grid_thw")
+        for k, r in enumerate(out.images):
+            table.add_row(str(k), r.id, str(r.offset), str(r.length), "x".join(map(str, r.grid_thw)))
+        console.print(table)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    family: Annotated[str, typer.Argument(help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the model directory.")],
+    seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+) -> None:
+    """Write a tiny random-weight model directory (real tokenizer and processor config)."""
+    from rollwire.tiny_model import build_tiny_model
+
+    try:
+        path = build_tiny_model(family, out_dir, seed=seed)
+    except RollwireError as exc:
+        raise _fail(exc) from exc
+    console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,104 @@
+"""One exception hierarchy for everything rollwire rejects.
+
+Callers catch `RollwireError` (or a subclass) and get a message that names what is wrong;
+rollwire never lets a third-party exception (PIL, tokenizers, the HF processor) escape raw
+from input it was handed.
+"""
+
+from __future__ import annotations
+
+
+class RollwireError(Exception):
+    """Base of every error rollwire raises on purpose."""
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+class MessageError(RollwireError, ValueError):
+    """A chat message is malformed. `index` and `field` say where."""
+
+    def __init__(self, reason: str, *, index: int | None = None, field: str | None = None) -> None:
+        self.reason = reason
+        self.index = index
+        self.field = field
+        where = []
+        if index is not None:
+            where.append(f"messages[{index}]")
+        if field is not None:
+            where.append(field)
+        prefix = ".".join(where)
+        super().__init__(f"{prefix}: {reason}" if prefix else reason)
+
+
+class UnknownRoleError(MessageError):
+    """A message has a role outside system/user/assistant/tool."""
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+class ImageError(RollwireError, ValueError):
+    """An image could not be loaded or is not acceptable."""
+
+
+class ImageSourceError(ImageError):
+    """An image part names no usable source (none given, unknown scheme, bad data URL)."""
+
+
+class ImageNotFoundError(ImageError, FileNotFoundError):
+    """An image path or file:// URL points at nothing."""
+
+
+class RemoteImageNotAllowedError(ImageError):
+    """An http(s) image URL was given but remote loading is not enabled."""
+
+
+class ImageDecodeError(ImageError):
+    """The bytes are not a readable image (corrupt, truncated, unknown format)."""
+
+
+class ImageTooLargeError(ImageError):
+    """Encoded bytes or decoded pixels exceed the configured limits (decompression bombs land here)."""
+
+
+class EmptyImageError(ImageError):
+    """The image has zero width or height."""
+
+
+class UnsupportedImageModeError(ImageError):
+    """The image's pixel mode cannot be converted to RGB (the HF processor fails on it too)."""
+
+
+class ImageSizeUnsupportedError(ImageError):
+    """The model's image processor cannot take an image of this size or aspect ratio."""
+
+
+# --- features, rendering, placeholders ------------------------------------------------------
+
+
+class FeatureError(RollwireError):
+    """Image features are missing or inconsistent."""
+
+
+class UnknownImageError(FeatureError, KeyError):
+    """An image id is not in the feature store."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "unknown image id"
+
+
+class RenderError(RollwireError):
+    """A conversation cannot be rendered by this renderer."""
+
+
+class UnsupportedModelError(RenderError):
+    """The model directory names a family rollwire does not support for this operation."""
+
+
+class PlaceholderError(RollwireError, ValueError):
+    """Image placeholder ranges and the token stream disagree (DESIGN invariant 3)."""
+
+
+class ModelBuildError(RollwireError):
+    """A tiny model directory could not be built."""

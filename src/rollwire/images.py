@@ -1,0 +1,282 @@
+"""Load images from any source a chat message may name, check limits, convert to RGB, hash.
+
+Every failure is a typed `ImageError`; no PIL or OS exception escapes. Decoding is bounded:
+the encoded size is checked before reading, the declared pixel count before decoding, and the
+whole image is decoded here (truncated files fail now, not later in the processor).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import struct
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+from PIL import Image, ImageOps
+
+from rollwire.errors import (
+    EmptyImageError,
+    ImageDecodeError,
+    ImageError,
+    ImageNotFoundError,
+    ImageSourceError,
+    ImageTooLargeError,
+    RemoteImageNotAllowedError,
+    UnsupportedImageModeError,
+)
+from rollwire.messages import ImageSource
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ImageLimits",
+    "decode_image",
+    "image_hash",
+    "load_image",
+    "to_rgb",
+]
+
+# Raster formats rollwire decodes. Exotic PIL plugins (EPS runs Ghostscript, FITS, GRIB, ...) are
+# refused: they widen the attack surface and no chat client sends them.
+_WANTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "ICO", "AVIF", "QOI",
+                   "JPEG2000")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on what `load_image` accepts; remote loading is off unless asked for.
+
+    PIL's own bomb guard (2 x `Image.MAX_IMAGE_PIXELS`, ~179 M pixels) still applies above
+    `max_pixels`.
+    """
+
+    max_encoded_bytes: int = 64 * 2**20
+    max_pixels: int = 64 * 2**20  # decoded width * height
+    allow_remote: bool = False
+    remote_timeout: float = 10.0  # seconds, for the whole download
+
+    def __post_init__(self) -> None:
+        if self.max_encoded_bytes <= 0 or self.max_pixels <= 0 or self.remote_timeout <= 0:
+            raise ImageError(f"image limits must be positive: {self}")
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """A fully decoded PIL image from a PIL image, encoded bytes, a path, or a file/data/http(s) URL.
+
+    Encoded sources get their EXIF orientation applied (as `transformers.image_utils.load_image`
+    does); a PIL image is taken as given, like the HF processor takes it.
+    """
+    if isinstance(source, Image.Image):
+        return _checked_pil(source, limits)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(source), limits, what="image bytes")
+    if isinstance(source, os.PathLike):
+        path = os.fspath(source)
+        if not isinstance(path, str):
+            raise ImageSourceError(f"image path must be text, got {type(path).__name__}")
+        return decode_image(_read_path(path, limits), limits, what=path)
+    if not isinstance(source, str):
+        raise ImageSourceError(f"unsupported image source type {type(source).__name__}")
+    if not source.strip():
+        raise ImageSourceError("empty image source")
+    lowered = source[:16].lower()
+    if lowered.startswith("data:"):
+        return decode_image(_data_url_bytes(source, limits), limits, what="data URL")
+    if lowered.startswith("file://"):
+        path = _file_url_path(source)
+        return decode_image(_read_path(path, limits), limits, what=path)
+    if lowered.startswith(("http://", "https://")):
+        if not limits.allow_remote:
+            raise RemoteImageNotAllowedError(
+                f"remote image URLs are disabled (ImageLimits.allow_remote=False): {source[:100]}"
+            )
+        return decode_image(_fetch_remote(source, limits), limits, what=source[:100])
+    scheme, sep, _ = source.partition("://")
+    if sep and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        raise ImageSourceError(f"unsupported image URL scheme {scheme!r}")
+    return decode_image(_read_path(source, limits), limits, what=source)
+
+
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, what: str = "image") -> Image.Image:
+    """Decode encoded image bytes fully, checking the declared size before decoding pixels."""
+    if not data:
+        raise ImageSourceError(f"{what}: no bytes")
+    if len(data) > limits.max_encoded_bytes:
+        raise ImageTooLargeError(f"{what}: {len(data)} encoded bytes exceed the limit of "
+                                 f"{limits.max_encoded_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data), formats=_allowed_formats())  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"{what}: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(f"{what}: not a readable image (unknown format or corrupt header)") from None
+    except Exception as exc:  # PIL plugins raise many types on malformed headers
+        raise ImageDecodeError(f"{what}: cannot read image header: {exc}") from None
+    _check_size(image.size, limits, what)
+    try:
+        image.load()  # full decode: truncated data fails here
+        ImageOps.exif_transpose(image, in_place=True)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"{what}: {exc}") from None
+    except Exception as exc:
+        raise ImageDecodeError(f"{what}: cannot decode image: {exc}") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB exactly as the HF Qwen-VL processor converts (`transformers.image_transforms.convert_to_rgb`).
+
+    Images with an alpha band or a `transparency` entry are composited onto white; everything else
+    goes through PIL's `convert("RGB")`, which clips 16/32-bit and float values to 0..255 (it does
+    not rescale). Modes PIL cannot convert (e.g. "La") fail in the processor and raise
+    `UnsupportedImageModeError` here. May return `image` itself when it is already plain RGB.
+    """
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    try:
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        if image.mode == "RGB":
+            return image
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise UnsupportedImageModeError(f"cannot convert image mode {image.mode!r} to RGB: {exc}") from None
+
+
+_HASH_PERSON = b"rollwire-img-v1"
+
+
+def image_hash(rgb_image: Image.Image, fingerprint: str) -> str:
+    """Hex id over the RGB pixel bytes, the size and the preprocessing fingerprint (blake2b-128)."""
+    if rgb_image.mode != "RGB":
+        raise ImageError(f"image_hash needs an RGB image (call to_rgb first), got mode {rgb_image.mode!r}")
+    width, height = rgb_image.size
+    fp = fingerprint.encode()
+    hasher = hashlib.blake2b(digest_size=16, person=_HASH_PERSON)
+    hasher.update(struct.pack("<QQQ", width, height, len(fp)))
+    hasher.update(fp)
+    hasher.update(rgb_image.tobytes())
+    return hasher.hexdigest()
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+_formats_cache: tuple[str, ...] | None = None
+
+
+def _allowed_formats() -> tuple[str, ...]:
+    global _formats_cache
+    if _formats_cache is None:
+        Image.init()
+        _formats_cache = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
+    return _formats_cache
+
+
+def _check_size(size: tuple[int, int], limits: ImageLimits, what: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise EmptyImageError(f"{what}: image has zero size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise ImageTooLargeError(f"{what}: {width}x{height} = {width * height} pixels exceed the limit of "
+                                 f"{limits.max_pixels}")
+
+
+def _checked_pil(image: Image.Image, limits: ImageLimits) -> Image.Image:
+    _check_size(image.size, limits, "PIL image")
+    try:
+        image.load()  # a lazily opened image decodes now (and drops its file handle)
+    except Exception as exc:
+        raise ImageDecodeError(f"PIL image: cannot decode: {exc}") from None
+    return image
+
+
+def _read_path(path: str, limits: ImageLimits) -> bytes:
+    cap = limits.max_encoded_bytes
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(cap + 1) if size <= cap else b""
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageNotFoundError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise ImageSourceError(f"image path is a directory: {path}") from None
+    except OSError as exc:
+        raise ImageSourceError(f"cannot read image file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        raise ImageSourceError(f"invalid image path {path[:100]!r}: {exc}") from None
+    if size > cap or len(data) > cap:
+        raise ImageTooLargeError(f"{path}: file has {max(size, len(data))} bytes, over the limit of {cap}")
+    return data
+
+
+def _file_url_path(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ImageSourceError(f"file URL names a remote host {parsed.netloc!r}: {url[:100]}")
+    path = url2pathname(unquote(parsed.path))
+    if not path:
+        raise ImageSourceError(f"file URL has no path: {url[:100]}")
+    return path
+
+
+def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise ImageSourceError("data URL has no ',' separating header and data")
+    params = [p.strip().lower() for p in header[len("data:"):].split(";")]
+    media_type = params[0]
+    if media_type and not media_type.startswith("image/"):
+        raise ImageSourceError(f"data URL media type {media_type!r} is not an image")
+    if "base64" not in params[1:]:
+        raise ImageSourceError("only base64 data URLs are supported (expected ';base64,')")
+    payload = "".join(payload.split())
+    if not payload:
+        raise ImageSourceError("data URL carries no data")
+    if len(payload.rstrip("=")) * 3 // 4 > limits.max_encoded_bytes:  # exact decoded size, checked first
+        raise ImageTooLargeError(f"data URL decodes to more than {limits.max_encoded_bytes} bytes")
+    payload += "=" * (-len(payload) % 4)
+    try:
+        if "-" in payload or "_" in payload:
+            return base64.b64decode(payload, altchars=b"-_", validate=True)
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageSourceError(f"data URL is not valid base64: {exc}") from None
+
+
+def _fetch_remote(url: str, limits: ImageLimits) -> bytes:
+    import httpx
+
+    cap = limits.max_encoded_bytes
+    deadline = time.monotonic() + limits.remote_timeout
+    buf = bytearray()
+    try:
+        with httpx.Client(timeout=limits.remote_timeout, follow_redirects=True) as client, client.stream(
+            "GET", url
+        ) as response:
+            if response.status_code in (404, 410):
+                raise ImageNotFoundError(f"remote image not found (HTTP {response.status_code}): {url[:100]}")
+            if response.status_code >= 400:
+                raise ImageSourceError(f"remote image request failed (HTTP {response.status_code}): "
+                                       f"{url[:100]}")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise ImageTooLargeError(f"{url[:100]}: declares {declared} bytes, over the limit of {cap}")
+            for chunk in response.iter_bytes():
+                buf += chunk
+                if len(buf) > cap:
+                    raise ImageTooLargeError(f"{url[:100]}: more than {cap} bytes")
+                if time.monotonic() > deadline:
+                    raise ImageSourceError(f"{url[:100]}: download exceeded {limits.remote_timeout}s")
+    except httpx.HTTPError as exc:
+        raise ImageSourceError(f"cannot fetch {url[:100]}: {type(exc).__name__}: {exc}") from None
+    return bytes(buf)

@@ -1,0 +1,114 @@
+"""The one routine that turns rendered pieces into tokens; `render` and `bridge` both use it.
+
+A renderer describes each message as pieces: strings (template text, special tokens written
+as text) and `ImagePart`s. Consecutive strings are tokenized as one run, exactly as a chat
+template's output string would be, so token boundaries match the HF reference; an image
+becomes the model's pad token repeated as its grid implies, and an `ImageRef` with an
+absolute offset.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+from rollwire.errors import RenderError
+from rollwire.messages import ImagePart
+from rollwire.render.tokens import TextTokenizer
+from rollwire.render.types import ImageRef, RenderedTokens
+
+if TYPE_CHECKING:
+    from rollwire.features import FeatureStore
+    from rollwire.images import ImageLimits
+
+Piece: TypeAlias = "str | ImagePart"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTokens:
+    """How a family writes an image into the token stream."""
+
+    pad_id: int
+    store: FeatureStore
+    limits: ImageLimits | None = None
+
+
+class Emitter:
+    """Accumulates pieces (tagged with a message index) into a `RenderedTokens`.
+
+    Starting from `base` (a previous prompt) continues its token stream: new image offsets
+    are absolute in the combined stream.
+    """
+
+    def __init__(
+        self, tokenizer: TextTokenizer, images: ImageTokens | None, base: RenderedTokens | None = None
+    ) -> None:
+        self._tok = tokenizer
+        self._images = images
+        self.token_ids: list[int] = list(base.token_ids) if base else []
+        self.message_index: list[int] = list(base.message_index) if base else []
+        self.sampled_mask: list[bool] = list(base.sampled_mask) if base else []
+        self.refs: list[ImageRef] = list(base.images) if base else []
+        self._run: list[str] = []
+        self._run_index: list[int] = []
+
+    @property
+    def image_count(self) -> int:
+        return len(self.refs)
+
+    def emit(self, index: int, pieces: Iterable[Piece]) -> None:
+        for piece in pieces:
+            if isinstance(piece, str):
+                if piece:
+                    self._run.append(piece)
+                    self._run_index.append(index)
+            else:
+                self._emit_image(index, piece)
+
+    def tokens(self, index: int, token_ids: Sequence[int], *, sampled: bool) -> None:
+        """Append already-tokenized ids (a sampled completion) without re-tokenizing them."""
+        self._flush()
+        self.token_ids.extend(int(t) for t in token_ids)
+        self.message_index.extend([index] * len(token_ids))
+        self.sampled_mask.extend([sampled] * len(token_ids))
+
+    def finish(self, num_messages: int) -> RenderedTokens:
+        self._flush()
+        return RenderedTokens(
+            token_ids=self.token_ids,
+            message_index=self.message_index,
+            sampled_mask=self.sampled_mask,
+            images=tuple(self.refs),
+            num_messages=num_messages,
+        )
+
+    def _emit_image(self, index: int, part: ImagePart) -> None:
+        if self._images is None:
+            raise RenderError("this renderer does not support images")
+        self._flush()
+        features = self._images.store.get_or_process(part.image, limits=self._images.limits)
+        offset = len(self.token_ids)
+        length = features.num_tokens
+        self.refs.append(ImageRef(features.id, offset, length, features.grid_thw))
+        self.token_ids.extend([self._images.pad_id] * length)
+        self.message_index.extend([index] * length)
+        self.sampled_mask.extend([False] * length)
+
+    def _flush(self) -> None:
+        if not self._run:
+            return
+        text = "".join(self._run)
+        encoding = self._tok.encode(text)
+        starts: list[int] = []
+        pos = 0
+        for chunk in self._run:
+            starts.append(pos)
+            pos += len(chunk)
+        for token_id, (start, _end) in zip(encoding.ids, encoding.offsets, strict=True):
+            self.token_ids.append(token_id)
+            self.message_index.append(self._run_index[bisect.bisect_right(starts, start) - 1])
+            self.sampled_mask.append(False)
+        self._run.clear()
+        self._run_index.clear()

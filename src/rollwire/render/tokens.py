@@ -1,0 +1,54 @@
+"""A thin, thread-safe view of a `tokenizers.Tokenizer`: encode with offsets, decode, look up ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from rollwire.errors import RenderError
+
+
+class TextTokenizer:
+    """Encodes text exactly as the HF fast tokenizer does (added tokens split, no BOS)."""
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        self.backend = backend
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> TextTokenizer:
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise RenderError(f"no tokenizer.json in {model_dir}")
+        return cls(tokenizers.Tokenizer.from_file(str(path)))
+
+    @classmethod
+    def from_hf(cls, tokenizer: Any) -> TextTokenizer:
+        """From a transformers tokenizer (its Rust backend) or a `tokenizers.Tokenizer`."""
+        if isinstance(tokenizer, tokenizers.Tokenizer):
+            return cls(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        if not isinstance(backend, tokenizers.Tokenizer):
+            raise RenderError(f"{type(tokenizer).__name__} has no fast (tokenizers) backend")
+        return cls(backend)
+
+    def encode(self, text: str) -> tokenizers.Encoding:
+        return self.backend.encode(text, add_special_tokens=False)
+
+    def encode_ids(self, text: str) -> list[int]:
+        return list(self.encode(text).ids)
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise RenderError(f"the tokenizer has no token {token!r}")
+        return int(token_id)
+
+    def optional_token_id(self, token: str) -> int | None:
+        token_id = self.backend.token_to_id(token)
+        return None if token_id is None else int(token_id)

