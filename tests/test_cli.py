@@ -1,0 +1,72 @@
+"""The command line, run as a user runs it (a real subprocess, the installed entry point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rollwire.render import create_renderer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "conversation.json"
+
+
+def run(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ROLLWIRE_CACHE": str(cache), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "rollwire.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+
+
+def test_render_json_matches_the_library(cache_dir: Path, tiny: Callable[[str], Path]) -> None:
+    proc = run("render", "--messages", str(EXAMPLE), "--json", cache=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    renderer = create_renderer(tiny("qwen2_vl"))
+    messages = json.loads(EXAMPLE.read_text())["messages"]
+    for m in messages:
+        if isinstance(m["content"], list):
+            for p in m["content"]:
+                if p["type"] == "image":
+                    p["image"] = str(EXAMPLE.parent / p["image"])
+    expected = renderer.render(messages)
+    assert out["token_ids"] == expected.token_ids
+    assert out["images"] == [{"id": r.id, "offset": r.offset, "length": r.length, "grid_thw": list(r.grid_thw)}
+                             for r in expected.images]
+    assert len(out["images"]) == 2
+
+
+def test_render_text_marks_image_spans(cache_dir: Path) -> None:
+    proc = run("render", "--messages", str(EXAMPLE), cache=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "[[image " in proc.stdout and "12 pad tokens, grid 1x6x8" in proc.stdout
+    assert "How many shapes are in this picture?" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("not json", "is not JSON"),
+        ('[{"role": "wizard", "content": "x"}]', "UnknownRoleError"),
+        ('[{"role": "user", "content": [{"type": "image", "image": "missing.png"}]}]', "ImageNotFoundError"),
+    ],
+)
+def test_bad_input_exits_2_with_a_typed_error(cache_dir: Path, tmp_path: Path, content: str, needle: str) -> None:
+    f = tmp_path / "m.json"
+    f.write_text(content)
+    proc = run("render", "--messages", str(f), cache=cache_dir)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_model_command_writes_a_loadable_directory(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    proc = run("tiny-model", "qwen2_5_vl", str(out), cache=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    assert create_renderer(out).family == "qwen2_5_vl"
