@@ -3,6 +3,8 @@
 # torch is pinned to the CPU build this project is tested with (ROLLWIRE_TORCH overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This machine's pip lists file:// indices that may not exist: keep their warnings out of the log.
+pip_install() { "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 PY=${PYTHON:-python3}
 VENV=${ROLLWIRE_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
@@ -10,9 +12,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.rollwire-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "torch==${ROLLWIRE_TORCH:-2.13.0}"
-  "$VENV/bin/python" -m pip install -q -e ".[local,dev]"
+  pip_install --upgrade pip
+  pip_install "torch==${ROLLWIRE_TORCH:-2.13.0}"
+  pip_install -e ".[local,dev]"
   # The HF Qwen-VL processors (the parity tests' reference) need torchvision importable.
   bash scripts/install_torchvision_cpu.sh "$VENV/bin/python"
   touch "$stamp"
