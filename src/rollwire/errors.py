@@ -102,3 +102,22 @@ class PlaceholderError(RollwireError, ValueError):
 
 class ModelBuildError(RollwireError):
     """A tiny model directory could not be built."""
+
+
+# --- engines --------------------------------------------------------------------------------
+
+
+class EngineError(RollwireError):
+    """An engine could not serve a request."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot start: a missing dependency (torch) or a model that does not load."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A generate request is malformed (sampling settings, token ids, images for a text model)."""
+
+
+class EngineClosedError(EngineError):
+    """The engine was closed before or while serving the request."""

@@ -1,0 +1,184 @@
+"""The vLLM token-in/token-out wire format (`POST /inference/v1/generate`), without importing vLLM.
+
+One versioned encoder: `VLLM_WIRE` names the vLLM versions whose multimodal `kwargs_data`
+layout it writes (the layout is version-specific; older vLLM used another one). Pixels are
+sent in the format the server expects (`PixelFormat`), which the client negotiates; a wrong
+format is accepted by the server with HTTP 200 and silently changes the output.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, TypeAlias
+
+import msgspec
+import numpy as np
+
+from rollwire.errors import RollwireError
+from rollwire.features import FeatureStore, ImageFeatures
+from rollwire.render.types import ImageRef
+
+from .types import GenerateRequest, SamplingParams
+
+VLLM_WIRE = "vllm>=0.30,<0.33 (msgpack kwargs_data with ExtType(3) raw arrays)"
+PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
+_RAW_ARRAY_EXT = 3  # vLLM's msgpack extension code for raw C-order array bytes
+
+
+class WireError(RollwireError):
+    """A payload could not be built or a response could not be read."""
+
+
+def _array(arr: np.ndarray, dtype_name: str) -> list[Any]:
+    data = np.ascontiguousarray(arr)
+    return [dtype_name, list(data.shape), msgspec.msgpack.Ext(_RAW_ARRAY_EXT, data.data.cast("B"))]
+
+
+def pixel_array(features: ImageFeatures, store: FeatureStore, pixel_format: PixelFormat) -> tuple[np.ndarray, str]:
+    """The image's pixel rows as the server wants them, with the dtype name vLLM uses."""
+    if pixel_format == "uint8":
+        return features.pixel_values, "uint8"
+    if pixel_format == "float32":
+        return features.normalized(store.config, np.float32), "float32"
+    # bfloat16 without torch: round-to-nearest-even truncation of float32 to its top 16 bits.
+    f32 = np.ascontiguousarray(features.normalized(store.config, np.float32))
+    bits = f32.view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return rounded, "bfloat16"
+
+
+def encode_image_kwargs(features: ImageFeatures, store: FeatureStore, pixel_format: PixelFormat) -> str:
+    """One `kwargs_data` item: base64 of msgpack of the processor outputs for one image."""
+    pixels, dtype_name = pixel_array(features, store, pixel_format)
+    grid = np.asarray(features.grid_thw, dtype=np.int64)
+    payload = {
+        "pixel_values": {
+            "data": _array(pixels, dtype_name),
+            "field": ["flat", {"keep_on_cpu": False, "slices": [[[0, int(pixels.shape[0]), None]]], "dim": 0}],
+        },
+        "image_grid_thw": {"data": _array(grid, "int64"), "field": ["batched", {"keep_on_cpu": True}]},
+    }
+    return base64.b64encode(msgspec.msgpack.encode(payload)).decode("ascii")
+
+
+def features_payload(
+    images: Sequence[ImageRef],
+    store: FeatureStore,
+    *,
+    pixel_format: PixelFormat,
+    by_id_only: Iterable[str] = (),
+) -> tuple[dict[str, Any], int]:
+    """The request's `features` object and the bytes of pixel data in it.
+
+    Images whose id is in `by_id_only` are sent as a null `kwargs_data` item: the server uses
+    its cached copy (and answers an error naming the hash when it has none).
+    """
+    skip = set(by_id_only)
+    sent: dict[str, str] = {}  # an image repeated in one prompt is encoded once
+    items: list[str | None] = []
+    image_bytes = 0
+    for ref in images:
+        if ref.id in skip:
+            items.append(None)
+            continue
+        if ref.id not in sent:
+            sent[ref.id] = encode_image_kwargs(store.get(ref.id), store, pixel_format)
+            image_bytes += len(sent[ref.id])
+        items.append(sent[ref.id])
+    payload = {
+        "mm_hashes": {"image": [ref.id for ref in images]},
+        "mm_placeholders": {"image": [{"offset": ref.offset, "length": ref.length} for ref in images]},
+        "kwargs_data": {"image": items},
+    }
+    return payload, image_bytes
+
+
+def sampling_payload(params: SamplingParams) -> dict[str, Any]:
+    """vLLM `sampling_params`; banned ids get a -100 logit bias (vLLM's bound)."""
+    out: dict[str, Any] = {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "n": params.n,
+        "skip_special_tokens": False,
+        "detokenize": False,
+    }
+    if params.seed is not None:
+        out["seed"] = params.seed
+    if params.stop_token_ids:
+        out["stop_token_ids"] = list(params.stop_token_ids)
+    if params.banned_token_ids:
+        out["logit_bias"] = {str(t): -100.0 for t in params.banned_token_ids}
+    if params.logprobs:
+        out["logprobs"] = 0  # the sampled token's own logprob only
+    return out
+
+
+def generate_body(
+    request: GenerateRequest,
+    *,
+    model: str,
+    features: dict[str, Any] | None,
+) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "token_ids": request.prompt_token_ids,
+        "sampling_params": sampling_payload(request.sampling),
+    }
+    if request.request_id is not None:
+        body["request_id"] = request.request_id
+    if features is not None and request.images:
+        body["features"] = features
+    return msgspec.json.encode(body)
+
+
+_DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+def _decode_array(obj: Any, where: str) -> np.ndarray:
+    """A `[dtype_name, shape, Ext(3, bytes)]` array, checked before anything is allocated."""
+    if not (isinstance(obj, list) and len(obj) == 3):
+        raise WireError(f"{where}: expected [dtype, shape, data]")
+    dtype_name, shape, ext = obj
+    if dtype_name == "bfloat16":
+        dtype: Any = np.uint16  # kept as raw bits; the caller widens them
+    elif dtype_name in _DTYPES:
+        dtype = _DTYPES[dtype_name]
+    else:
+        raise WireError(f"{where}: dtype {dtype_name!r} is not allowed")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or len(shape) > 4:
+        raise WireError(f"{where}: bad shape {shape!r}")
+    if not (isinstance(ext, msgspec.msgpack.Ext) and ext.code == _RAW_ARRAY_EXT):
+        raise WireError(f"{where}: data is not a raw array extension")
+    data = memoryview(ext.data).cast("B")
+    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if data.nbytes != want:
+        raise WireError(f"{where}: {data.nbytes} bytes for shape {shape} of {dtype_name} (want {want})")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if dtype_name == "bfloat16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr
+
+
+def decode_image_kwargs(item: str) -> tuple[np.ndarray, tuple[int, int, int], str]:
+    """(pixel rows, grid_thw, dtype name) of one `kwargs_data` item; raises WireError when malformed."""
+    try:
+        obj = msgspec.msgpack.decode(base64.b64decode(item, validate=True))
+    except (ValueError, msgspec.DecodeError) as exc:
+        raise WireError(f"kwargs_data item is not base64 msgpack: {exc}") from None
+    if not isinstance(obj, dict) or "pixel_values" not in obj or "image_grid_thw" not in obj:
+        raise WireError("kwargs_data item lacks pixel_values or image_grid_thw")
+    try:
+        pixels = _decode_array(obj["pixel_values"]["data"], "pixel_values")
+        grid = _decode_array(obj["image_grid_thw"]["data"], "image_grid_thw")
+    except (KeyError, TypeError) as exc:
+        raise WireError(f"kwargs_data item malformed: {exc}") from None
+    dtype_name = str(obj["pixel_values"]["data"][0])
+    if pixels.ndim != 2 or grid.shape != (3,):
+        raise WireError(f"pixel_values must be 2-D and image_grid_thw 3 values, got {pixels.shape}, {grid.shape}")
+    if int(np.prod(grid)) != pixels.shape[0]:
+        raise WireError(f"grid {grid.tolist()} implies {int(np.prod(grid))} rows, pixel_values has {pixels.shape[0]}")
+    t, h, w = (int(v) for v in grid)
+    return pixels, (t, h, w), dtype_name
