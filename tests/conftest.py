@@ -47,3 +47,14 @@ def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Ima
     channels = {"RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}[mode]
     arr = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
     return Image.fromarray(arr, mode)
+
+
+# Figures that tests measure (against vLLM, for instance), reported at the end of the run.
+FIGURES: dict[str, object] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for key, value in FIGURES.items():
+            terminalreporter.write_line(f"{key}: {value}")

@@ -18,6 +18,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_FAMILY = "qwen2_vl"
+MODEL_HELP = "Model directory, or a tiny model family name (default: the tiny qwen2_vl model)."
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -26,11 +27,14 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def resolve_model(model: str | None) -> Path:
-    """A model directory: the given one, or the embedded tiny default (built on first use)."""
+    """A model directory: the given one, a tiny model by family name, or the embedded tiny default
+    (tiny models are built on first use)."""
+    from rollwire.tiny_model import FAMILIES, ensure_tiny_model
+
+    if model and not Path(model).is_dir() and model in FAMILIES:
+        return ensure_tiny_model(model)
     if model:
         return Path(model)
-    from rollwire.tiny_model import ensure_tiny_model
-
     return ensure_tiny_model(DEFAULT_FAMILY)
 
 
@@ -70,7 +74,7 @@ def load_messages_file(path: Path) -> tuple[list[dict[str, Any]], list[dict[str,
 @app.command()
 def render(
     messages: Annotated[Path, typer.Option(help="JSON file: a list of messages, or {messages, tools}.")],
-    model: Annotated[str | None, typer.Option(help="Model directory (default: the tiny qwen2_vl model).")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     generation_prompt: Annotated[bool, typer.Option(help="Append the assistant generation prompt.")] = True,
     add_vision_id: Annotated[bool, typer.Option(help="Label images 'Picture k:' (Qwen-VL).")] = False,
@@ -109,6 +113,71 @@ def render(
         for k, r in enumerate(out.images):
             table.add_row(str(k), r.id, str(r.offset), str(r.length), "x".join(map(str, r.grid_thw)))
         console.print(table)
+
+
+@app.command()
+def generate(
+    messages: Annotated[Path, typer.Option(help="JSON file: a list of messages, or {messages, tools}.")],
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP + " Its tokenizer and processor render.")] = None,
+    server: Annotated[str | None, typer.Option(help="vLLM (or rollwire serve) base URL; default: embedded.")] = None,
+    served_name: Annotated[str | None, typer.Option(help="Served model name (default: from /v1/models).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Render a conversation and generate one completion through the token-in/token-out path."""
+    import asyncio
+
+    from rollwire.engines.types import GenerateRequest, SamplingParams
+    from rollwire.render import create_renderer
+
+    try:
+        msgs, tools = load_messages_file(messages)
+        model_dir = resolve_model(model)
+        renderer = create_renderer(model_dir)
+        prompt = renderer.render(msgs, tools)
+        request = GenerateRequest(
+            prompt_token_ids=prompt.token_ids, images=prompt.images,
+            sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                    stop_token_ids=renderer.stop_token_ids,
+                                    banned_token_ids=renderer.vision_token_ids))
+        result = asyncio.run(_generate_once(renderer, model_dir, server, served_name, request))
+    except RollwireError as exc:
+        raise _fail(exc) from exc
+    completion = result.completions[0]
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "prompt_token_ids": prompt.token_ids, "completion_ids": completion.token_ids,
+            "logprobs": completion.logprobs, "finish_reason": completion.finish_reason,
+            "text": renderer.decode(completion.token_ids), "bytes_sent": result.bytes_sent,
+        }) + "\n")
+        return
+    console.print(f"[bold]{len(prompt.token_ids)} prompt tokens[/bold], {len(prompt.images)} image(s); "
+                  f"finish: {completion.finish_reason}; bytes sent: {result.bytes_sent}")
+    console.print(renderer.decode(completion.token_ids), highlight=False, markup=False)
+    table = Table("#", "token id", "text", "logprob")
+    logprobs = completion.logprobs or [float("nan")] * len(completion.token_ids)
+    for k, (t, lp) in enumerate(zip(completion.token_ids, logprobs, strict=True)):
+        table.add_row(str(k), str(t), repr(renderer.decode([t])), f"{lp:.4f}")
+    console.print(table)
+
+
+async def _generate_once(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
+                         request: Any) -> Any:
+    engine: Any
+    if server:
+        from rollwire.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine.for_renderer(server, renderer, model=served_name)
+    else:
+        from rollwire.engines.local import LocalEngine
+
+        engine = LocalEngine(model_dir, feature_store=getattr(renderer, "feature_store", None))
+    try:
+        return await engine.generate(request)
+    finally:
+        await engine.close()
 
 
 @app.command("tiny-model")

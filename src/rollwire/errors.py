@@ -121,3 +121,34 @@ class InvalidRequestError(EngineError, ValueError):
 
 class EngineClosedError(EngineError):
     """The engine was closed before or while serving the request."""
+
+
+class ServerError(EngineError):
+    """The server failed the request after every retry, or answered something unreadable."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PromptTooLongError(InvalidRequestError):
+    """Prompt plus max_tokens exceed the server's max_model_len; nothing was sent."""
+
+
+class PixelFormatError(EngineError):
+    """The pixel format a server expects could not be determined or does not match rollwire's.
+
+    `probe_answered` is False when the server could not be asked (no render endpoint).
+    """
+
+    def __init__(self, message: str, *, probe_answered: bool = True) -> None:
+        super().__init__(message)
+        self.probe_answered = probe_answered
+
+
+class EngineTimeoutError(EngineError, TimeoutError):
+    """The request's deadline passed (retries included)."""
+
+
+class WireError(RollwireError, ValueError):
+    """A wire payload could not be built, or a payload or response is malformed."""

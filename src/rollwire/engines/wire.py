@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeAlias
 import msgspec
 import numpy as np
 
-from rollwire.errors import RollwireError
+from rollwire.errors import WireError
 from rollwire.features import FeatureStore, ImageFeatures
 from rollwire.render.types import ImageRef
 
@@ -24,10 +24,6 @@ from .types import GenerateRequest, SamplingParams
 VLLM_WIRE = "vllm>=0.30,<0.33 (msgpack kwargs_data with ExtType(3) raw arrays)"
 PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
 _RAW_ARRAY_EXT = 3  # vLLM's msgpack extension code for raw C-order array bytes
-
-
-class WireError(RollwireError):
-    """A payload could not be built or a response could not be read."""
 
 
 def _array(arr: np.ndarray, dtype_name: str) -> list[Any]:

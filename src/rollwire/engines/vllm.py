@@ -1,0 +1,431 @@
+"""The vLLM client: rollwire's token ids + image features to `POST /inference/v1/generate`.
+
+What it guarantees before a request leaves: placeholders are valid (DESIGN invariant 3; a too
+long placeholder kills a vLLM 0.32 server, a wrong one silently changes the output), the prompt
+fits `max_model_len`, and pixels are in the format the server was found to expect (a float
+tensor where uint8 is expected is accepted with HTTP 200 and gives different tokens).
+
+Images the server already holds go by id only (a null `kwargs_data` item). vLLM answers a
+cache miss (eviction, restart) with a bare HTTP 500 that does not name the hash, so a 500 on
+a request that relied on the server's cache is answered by re-sending every image in full once,
+before the ordinary retry policy applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import msgspec
+import numpy as np
+from PIL import Image
+
+from rollwire.errors import (
+    EngineTimeoutError,
+    InvalidRequestError,
+    PixelFormatError,
+    PromptTooLongError,
+    ServerError,
+    WireError,
+)
+from rollwire.features import FeatureStore
+from rollwire.render.placeholders import validate_placeholders
+
+from .types import Completion, FinishReason, GenerateRequest, GenerateResult, SamplingParams, Timings
+from .wire import PixelFormat, decode_image_kwargs, features_payload, generate_body
+
+GENERATE_PATH = "/inference/v1/generate"
+RENDER_PATH = "/v1/chat/completions/render"
+OLD_LOGPROB_CLAMP = -9999.0  # older servers clamp -inf to this
+_FLOAT_FORMATS: dict[str, PixelFormat] = {"float32": "float32", "bfloat16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter, for connection errors, 429 and 5xx."""
+
+    attempts: int = 4
+    base_s: float = 0.25
+    cap_s: float = 4.0
+    jitter: float = 0.5  # the delay is multiplied by a factor in [1 - jitter, 1 + jitter]
+
+    def delay(self, attempt: int) -> float:
+        raw = min(self.cap_s, self.base_s * 2**attempt)
+        return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass
+class VLLMStats:
+    requests: int = 0
+    bytes_sent: int = 0
+    image_bytes_sent: int = 0
+    images_sent: int = 0  # image occurrences sent with their pixels
+    images_by_id: int = 0  # image occurrences sent as id only
+    cache_misses: int = 0  # id-only requests the server could not serve (re-sent in full)
+    retries: int = 0
+
+
+class VLLMEngine:
+    """An `Engine` over a vLLM (or `rollwire serve`) server's token-in/token-out endpoint."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        feature_store: FeatureStore | None,
+        image_pad_id: int | None = None,
+        merge_size: int = 2,
+        model: str | None = None,
+        pixel_format: PixelFormat | Literal["auto"] = "auto",
+        verify_pixel_format: bool = True,
+        images_by_id: bool = True,
+        stop_token_ids: Sequence[int] = (),
+        banned_token_ids: Sequence[int] = (),
+        max_in_flight: int = 32,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        known_images: int = 65536,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.store = feature_store
+        self.image_pad_id = image_pad_id
+        self.merge_size = merge_size
+        self.model = model
+        self.pixel_format: PixelFormat | None = None if pixel_format == "auto" else pixel_format
+        self.verify_pixel_format = verify_pixel_format
+        self.images_by_id = images_by_id
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.banned_token_ids = tuple(banned_token_ids)
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.max_model_len: int | None = None
+        self.stats = VLLMStats()
+        self._semaphore = asyncio.Semaphore(max_in_flight)
+        self._ready_lock = asyncio.Lock()
+        self._ready = False
+        self._server_has: OrderedDict[str, None] = OrderedDict()  # ids the server was sent, LRU
+        self._known_images = known_images
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight),
+            transport=transport,
+        )
+
+    @classmethod
+    def for_renderer(cls, base_url: str, renderer: Any, **kwargs: Any) -> VLLMEngine:
+        """An engine that sends the renderer's stop ids and bans its vision ids in sampling."""
+        kwargs.setdefault("stop_token_ids", renderer.stop_token_ids)
+        kwargs.setdefault("banned_token_ids", renderer.vision_token_ids)
+        return cls(
+            base_url,
+            feature_store=getattr(renderer, "feature_store", None),
+            image_pad_id=getattr(renderer, "image_pad_id", None),
+            merge_size=getattr(renderer, "merge_size", 2),
+            **kwargs,
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> VLLMEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- setup, once per server -----------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Read the served model and max_model_len, and detect the pixel format (once)."""
+        async with self._ready_lock:
+            if self._ready:
+                return
+            models = await self._get_json("/v1/models")
+            try:
+                entry = models["data"][0] if self.model is None else next(
+                    m for m in models["data"] if m.get("id") == self.model)
+            except (KeyError, IndexError, TypeError, StopIteration):
+                raise ServerError(f"/v1/models does not list {self.model or 'a model'}: {models!r:.200}") from None
+            self.model = str(entry["id"])
+            limit = entry.get("max_model_len")
+            self.max_model_len = int(limit) if isinstance(limit, int) else None
+            if self.store is not None and (self.pixel_format is None or self.verify_pixel_format):
+                await self._settle_pixel_format()
+            self._ready = True
+
+    async def _settle_pixel_format(self) -> None:
+        """Detect the server's pixel format; an explicit one must agree with it when it can be read."""
+        try:
+            detected = await self._detect_pixel_format()
+        except PixelFormatError as exc:
+            if self.pixel_format is None or exc.probe_answered:
+                raise
+            return  # no render endpoint to ask: the explicit format stands
+        if self.pixel_format is not None and self.pixel_format != detected:
+            raise PixelFormatError(f"pixel_format={self.pixel_format!r} was given, but {self.base_url} expects "
+                                   f"{detected!r} (it would accept the request and compute something else)")
+        self.pixel_format = detected
+
+    async def _detect_pixel_format(self) -> PixelFormat:
+        """Ask the server to render a probe image and read the dtype (and values) it wants.
+
+        The probe needs no resize, so its pixels must equal rollwire's exactly (uint8) or to
+        float tolerance (normalised floats); anything else is an error, not a guess.
+        """
+        assert self.store is not None
+        config = self.store.config
+        side = max(config.factor, math.ceil(math.sqrt(config.min_pixels) / config.factor) * config.factor)
+        probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        probe.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "probe"}]}]
+        try:
+            answer = await self._post_json(RENDER_PATH, {"model": self.model, "messages": messages})
+            item = answer["features"]["kwargs_data"]["image"][0]
+            pixels, grid, dtype_name = decode_image_kwargs(item)
+        except (KeyError, IndexError, TypeError, WireError, ServerError) as exc:
+            raise PixelFormatError(
+                f"cannot tell which pixel format {self.base_url} expects ({exc}); pass pixel_format="
+                "'uint8' (vLLM >= 0.2x default) or 'float32' (--no-mm-device-do-normalize)",
+                probe_answered=False) from None
+        ours = self.store.get_or_process(probe)
+        if grid != ours.grid_thw:
+            raise PixelFormatError(f"server grid {grid} != rollwire grid {ours.grid_thw} for the probe image: "
+                                   "the server's processor settings differ from the model directory's")
+        if dtype_name == "uint8":
+            if not np.array_equal(pixels, ours.pixel_values):
+                raise PixelFormatError("server uint8 pixels differ from rollwire's for the probe image")
+            return "uint8"
+        if dtype_name in _FLOAT_FORMATS:
+            expected = ours.normalized(config, np.float32)
+            tol = 1e-2 if dtype_name == "bfloat16" else 1e-5
+            if not np.allclose(pixels.astype(np.float32), expected, atol=tol):
+                raise PixelFormatError(f"server {dtype_name} pixels are not rollwire's normalised pixels")
+            return _FLOAT_FORMATS[dtype_name]
+        raise PixelFormatError(f"server expects pixel dtype {dtype_name!r}, which rollwire does not send")
+
+    # --- generate -------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        await self.connect()
+        request = self._with_defaults(request)
+        self._check(request)
+        async with asyncio.timeout(self.timeout):
+            try:
+                async with self._semaphore:
+                    return await self._generate(request)
+            except TimeoutError:
+                raise EngineTimeoutError(f"no answer from {self.base_url} within {self.timeout} s") from None
+
+    def _with_defaults(self, request: GenerateRequest) -> GenerateRequest:
+        s = request.sampling
+        stop = tuple(dict.fromkeys((*s.stop_token_ids, *self.stop_token_ids)))
+        banned = tuple(dict.fromkeys((*s.banned_token_ids, *self.banned_token_ids)))
+        if stop == s.stop_token_ids and banned == s.banned_token_ids:
+            return request
+        return GenerateRequest(prompt_token_ids=request.prompt_token_ids, images=request.images,
+                               sampling=_replace_sampling(s, stop, banned), request_id=request.request_id)
+
+    def _check(self, request: GenerateRequest) -> None:
+        if request.sampling.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1")
+        if request.images:
+            if self.store is None or self.image_pad_id is None:
+                raise InvalidRequestError("this engine was built without a feature store / image pad id")
+            validate_placeholders(request.prompt_token_ids, request.images, pad_id=self.image_pad_id,
+                                  merge_size=self.merge_size, known_ids=self.store)
+        elif self.image_pad_id is not None and self.image_pad_id in request.prompt_token_ids:
+            validate_placeholders(request.prompt_token_ids, (), pad_id=self.image_pad_id, merge_size=self.merge_size)
+        n = len(request.prompt_token_ids)
+        if self.max_model_len is not None and n + request.sampling.max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt of {n} tokens + max_tokens {request.sampling.max_tokens} exceeds the server's "
+                f"max_model_len {self.max_model_len}")
+
+    async def _generate(self, request: GenerateRequest) -> GenerateResult:
+        assert self.model is not None
+        start = time.perf_counter()
+        by_id = self._held_ids(request)
+        sent = image_bytes = 0
+        attempt = 0
+        while True:
+            features = None
+            nbytes = 0
+            if request.images:
+                assert self.store is not None and self.pixel_format is not None
+                features, nbytes = features_payload(request.images, self.store, pixel_format=self.pixel_format,
+                                                    by_id_only=by_id)
+            body = generate_body(request, model=self.model, features=features)
+            sent += len(body)
+            image_bytes += nbytes
+            self.stats.bytes_sent += len(body)
+            self.stats.image_bytes_sent += nbytes
+            status, payload, error = await self._send(body)
+            if status == 200:
+                break
+            if status == 500 and by_id:
+                # vLLM's answer to an id-only image it no longer holds: forget what we assumed, re-send.
+                self.stats.cache_misses += 1
+                for image_id in by_id:
+                    self._server_has.pop(image_id, None)
+                by_id = set()
+                continue
+            if status is not None and 400 <= status < 500 and status != 429:
+                raise InvalidRequestError(f"{self.base_url} refused the request ({status}): {error}")
+            if attempt + 1 >= self.retry.attempts:
+                raise ServerError(f"{self.base_url} failed after {attempt + 1} attempts: {error}", status=status)
+            await asyncio.sleep(self.retry.delay(attempt))
+            attempt += 1
+            self.stats.retries += 1
+        self.stats.requests += 1
+        occurrences = len(request.images)
+        held = sum(1 for ref in request.images if ref.id in by_id)
+        self.stats.images_by_id += held
+        self.stats.images_sent += occurrences - held
+        for ref in request.images:
+            self._remember(ref.id)
+        completions = parse_choices(payload)
+        return GenerateResult(completions=completions, timings=Timings(total_s=time.perf_counter() - start),
+                              bytes_sent=sent, image_bytes_sent=image_bytes,
+                              cache_misses=self.stats.cache_misses)
+
+    def _held_ids(self, request: GenerateRequest) -> set[str]:
+        if not self.images_by_id:
+            return set()
+        return {ref.id for ref in request.images if ref.id in self._server_has}
+
+    def _remember(self, image_id: str) -> None:
+        self._server_has[image_id] = None
+        self._server_has.move_to_end(image_id)
+        while len(self._server_has) > self._known_images:
+            self._server_has.popitem(last=False)
+
+    def forget_server_cache(self) -> None:
+        """Assume the server holds no image (e.g. after it was restarted)."""
+        self._server_has.clear()
+
+    async def _send(self, body: bytes) -> tuple[int | None, Any, str]:
+        """(status, JSON body, error text); status None for a connection-level failure."""
+        try:
+            response = await self._client.post(GENERATE_PATH, content=body,
+                                               headers={"content-type": "application/json"})
+        except httpx.TransportError as exc:
+            return None, None, f"{type(exc).__name__}: {exc}"
+        try:
+            payload = msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
+            payload = None
+        if response.status_code == 200 and payload is None:
+            raise ServerError(f"{self.base_url} answered 200 with a body that is not JSON", status=200)
+        error = _error_text(payload) if response.status_code != 200 else ""
+        return response.status_code, payload, error or response.text[:200]
+
+    async def _get_json(self, path: str) -> Any:
+        try:
+            response = await self._client.get(path)
+        except httpx.TransportError as exc:
+            raise ServerError(f"cannot reach {self.base_url}{path}: {exc}") from None
+        return self._json(response, path)
+
+    async def _post_json(self, path: str, body: Any) -> Any:
+        try:
+            response = await self._client.post(path, content=msgspec.json.encode(body),
+                                               headers={"content-type": "application/json"})
+        except httpx.TransportError as exc:
+            raise ServerError(f"cannot reach {self.base_url}{path}: {exc}") from None
+        return self._json(response, path)
+
+    def _json(self, response: httpx.Response, path: str) -> Any:
+        if response.status_code != 200:
+            raise ServerError(f"{self.base_url}{path} answered {response.status_code}: {response.text[:200]}",
+                              status=response.status_code)
+        try:
+            return msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
+            raise ServerError(f"{self.base_url}{path} answered a body that is not JSON") from None
+
+
+def _replace_sampling(s: SamplingParams, stop: tuple[int, ...], banned: tuple[int, ...]) -> SamplingParams:
+    return msgspec.structs.replace(s, stop_token_ids=stop, banned_token_ids=banned)
+
+
+def _error_text(payload: Any) -> str:
+    if isinstance(payload, dict):
+        err = payload.get("error", payload.get("detail", payload))
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        return str(err)
+    return ""
+
+
+_FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def parse_logprobs(entries: Any, token_ids: Sequence[int]) -> list[float]:
+    """One logprob per completion token, from either logprob shape vLLM has used.
+
+    New: `{"token_id": 123, "logprob": x}`; old: `{"token": "token_id:123", "logprob": x}` with
+    -inf clamped to -9999.0 (restored to -inf here). The ids must match the completion's.
+    """
+    if not isinstance(entries, list) or len(entries) != len(token_ids):
+        raise WireError(f"{len(entries) if isinstance(entries, list) else 'no'} logprob entries for "
+                        f"{len(token_ids)} completion tokens")
+    out: list[float] = []
+    for k, (entry, expected) in enumerate(zip(entries, token_ids, strict=True)):
+        if not isinstance(entry, dict) or not isinstance(entry.get("logprob"), (int, float)):
+            raise WireError(f"logprob entry {k} is malformed: {entry!r:.100}")
+        token_id = entry.get("token_id")
+        if token_id is None:
+            token = entry.get("token")
+            if not (isinstance(token, str) and token.startswith("token_id:")):
+                raise WireError(f"logprob entry {k} names no token id: {entry!r:.100}")
+            token_id = int(token.removeprefix("token_id:"))
+        if int(token_id) != int(expected):
+            raise WireError(f"logprob entry {k} is for token {token_id}, the completion has {expected}")
+        value = float(entry["logprob"])
+        out.append(-math.inf if value <= OLD_LOGPROB_CLAMP else value)
+    return out
+
+
+def parse_choices(payload: Any) -> list[Completion]:
+    """`Completion`s from a generate response; a malformed response is a WireError, never a guess."""
+    try:
+        choices = sorted(payload["choices"], key=lambda c: c.get("index", 0))
+    except (KeyError, TypeError, AttributeError):
+        raise WireError(f"generate response has no choices: {payload!r:.200}") from None
+    out = []
+    for choice in choices:
+        ids = choice.get("token_ids")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise WireError(f"choice {choice.get('index')} has no token_ids")
+        lp = choice.get("logprobs")
+        logprobs = parse_logprobs(lp.get("content"), ids) if isinstance(lp, dict) else None
+        stop_reason = choice.get("stop_reason")
+        out.append(Completion(token_ids=ids, logprobs=logprobs,
+                              finish_reason=_FINISH.get(choice.get("finish_reason"), "error"),
+                              stop_reason=stop_reason if isinstance(stop_reason, (int, str)) else None))
+    return out
+
+
+__all__ = [
+    "GENERATE_PATH",
+    "RetryPolicy",
+    "VLLMEngine",
+    "VLLMStats",
+    "parse_choices",
+    "parse_logprobs",
+]

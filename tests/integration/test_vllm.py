@@ -1,0 +1,260 @@
+"""Against the real vLLM server (CPU build 0.32, tiny random-weight models, loopback).
+
+Runs when the vLLM venv exists (scripts/setup_vllm.sh); CI sets ROLLWIRE_REQUIRE_VLLM=1 so a
+missing venv fails instead of skipping. One server per family per test session (~1 min start).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIGURES, make_image
+from rollwire.engines.local import LocalEngine
+from rollwire.engines.types import GenerateRequest, SamplingParams
+from rollwire.engines.vllm import VLLMEngine
+from rollwire.engines.wire import features_payload, generate_body
+from rollwire.errors import PixelFormatError, PlaceholderError
+from rollwire.render import ImageRef, create_renderer
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("ROLLWIRE_VLLM_VENV", Path.home() / ".cache" / "rollwire" / "vllm-venv"))
+REQUIRED = os.environ.get("ROLLWIRE_REQUIRE_VLLM") == "1"
+if not (VENV / "bin" / "python").exists():
+    if REQUIRED:
+        raise RuntimeError(f"ROLLWIRE_REQUIRE_VLLM=1 but there is no vLLM venv at {VENV}")
+    pytest.skip(f"no vLLM venv at {VENV} (run scripts/setup_vllm.sh)", allow_module_level=True)
+
+pytestmark = pytest.mark.vllm
+PORT = int(os.environ.get("ROLLWIRE_VLLM_PORT", "18431"))
+
+
+@dataclass
+class Server:
+    family: str
+    model_dir: Path
+    url: str
+    pid: int
+
+
+def start_server(model_dir: Path, family: str) -> int:
+    env = {**os.environ, "VLLM_EXTRA_ARGS": "--dtype float32"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_server.sh"), str(model_dir), str(PORT), family],
+                         capture_output=True, text=True, env=env, check=False, timeout=400)
+    if out.returncode != 0:
+        raise RuntimeError(f"vLLM did not start:\n{out.stderr[-3000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def stop_server(pid: int) -> None:
+    try:
+        os.kill(pid, 2)
+    except ProcessLookupError:
+        return
+    for _ in range(60):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.killpg(pid, 9)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def server(request: pytest.FixtureRequest, tiny: Callable[[str], Path]) -> Iterator[Server]:
+    family = request.param
+    model_dir = tiny(family)
+    pid = start_server(model_dir, family)
+    srv = Server(family, model_dir, f"http://127.0.0.1:{PORT}", pid)
+    yield srv
+    stop_server(srv.pid)
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
+
+
+def to_server(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same conversation with images as data URLs (what an OpenAI client sends)."""
+    out = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            parts = [{"type": "image_url", "image_url": {"url": data_url(p["image"])}} if p["type"] == "image" else p
+                     for p in m["content"]]
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+def img(w: int, h: int, seed: int) -> dict[str, Any]:
+    return {"type": "image", "image": make_image(w, h, "RGB", seed)}
+
+
+def text(t: str) -> dict[str, Any]:
+    return {"type": "text", "text": t}
+
+
+CALL = 'Zoom.\n<tool_call>\n{"name": "crop", "arguments": {"box": [0, 0, 8, 8]}}\n</tool_call>'
+# Sizes that need no resize (multiples of 28 within min/max pixels), so PIL and the server's
+# torchvision resizing cannot differ.
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "user", "content": [img(56, 56, 1), text("What is this?")]}],
+    [{"role": "user", "content": [text("Two: "), img(56, 56, 2), img(84, 56, 3), text("compare")]}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": [img(112, 84, 4), text("?")]}],
+    [{"role": "user", "content": [img(56, 56, 5), text("a")]}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": [img(56, 112, 6), text("c")]}],
+    [{"role": "user", "content": [img(56, 56, 7), text("crop it")]}, {"role": "assistant", "content": CALL},
+     {"role": "tool", "content": [text("cropped:"), img(28, 28, 8)]}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": CALL}, {"role": "tool", "content": "done"}],
+    [{"role": "user", "content": [img(140, 56, 9)]}],
+    [{"role": "user", "content": [img(56, 56, 10), text("x")]}, {"role": "assistant", "content": "y"},
+     {"role": "user", "content": [img(56, 56, 10), text("same picture?")]}],
+    [{"role": "user", "content": [text("\n\nspaces  and\ttabs 🙂 "), img(84, 84, 11)]}],
+    [{"role": "user", "content": [img(56, 56, 12), img(56, 56, 13), img(56, 56, 14), text("three")]}],
+]
+
+
+def test_rendered_ids_equal_the_servers_render(server: Server) -> None:
+    renderer = create_renderer(server.model_dir)
+    matched = 0
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for conv in CONVERSATIONS:
+            r = client.post("/v1/chat/completions/render", json={"model": server.family, "messages": to_server(conv)})
+            assert r.status_code == 200, r.text[:300]
+            ours = renderer.render(conv)
+            assert ours.token_ids == r.json()["token_ids"]
+            placeholders = r.json()["features"]["mm_placeholders"]["image"] if ours.images else []
+            assert [(p["offset"], p["length"]) for p in placeholders] == [(i.offset, i.length) for i in ours.images]
+            matched += 1
+    FIGURES[f"{server.family} render parity conversations"] = matched
+    assert matched >= 10
+
+
+async def test_greedy_completion_equals_chat_completions_and_local_engine(server: Server) -> None:
+    renderer = create_renderer(server.model_dir)
+    conv = CONVERSATIONS[4]
+    prompt = renderer.render(conv)
+    sampling = SamplingParams(max_tokens=8, temperature=0.0)
+    request = GenerateRequest(prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling)
+    async with VLLMEngine.for_renderer(server.url, renderer, banned_token_ids=()) as engine:
+        ours = (await engine.generate(request)).completions[0]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        r = client.post("/v1/chat/completions", json={
+            "model": server.family, "messages": to_server(conv), "max_tokens": 8, "temperature": 0,
+            "logprobs": True, "return_token_ids": True})
+    assert r.status_code == 200, r.text[:300]
+    choice = r.json()["choices"][0]
+    assert r.json()["prompt_token_ids"] == prompt.token_ids
+    assert ours.token_ids == choice["token_ids"]
+    theirs = [e["logprob"] for e in choice["logprobs"]["content"]]
+    assert ours.logprobs is not None
+    np.testing.assert_allclose(ours.logprobs, theirs, atol=1e-6)
+    local = LocalEngine(server.model_dir, feature_store=renderer.feature_store)  # type: ignore[attr-defined]
+    try:
+        mine = (await local.generate(request)).completions[0]
+    finally:
+        await local.close()
+    assert mine.token_ids == ours.token_ids
+    assert mine.logprobs is not None
+    diff = float(np.max(np.abs(np.asarray(mine.logprobs) - np.asarray(ours.logprobs))))
+    FIGURES[f"{server.family} max |logprob| local vs vLLM"] = diff
+    assert diff < 1e-3
+
+
+def raw_generate(url: str, body: bytes) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=120) as client:
+        return client.post("/inference/v1/generate", content=body, headers={"content-type": "application/json"})
+
+
+async def test_wrong_pixels_and_placeholders_are_caught_before_the_server_accepts_them(server: Server) -> None:
+    renderer = create_renderer(server.model_dir)
+    store = renderer.feature_store  # type: ignore[attr-defined]
+    prompt = renderer.render(CONVERSATIONS[1])
+    sampling = SamplingParams(max_tokens=4, temperature=0.0, logprobs=True)
+    good = GenerateRequest(prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling)
+    ref = prompt.images[0]
+    short = GenerateRequest(prompt_token_ids=prompt.token_ids, sampling=sampling,
+                            images=(ImageRef(ref.id, ref.offset, ref.length - 1, ref.grid_thw),))
+
+    def body(req: GenerateRequest, fmt: str, tag: str) -> bytes:
+        features, _ = features_payload(req.images, store, pixel_format=fmt)  # type: ignore[arg-type]
+        # Fresh hashes: other pixels, or another placeholder length, under a hash the server holds
+        # is an error of its own (a too-short one even kills vLLM 0.32's engine core).
+        features["mm_hashes"]["image"] = [f"{h}-{tag}" for h in features["mm_hashes"]["image"]]
+        return generate_body(req, model=server.family, features=features)
+
+    baseline = raw_generate(server.url, body(good, "uint8", "baseline"))
+    as_float = raw_generate(server.url, body(good, "float32", "float"))
+    shortened = raw_generate(server.url, body(short, "uint8", "short"))
+    # The server takes all three with HTTP 200; the last two silently change the model's input.
+    assert baseline.status_code == as_float.status_code == shortened.status_code == 200
+    lp = [[e["logprob"] for e in r.json()["choices"][0]["logprobs"]["content"]]
+          for r in (baseline, as_float, shortened)]
+    assert lp[0] != lp[1] and lp[0] != lp[2]
+    FIGURES[f"{server.family} server answered 200 to float pixels / short placeholder"] = True
+
+    async with VLLMEngine.for_renderer(server.url, renderer, pixel_format="float32") as engine:
+        with pytest.raises(PixelFormatError):
+            await engine.generate(good)
+        assert engine.stats.bytes_sent == 0
+    async with VLLMEngine.for_renderer(server.url, renderer) as engine:
+        with pytest.raises(PlaceholderError):
+            await engine.generate(short)
+        assert engine.stats.bytes_sent == 0
+        assert engine.pixel_format == "uint8"
+        out = await engine.generate(good)
+    assert out.completions[0].logprobs == pytest.approx(lp[0], abs=1e-6)
+
+
+async def test_multi_turn_sends_each_image_once_and_survives_a_restart(server: Server) -> None:
+    renderer = create_renderer(server.model_dir)
+    turns = 4
+    figures = {}
+    for by_id in (False, True):
+        engine = VLLMEngine.for_renderer(server.url, renderer, images_by_id=by_id)
+        messages: list[dict[str, Any]] = [{"role": "user", "content": [img(56, 56, 100), text("turn 0")]}]
+        prompt = renderer.render(messages)
+        per_turn = []
+        for t in range(turns):
+            if by_id and t == 2:  # the server restarts between turns and loses its image cache
+                stop_server(server.pid)
+                server.pid = start_server(server.model_dir, server.family)
+            result = await engine.generate(GenerateRequest(
+                prompt_token_ids=prompt.token_ids, images=prompt.images,
+                sampling=SamplingParams(max_tokens=3, temperature=0.0)))
+            per_turn.append(result.image_bytes_sent)
+            new = [{"role": "user", "content": [img(56, 56, 101 + t), text(f"turn {t + 1}")]}]
+            bridged = renderer.bridge(prompt, result.completions[0].token_ids, new)
+            assert bridged.tokens is not None
+            prompt = bridged.tokens
+        figures[by_id] = (per_turn, engine.stats)
+        await engine.close()
+    full, ids = figures[False][0], figures[True][0]
+    one_image = full[0]
+    assert full == [one_image * (t + 1) for t in range(turns)]  # every image every turn
+    assert ids[0] == ids[1] == one_image  # then only the new image...
+    assert ids[2] == one_image * (1 + 3)  # ...until the restart: the new image, a miss, then all three
+    assert ids[3] == one_image
+    stats = figures[True][1]
+    assert stats.cache_misses == 1 and stats.requests == turns
+    FIGURES[f"{server.family} image bytes per turn, full"] = full
+    FIGURES[f"{server.family} image bytes per turn, id-only"] = ids
