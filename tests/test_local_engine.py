@@ -30,7 +30,6 @@ from rollwire.render import ImageRef, RenderedTokens, Renderer, create_renderer
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.slow
 
 VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGES = (make_image(180, 120, seed=1), make_image(100, 140, seed=2))

@@ -180,6 +180,24 @@ async def _generate_once(renderer: Any, model_dir: Path, server: str | None, ser
         await engine.close()
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    served_name: Annotated[str | None, typer.Option(help="Model name in /v1/models (default: the directory).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context limit to enforce.")] = None,
+) -> None:
+    """Serve the embedded engine over HTTP in vLLM's token-in/token-out wire format."""
+    from rollwire.engines.server import serve_forever
+
+    try:
+        serve_forever(resolve_model(model), host=host, port=port, served_model_name=served_name,
+                      max_model_len=max_model_len)
+    except RollwireError as exc:
+        raise _fail(exc) from exc
+
+
 @app.command("tiny-model")
 def tiny_model(
     family: Annotated[str, typer.Argument(help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3.")],

@@ -224,12 +224,11 @@ class VLLMEngine:
         await self.connect()
         request = self._with_defaults(request)
         self._check(request)
-        async with asyncio.timeout(self.timeout):
-            try:
-                async with self._semaphore:
-                    return await self._generate(request)
-            except TimeoutError:
-                raise EngineTimeoutError(f"no answer from {self.base_url} within {self.timeout} s") from None
+        try:
+            async with asyncio.timeout(self.timeout), self._semaphore:
+                return await self._generate(request)
+        except TimeoutError:
+            raise EngineTimeoutError(f"no answer from {self.base_url} within {self.timeout} s") from None
 
     def _with_defaults(self, request: GenerateRequest) -> GenerateRequest:
         s = request.sampling
