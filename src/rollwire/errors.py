@@ -152,3 +152,25 @@ class EngineTimeoutError(EngineError, TimeoutError):
 
 class WireError(RollwireError, ValueError):
     """A wire payload could not be built, or a payload or response is malformed."""
+
+
+# --- rollouts -------------------------------------------------------------------------------
+
+
+class EnvError(RollwireError):
+    """An environment failed or returned something unusable (recorded on the rollout)."""
+
+
+# --- transport ------------------------------------------------------------------------------
+
+
+class CodecError(RollwireError, ValueError):
+    """A value cannot be encoded (unsupported type or dtype), or a payload is malformed, truncated
+    or corrupted. Nothing is ever decoded by guessing (no pickle)."""
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+class SampleError(RollwireError, ValueError):
+    """A trajectory cannot become a correct training sample (missing logprobs, a sampled pad token, ...)."""

@@ -1,0 +1,267 @@
+"""One multi-turn rollout: render (or bridge), generate, parse, step the environment, record.
+
+Each turn's prompt extends the latest earlier step whose conversation (through its sampled
+assistant message) is a prefix of the new conversation, with only the new messages, so the
+sampled tokens are never re-rendered; when no step is such a prefix (the environment rewrote
+history) or the bridge declines, the conversation is rendered in full and the reason counted.
+Errors end the rollout with the error recorded on it; what was done is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollwire.engines.types import Engine, GenerateRequest, SamplingParams
+from rollwire.errors import (
+    EngineError,
+    EnvError,
+    ImageError,
+    MessageError,
+    PromptTooLongError,
+    RenderError,
+    RollwireError,
+)
+from rollwire.messages import Message, MessageLike, TextPart, parse_messages
+from rollwire.render.types import RenderedTokens, Renderer
+from rollwire.rollout.env import Environment
+from rollwire.rollout.types import AssistantRecord, ErrorKind, RolloutError, Step, ToolCallRecord, Trajectory
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    max_turns: int = 4
+    max_tokens: int = 64  # per turn
+    max_total_tokens: int = 4096  # prompt + completion budget of the whole rollout
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class RolloutResult:
+    trajectory: Trajectory
+    # Image sources by id (the environment's objects, not copies), for the store to archive.
+    originals: dict[str, Any] = field(default_factory=dict)
+
+
+class _Images:
+    """Which id each image object of the conversation got, and the sources to archive."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.originals: dict[str, Any] = {}
+        self._ids: dict[int, str] = {}  # id() of an image object alive in the conversation -> image id
+        self._store = getattr(renderer, "feature_store", None)
+
+    def note(self, conversation: Sequence[Message], prompt: RenderedTokens) -> None:
+        """Image parts and the prompt's refs come in the same order."""
+        parts = [p for m in conversation for p in m.images]
+        for part, ref in zip(parts, prompt.images, strict=False):
+            self._ids.setdefault(id(part.image), ref.id)
+            self.originals.setdefault(ref.id, part.image)
+
+    def id_for(self, image: Any) -> str | None:
+        known = self._ids.get(id(image))
+        if known is None and self._store is not None:  # never rendered (after the last turn)
+            try:
+                known = self._store.get_or_process(image).id
+            except RollwireError:
+                return None
+            self._ids[id(image)] = known
+            self.originals.setdefault(known, image)
+        return known
+
+
+@dataclass
+class _Turn:
+    """What a later turn may extend: the conversation through a sampled assistant message."""
+
+    conversation: list[Message]
+    prompt: RenderedTokens
+    completion_ids: list[int]
+
+
+async def run_rollout(
+    env: Environment,
+    renderer: Renderer,
+    engine: Engine,
+    config: RolloutConfig,
+    *,
+    seed: int,
+    trajectory_id: str,
+    prompt_index: int = 0,
+    sample_index: int = 0,
+    sampling_seed: int | None = None,
+) -> RolloutResult:
+    traj = Trajectory(id=trajectory_id, env=env.name, prompt_index=prompt_index,
+                      sample_index=sample_index, seed=seed)
+    metrics: defaultdict[str, float] = defaultdict(float)
+    images = _Images(renderer)
+    conversation: list[Message] = []
+    turns: list[_Turn] = []
+    try:
+        t0 = time.perf_counter()
+        obs = await env.reset(seed)
+        conversation = _parse(obs.messages)
+        traj.tools = [dict(t) for t in obs.tools] if obs.tools else None
+        traj.env_info = dict(obs.info)
+        metrics["env_s"] += time.perf_counter() - t0
+    except (EnvError, MessageError) as exc:
+        return _finish(traj, conversation, images, metrics, _error("env_error", exc, 0))
+    except Exception as exc:  # an environment's own bug must not kill the other rollouts
+        return _finish(traj, conversation, images, metrics, _error("env_error", exc, 0))
+
+    branch = 0
+    bridged = False
+    reason: str | None = "first turn"
+    try:
+        t0 = time.perf_counter()
+        prompt = renderer.render(conversation, traj.tools)
+        metrics["render_s"] += time.perf_counter() - t0
+    except (RenderError, MessageError, ImageError) as exc:
+        return _finish(traj, conversation, images, metrics, _error("render_error", exc, 0))
+
+    for turn in range(config.max_turns):
+        images.note(conversation, prompt)
+        budget = config.max_total_tokens - len(prompt.token_ids)
+        if budget <= 0:
+            traj.finish = "token_budget"
+            break
+        sampling = SamplingParams(
+            max_tokens=min(config.max_tokens, budget), temperature=config.temperature, top_p=config.top_p,
+            top_k=config.top_k, seed=None if sampling_seed is None else sampling_seed + turn,
+            stop_token_ids=renderer.stop_token_ids, banned_token_ids=renderer.vision_token_ids)
+        t0 = time.perf_counter()
+        try:
+            result = await engine.generate(GenerateRequest(
+                prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling,
+                request_id=f"{trajectory_id}-{turn}"))
+        except PromptTooLongError as exc:
+            return _finish(traj, conversation, images, metrics, _error("overlong_prompt", exc, turn))
+        except (EngineError, RollwireError) as exc:
+            return _finish(traj, conversation, images, metrics, _error("engine_error", exc, turn))
+        generate_s = time.perf_counter() - t0
+        completion = result.completions[0]
+        metrics["bytes_sent"] += result.bytes_sent
+        metrics["image_bytes_sent"] += result.image_bytes_sent
+        metrics["prompt_tokens"] += len(prompt.token_ids)
+        metrics["completion_tokens"] += len(completion.token_ids)
+        parsed = renderer.parse_response(completion.token_ids)
+        traj.steps.append(Step(
+            prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=list(completion.token_ids),
+            completion_logprobs=completion.logprobs, finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason, status=parsed.status, parse_error=parsed.error,
+            message=_record(parsed.message), bridged=bridged, render_reason=reason, branch=branch,
+            timings={"generate_s": generate_s}))
+        conversation = [*conversation, parsed.message]
+        turns.append(_Turn(conversation, prompt, list(completion.token_ids)))
+        metrics["turns"] += 1
+
+        t0 = time.perf_counter()
+        try:
+            env_step = await env.step(parsed.message)
+            new_history = _parse(env_step.history) if env_step.history is not None else None
+            new = _parse(env_step.messages, after=conversation) if new_history is None else []
+        except Exception as exc:
+            return _finish(traj, conversation, images, metrics, _error("env_error", exc, turn + 1))
+        metrics["env_s"] += time.perf_counter() - t0
+        traj.rewards.append(float(env_step.reward))
+        traj.metadata.setdefault("env_steps", []).append(dict(env_step.info))
+        if new_history is not None:
+            branch += 1
+            conversation = new_history
+        else:
+            conversation = [*conversation, *new]
+        if env_step.done:
+            traj.finish = "done"
+            break
+        t0 = time.perf_counter()
+        try:
+            prompt, bridged, reason = _next_prompt(renderer, turns, conversation, traj.tools, metrics)
+        except (RenderError, MessageError, ImageError) as exc:
+            return _finish(traj, conversation, images, metrics, _error("render_error", exc, turn + 1))
+        metrics["render_s"] += time.perf_counter() - t0
+    else:
+        traj.finish = "max_turns"
+    return _finish(traj, conversation, images, metrics, None)
+
+
+def _next_prompt(
+    renderer: Renderer, turns: Sequence[_Turn], conversation: list[Message],
+    tools: Sequence[Mapping[str, Any]] | None, metrics: defaultdict[str, float],
+) -> tuple[RenderedTokens, bool, str | None]:
+    """Bridge from the latest turn whose conversation is a prefix of this one, else render."""
+    base = next((t for t in reversed(turns) if _is_prefix(t.conversation, conversation)), None)
+    if base is None:
+        reason = "history rewritten"
+    else:
+        metrics["bridge_attempts"] += 1
+        result = renderer.bridge(base.prompt, base.completion_ids, conversation[len(base.conversation):])
+        if result.tokens is not None:
+            metrics["bridge_successes"] += 1
+            return result.tokens, True, None
+        reason = result.reason or "bridge declined"
+    metrics[f"full_render:{reason}"] += 1
+    return renderer.render(conversation, tools), False, reason
+
+
+def _is_prefix(prefix: Sequence[Message], conversation: Sequence[Message]) -> bool:
+    return len(prefix) < len(conversation) and all(
+        a is b or a == b for a, b in zip(prefix, conversation, strict=False))
+
+
+def _parse(messages: Sequence[MessageLike], after: Sequence[Message] | None = None) -> list[Message]:
+    after_assistant = bool(after) and after[-1].role == "assistant"  # type: ignore[index]
+    return parse_messages(messages, start_index=len(after or ()), after_assistant=after_assistant)
+
+
+def _record(message: Message) -> AssistantRecord:
+    calls = tuple(ToolCallRecord(name=c.name, id=c.id, arguments=c.arguments if isinstance(c.arguments, str)
+                                 else _json(c.arguments)) for c in message.tool_calls)
+    content = message.content if isinstance(message.content, str) or message.content is None else message.text
+    return AssistantRecord(content=content, reasoning_content=message.reasoning_content, tool_calls=calls)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _error(kind: ErrorKind, exc: BaseException, step: int) -> RolloutError:
+    return RolloutError(kind=kind, message=f"{type(exc).__name__}: {exc}", step=step)
+
+
+def _finish(
+    traj: Trajectory, conversation: Sequence[Message], images: _Images, metrics: defaultdict[str, float],
+    error: RolloutError | None,
+) -> RolloutResult:
+    if error is not None:
+        traj.error = error
+        traj.finish = "error"
+    traj.reward = float(sum(traj.rewards))
+    traj.messages = [_message_json(m, images) for m in conversation]
+    traj.metrics = {k: float(v) for k, v in metrics.items()}
+    return RolloutResult(traj, images.originals)
+
+
+def _message_json(message: Message, images: _Images) -> dict[str, Any]:
+    """OpenAI-format JSON of a message with each image replaced by its id."""
+    out: dict[str, Any] = {"role": message.role}
+    if isinstance(message.content, tuple):
+        out["content"] = [{"type": "text", "text": p.text} if isinstance(p, TextPart)
+                          else {"type": "image", "image_id": images.id_for(p.image)} for p in message.content]
+    else:
+        out["content"] = message.content
+    if message.reasoning_content is not None:
+        out["reasoning_content"] = message.reasoning_content
+    if message.tool_calls:
+        out["tool_calls"] = [{"type": "function", "id": c.id, "function": {
+            "name": c.name, "arguments": c.arguments if isinstance(c.arguments, str) else _json(c.arguments)}}
+            for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out

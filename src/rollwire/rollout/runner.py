@@ -1,0 +1,143 @@
+"""Many rollouts at once: N prompts × G samples (GRPO groups share their prompt and its images),
+bounded concurrency, a progress bar, and per-rollout errors that never stop the others."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rollwire.engines.types import Engine
+from rollwire.render.types import Renderer
+from rollwire.rollout.env import make_env
+from rollwire.rollout.loop import RolloutConfig, RolloutResult, run_rollout
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    env: str
+    n_prompts: int = 4
+    group: int = 1
+    concurrency: int = 8
+    seed: int = 0
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def trajectory_id(config: RunConfig, prompt_index: int, sample_index: int) -> str:
+    return f"{config.env}-s{config.seed}-p{prompt_index}-g{sample_index}"
+
+
+def env_seed(config: RunConfig, prompt_index: int) -> int:
+    """The environment seed of a prompt: every sample of a group starts from the same prompt."""
+    return config.seed * 1_000_003 + prompt_index
+
+
+def sampling_seed(config: RunConfig, prompt_index: int, sample_index: int) -> int:
+    return (config.seed * 1_000_003 + prompt_index) * 10_007 + sample_index * 101
+
+
+@dataclass
+class RunSummary:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    turns: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    bridge_attempts: int = 0
+    bridge_successes: int = 0
+    bytes_sent: int = 0
+    image_bytes_sent: int = 0
+    referenced_images: int = 0  # image occurrences over all prompts of all steps
+    unique_images: int = 0
+    feature_store_hits: int = 0
+    feature_store_misses: int = 0
+    seconds: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    full_render_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rollouts_per_second(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bridge_success_rate(self) -> float:
+        return self.bridge_successes / self.bridge_attempts if self.bridge_attempts else 0.0
+
+    def add(self, result: RolloutResult, unique: set[str]) -> None:
+        t = result.trajectory
+        if t.error is not None:
+            self.failed += 1
+            self.errors[t.error.kind] = self.errors.get(t.error.kind, 0) + 1
+        else:
+            self.done += 1
+        m = t.metrics
+        self.turns += int(m.get("turns", 0))
+        self.prompt_tokens += int(m.get("prompt_tokens", 0))
+        self.completion_tokens += int(m.get("completion_tokens", 0))
+        self.bridge_attempts += int(m.get("bridge_attempts", 0))
+        self.bridge_successes += int(m.get("bridge_successes", 0))
+        self.bytes_sent += int(m.get("bytes_sent", 0))
+        self.image_bytes_sent += int(m.get("image_bytes_sent", 0))
+        for key, value in m.items():
+            if key.startswith("full_render:"):
+                reason = key.removeprefix("full_render:")
+                self.full_render_reasons[reason] = self.full_render_reasons.get(reason, 0) + int(value)
+        for step in t.steps:
+            self.referenced_images += len(step.images)
+            unique.update(ref.id for ref in step.images)
+        self.unique_images = len(unique)
+
+
+OnResult = Callable[[RolloutResult], Awaitable[None] | None]
+
+
+async def run_rollouts(
+    config: RunConfig,
+    renderer: Renderer,
+    engine: Engine,
+    *,
+    on_result: OnResult | None = None,
+    skip_ids: Collection[str] = (),
+    progress: bool = True,
+) -> RunSummary:
+    """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends."""
+    summary = RunSummary()
+    unique: set[str] = set()
+    store = getattr(renderer, "feature_store", None)
+    stats0 = store.stats() if store is not None else None
+    jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
+            if trajectory_id(config, i, j) not in skip_ids]
+    summary.skipped = config.n_prompts * config.group - len(jobs)
+    semaphore = asyncio.Semaphore(config.concurrency)
+    start = time.perf_counter()
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[status]}"), disable=not progress, transient=False)
+    task = bar.add_task(f"rollouts ({config.env})", total=len(jobs), status="")
+
+    async def one(i: int, j: int) -> None:
+        async with semaphore:
+            result = await run_rollout(
+                make_env(config.env, **config.env_kwargs), renderer, engine, config.rollout,
+                seed=env_seed(config, i), trajectory_id=trajectory_id(config, i, j), prompt_index=i,
+                sample_index=j, sampling_seed=sampling_seed(config, i, j))
+        summary.add(result, unique)
+        if on_result is not None:
+            maybe = on_result(result)
+            if maybe is not None:
+                await maybe
+        bar.update(task, advance=1, status=f"failed {summary.failed}" if summary.failed else "")
+
+    with bar:
+        await asyncio.gather(*(one(i, j) for i, j in jobs))
+    summary.seconds = time.perf_counter() - start
+    if store is not None and stats0 is not None:
+        stats = store.stats()
+        summary.feature_store_hits = stats.hits - stats0.hits
+        summary.feature_store_misses = stats.misses - stats0.misses
+    return summary
