@@ -7,6 +7,7 @@ policy (an engine that answers with given text); everything else is real.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -67,7 +68,7 @@ class ScriptedEngine:
 
 def assert_extends(steps: Sequence[Any]) -> None:
     """Token identity: every bridged prompt starts with the previous prompt + completion."""
-    for prev, step in zip(steps, steps[1:], strict=False):
+    for prev, step in itertools.pairwise(steps):
         if step.bridged:
             head = prev.prompt_ids + prev.completion_ids
             assert step.prompt_ids[: len(head)] == head
