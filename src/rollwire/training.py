@@ -1,0 +1,283 @@
+"""Trajectories to training samples with their multimodal inputs.
+
+Consecutive steps merge into one sample when each prompt extends the previous prompt +
+completion token for token (with the same images there): the sample is the last merged step's
+prompt + completion, and every merged step's sampled tokens carry the loss and the logprob the
+engine reported. A step that does not extend the previous one (a rewritten history, a full
+re-render that differs) starts a new sample. Pixels come from the feature store by id, once per
+image occurrence, and every sample passes `validate_placeholders` before it is returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias, get_args
+
+import numpy as np
+
+from rollwire.errors import PlaceholderError, SampleError
+from rollwire.features import FeatureStore, ImageFeatures
+from rollwire.render import ImageRef, validate_placeholders
+from rollwire.rollout.types import Step, Trajectory
+
+__all__ = ["PixelFormat", "Sample", "SampleBuilder", "TensorKind", "build_samples", "step_extends"]
+
+PixelFormat: TypeAlias = Literal["float32", "uint8", "bfloat16"]
+TensorKind: TypeAlias = Literal["numpy", "torch"]
+# np.ndarray, or torch.Tensor with tensors="torch" (chosen at run time, so typed loosely).
+Array: TypeAlias = Any
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One training sequence: token stream, loss mask, old logprobs and its image inputs.
+
+    All per-token arrays have the stream's length. `loss_mask` is True exactly on sampled
+    completion tokens; `old_logprobs` holds their engine logprob (0 elsewhere). `pixel_values`
+    and `image_grid_thw` are None when the sample has no image. Positions are left to the model.
+    """
+
+    input_ids: Array  # (L,) int64
+    loss_mask: Array  # (L,) bool
+    old_logprobs: Array  # (L,) float32
+    mm_token_type_ids: Array  # (L,) int64: 0 text, 1 image
+    pixel_values: Array | None  # (rows, row_size): uint8 patch rows or normalised float32 / bfloat16
+    image_grid_thw: Array | None  # (n_images, 3) int64
+    image_ids: tuple[str, ...]  # one per image occurrence, in placeholder order
+    images: tuple[ImageRef, ...]  # the occurrences' ranges in input_ids
+    step_indices: tuple[int, ...]  # the trajectory steps merged into this sample
+    trajectory_id: str
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+class SampleBuilder:
+    """Builds `Sample`s from trajectories against one feature store and token layout.
+
+    `features` and `image_pad_id` may be None for a text-only model (a step with images is then
+    an error). `pixel_format` "uint8" gives the store's patch rows; "float32" / "bfloat16" give
+    them normalised as the HF processor does (bfloat16 needs `tensors="torch"`).
+    """
+
+    def __init__(
+        self,
+        features: FeatureStore | None,
+        *,
+        image_pad_id: int | None,
+        merge_size: int,
+        pixel_format: PixelFormat = "float32",
+        tensors: TensorKind = "numpy",
+    ) -> None:
+        if pixel_format not in get_args(PixelFormat):
+            raise SampleError(f"pixel_format must be one of {get_args(PixelFormat)}, got {pixel_format!r}")
+        if tensors not in get_args(TensorKind):
+            raise SampleError(f"tensors must be one of {get_args(TensorKind)}, got {tensors!r}")
+        if pixel_format == "bfloat16" and tensors == "numpy":
+            raise SampleError('numpy has no bfloat16: use tensors="torch" or pixel_format="float32"')
+        if not isinstance(merge_size, int) or isinstance(merge_size, bool) or merge_size <= 0:
+            raise SampleError(f"merge_size must be a positive int, got {merge_size!r}")
+        if features is not None and features.config.merge_size != merge_size:
+            raise SampleError(f"merge_size {merge_size} differs from the feature store's "
+                              f"{features.config.merge_size}")
+        self.features = features
+        self.image_pad_id = image_pad_id
+        self.merge_size = merge_size
+        self.pixel_format: PixelFormat = pixel_format
+        self.tensors: TensorKind = tensors
+
+    @classmethod
+    def for_renderer(cls, renderer: Any, *, pixel_format: PixelFormat = "float32",
+                     tensors: TensorKind = "numpy") -> SampleBuilder:
+        """A builder using the renderer's feature store, image pad id and merge size."""
+        store = getattr(renderer, "feature_store", None)
+        pad = getattr(renderer, "image_pad_id", None)
+        merge = getattr(renderer, "merge_size", None)
+        if merge is None:
+            merge = store.config.merge_size if store is not None else 2
+        return cls(store, image_pad_id=pad, merge_size=int(merge), pixel_format=pixel_format, tensors=tensors)
+
+    def build(self, trajectory: Trajectory) -> list[Sample]:
+        """The trajectory's samples in step order; raises `SampleError` / `PlaceholderError`.
+
+        A step with no completion tokens, or whose engine call failed (finish_reason "error"),
+        is not trained on: it only serves as context when a later merged step extends it, and a
+        sample made only of such steps is dropped.
+        """
+        steps = trajectory.steps
+        samples = []
+        for group in _merge_groups(steps):
+            trained = [k for k in group if _trainable(steps[k])]
+            if not trained:
+                continue
+            merged = tuple(k for k in group if k <= trained[-1])
+            samples.append(self._sample(trajectory.id, steps, merged, trained))
+        return samples
+
+    __call__ = build
+
+    # --- one sample -------------------------------------------------------------------------
+
+    def _sample(self, trajectory_id: str, steps: Sequence[Step], merged: tuple[int, ...],
+                trained: list[int]) -> Sample:
+        tail = steps[merged[-1]]
+        input_ids = np.array([*tail.prompt_ids, *tail.completion_ids], dtype=np.int64)
+        n = int(input_ids.shape[0])
+        if n and int(input_ids.min()) < 0:
+            raise SampleError(f"step {merged[-1]}: negative token id {int(input_ids.min())}")
+        loss_mask = np.zeros(n, dtype=bool)
+        old_logprobs = np.zeros(n, dtype=np.float32)
+        for k in trained:
+            step = steps[k]
+            logprobs = _checked_logprobs(k, step)
+            if self.image_pad_id is not None and self.image_pad_id in step.completion_ids:
+                at = step.completion_ids.index(self.image_pad_id)
+                raise SampleError(f"step {k} sampled the image pad token at completion position {at}: "
+                                  "ban the family's vision ids when sampling")
+            start = len(step.prompt_ids)
+            loss_mask[start : start + len(logprobs)] = True
+            old_logprobs[start : start + len(logprobs)] = logprobs
+        refs = tuple(tail.images)
+        features = self._features(merged[-1], input_ids, refs)
+        mm_types = np.zeros(n, dtype=np.int64)
+        for ref in refs:
+            mm_types[ref.offset : ref.end] = 1
+        pixels: Array | None = self._pixels(features) if features else None
+        grid = np.array([f.grid_thw for f in features], dtype=np.int64).reshape(-1, 3) if features else None
+        arrays: list[Any] = [input_ids, loss_mask, old_logprobs, mm_types, grid]
+        if self.tensors == "torch":
+            torch = _import_torch()
+            arrays = [None if a is None else torch.from_numpy(a) for a in arrays]
+            if isinstance(pixels, np.ndarray):
+                pixels = torch.from_numpy(pixels)
+        input_ids_out, loss_out, old_out, mm_out, grid_out = arrays
+        return Sample(
+            input_ids=input_ids_out, loss_mask=loss_out, old_logprobs=old_out, mm_token_type_ids=mm_out,
+            pixel_values=pixels, image_grid_thw=grid_out, image_ids=tuple(ref.id for ref in refs),
+            images=refs, step_indices=merged, trajectory_id=trajectory_id,
+        )
+
+    def _features(self, step_index: int, input_ids: np.ndarray, refs: tuple[ImageRef, ...]) -> list[ImageFeatures]:
+        """Validate the placeholders and return each occurrence's features, in order."""
+        where = f"step {step_index}"
+        if self.image_pad_id is None or self.features is None:
+            if refs:
+                raise SampleError(f"{where} has images but the builder has no feature store / image pad id")
+            return []
+        store = self.features
+        try:
+            validate_placeholders(input_ids, refs, pad_id=self.image_pad_id, merge_size=self.merge_size,
+                                  known_ids=store)
+        except PlaceholderError as exc:
+            raise PlaceholderError(f"{where}: {exc}") from None
+        out = []
+        row_size = store.config.row_size
+        for k, ref in enumerate(refs):
+            feat = store.get(ref.id)  # UnknownImageError if evicted since the check above
+            rows = int(feat.pixel_values.shape[0])
+            name = f"{where}, image {k} ({ref.id[:12]})"
+            if tuple(feat.grid_thw) != tuple(ref.grid_thw):
+                raise PlaceholderError(f"{name}: ref grid {tuple(ref.grid_thw)} but the stored features have "
+                                       f"grid {feat.grid_thw}")
+            if feat.merge_size != self.merge_size or ref.length * self.merge_size**2 != rows:
+                raise PlaceholderError(f"{name}: {ref.length} image tokens but {rows} feature rows at merge "
+                                       f"size {self.merge_size}")
+            if feat.pixel_values.shape[1] != row_size:
+                raise SampleError(f"{name}: rows of {feat.pixel_values.shape[1]} values, the store's config "
+                                  f"implies {row_size}")
+            out.append(feat)
+        return out
+
+    def _pixels(self, features: list[ImageFeatures]) -> Array:
+        """All occurrences' rows in one new array (the store's rows are never handed out)."""
+        if self.pixel_format == "uint8":
+            return np.concatenate([f.pixel_values for f in features])
+        assert self.features is not None
+        config = self.features.config
+        total = sum(int(f.pixel_values.shape[0]) for f in features)
+        if self.pixel_format == "bfloat16":
+            torch = _import_torch()
+            out_t = torch.empty((total, config.row_size), dtype=torch.bfloat16)
+            at = 0
+            for f in features:
+                rows = int(f.pixel_values.shape[0])
+                out_t[at : at + rows] = torch.from_numpy(f.normalized(config))
+                at += rows
+            return out_t
+        out = np.empty((total, config.row_size), dtype=np.float32)
+        at = 0
+        for f in features:
+            rows = int(f.pixel_values.shape[0])
+            out[at : at + rows] = f.normalized(config)
+            at += rows
+        return out
+
+
+def build_samples(
+    trajectory: Trajectory,
+    features: FeatureStore | None,
+    *,
+    image_pad_id: int | None,
+    merge_size: int,
+    pixel_format: PixelFormat = "float32",
+    tensors: TensorKind = "numpy",
+) -> list[Sample]:
+    """`SampleBuilder(...).build(trajectory)` in one call."""
+    builder = SampleBuilder(features, image_pad_id=image_pad_id, merge_size=merge_size,
+                            pixel_format=pixel_format, tensors=tensors)
+    return builder.build(trajectory)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def step_extends(previous: Step, step: Step) -> bool:
+    """True when `step`'s prompt starts with `previous`'s prompt + completion, with the same images there."""
+    n_prompt = len(previous.prompt_ids)
+    boundary = n_prompt + len(previous.completion_ids)
+    prompt = step.prompt_ids
+    if len(prompt) < boundary:
+        return False
+    if prompt[:n_prompt] != previous.prompt_ids or prompt[n_prompt:boundary] != previous.completion_ids:
+        return False
+    head = tuple(ref for ref in step.images if ref.offset < boundary)
+    return head == tuple(previous.images)
+
+
+def _merge_groups(steps: Sequence[Step]) -> list[list[int]]:
+    """Runs of step indices where each step extends the one before it."""
+    groups: list[list[int]] = []
+    for k, step in enumerate(steps):
+        if groups and step_extends(steps[groups[-1][-1]], step):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
+
+
+def _trainable(step: Step) -> bool:
+    return bool(step.completion_ids) and step.finish_reason != "error"
+
+
+def _checked_logprobs(index: int, step: Step) -> np.ndarray:
+    if step.completion_logprobs is None:
+        raise SampleError(f"step {index} has no completion_logprobs (sample with logprobs=True)")
+    logprobs = np.asarray(step.completion_logprobs, dtype=np.float32)
+    if logprobs.shape != (len(step.completion_ids),):
+        raise SampleError(f"step {index}: {logprobs.size} logprobs for {len(step.completion_ids)} completion tokens")
+    if not bool(np.isfinite(logprobs).all()):
+        raise SampleError(f"step {index}: a completion logprob is not finite")
+    return logprobs
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise SampleError('tensors="torch" and bfloat16 pixels need torch installed') from None
+    return torch
