@@ -181,6 +181,87 @@ async def _generate_once(renderer: Any, model_dir: Path, server: str | None, ser
 
 
 @app.command()
+def rollout(
+    env: Annotated[str, typer.Option(help="Environment: shapes or zoom.")],
+    out: Annotated[Path, typer.Option(help="Run directory (rerunning with the same one resumes).")],
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    server: Annotated[str | None, typer.Option(help="vLLM (or rollwire serve) base URL; default: embedded.")] = None,
+    served_name: Annotated[str | None, typer.Option(help="Served model name (default: from /v1/models).")] = None,
+    n: Annotated[int, typer.Option("-n", "--prompts", help="Prompts (environment seeds).")] = 8,
+    group: Annotated[int, typer.Option(help="Samples per prompt (GRPO group size).")] = 2,
+    max_turns: Annotated[int, typer.Option(help="Turns per rollout at most.")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per turn at most.")] = 32,
+    max_total_tokens: Annotated[int, typer.Option(help="Prompt + completion budget of a rollout.")] = 4096,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    concurrency: Annotated[int, typer.Option(help="Rollouts in flight.")] = 8,
+    seed: Annotated[int, typer.Option(help="Run seed (environment and sampling seeds derive from it).")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run many multi-turn rollouts and write them to a run directory."""
+    import asyncio
+
+    from rollwire.features import FeatureStore
+    from rollwire.render import create_renderer
+    from rollwire.rollout import RolloutConfig, RunConfig, env_names
+    from rollwire.store import RunWriter
+
+    if env not in env_names():
+        raise _fail(RollwireError(f"unknown environment {env!r} (known: {', '.join(env_names())})"))
+    config = RunConfig(env=env, n_prompts=n, group=group, concurrency=concurrency, seed=seed,
+                       rollout=RolloutConfig(max_turns=max_turns, max_tokens=max_tokens,
+                                             max_total_tokens=max_total_tokens, temperature=temperature))
+    try:
+        model_dir = resolve_model(model)
+        renderer = create_renderer(model_dir)
+        store = getattr(renderer, "feature_store", None)
+        if store is None:  # a text-only model: the writer still wants a (empty) store
+            store = FeatureStore()
+        with RunWriter(out, store) as writer:
+            summary = asyncio.run(_run(config, renderer, model_dir, server, served_name, writer, progress))
+    except RollwireError as exc:
+        raise _fail(exc) from exc
+    table = Table("", "value", title=f"rollouts → {out}")
+    rows = [
+        ("rollouts done / failed / resumed", f"{summary.done} / {summary.failed} / {summary.skipped}"),
+        ("turns", str(summary.turns)),
+        ("prompt / completion tokens", f"{summary.prompt_tokens} / {summary.completion_tokens}"),
+        ("images unique / referenced", f"{summary.unique_images} / {summary.referenced_images}"),
+        ("bridge success", f"{summary.bridge_successes}/{summary.bridge_attempts} "
+                           f"({100 * summary.bridge_success_rate:.0f}%)"),
+        ("feature store hits / misses", f"{summary.feature_store_hits} / {summary.feature_store_misses}"),
+        ("bytes sent (images)", f"{summary.bytes_sent} ({summary.image_bytes_sent})"),
+        ("rollouts per second", f"{summary.rollouts_per_second:.2f}"),
+    ]
+    for reason, count in sorted(summary.full_render_reasons.items()):
+        rows.append((f"full render: {reason}", str(count)))
+    for kind, count in sorted(summary.errors.items()):
+        rows.append((f"errors: {kind}", str(count)))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+async def _run(config: Any, renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
+               writer: Any, progress: bool) -> Any:
+    from rollwire.rollout import run_rollouts
+
+    engine: Any
+    if server:
+        from rollwire.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine.for_renderer(server, renderer, model=served_name)
+    else:
+        from rollwire.engines.local import LocalEngine
+
+        engine = LocalEngine(model_dir, feature_store=getattr(renderer, "feature_store", None))
+    try:
+        return await run_rollouts(config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
+                                  on_result=lambda r: writer.write(r.trajectory, r.originals))
+    finally:
+        await engine.close()
+
+
+@app.command()
 def serve(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",

@@ -1,0 +1,244 @@
+"""msgpack on msgspec, with numpy arrays and torch tensors as raw-byte extensions; never pickle.
+
+An array travels as a msgpack Ext whose payload is a small header and the raw C-order bytes:
+
+    code 1 (numpy.ndarray) or 2 (torch.Tensor)
+    u8  format version (1)
+    u8  n, then n bytes: the dtype name in ASCII ("float32", "bfloat16", ...; see ALLOWED_DTYPES)
+    u8  ndim (<= MAX_NDIM), then ndim x u64 little-endian dimensions
+    the elements, little-endian, C order (bfloat16: its raw 16-bit payload)
+
+Decoding checks the code, the dtype against the allow-list, the shape and that the byte length
+equals prod(shape) * itemsize before anything is allocated. numpy arrays are decoded without a
+copy: they are views of the input buffer (read-only for `bytes`; a `bytearray` input gives
+writable views aliasing it) and keep the whole buffer alive; they may be unaligned. torch has no
+read-only tensors, so tensors are decoded with one copy. torch is imported only to decode a
+tensor (encoding sees a tensor only if torch is already imported). Anything else msgspec does
+not natively support is refused with `CodecError`: there is no pickle fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import struct
+import sys
+from typing import Any, Generic, TypeVar, overload
+
+import msgspec
+import numpy as np
+
+from rollwire.errors import CodecError
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "EXT_NDARRAY",
+    "EXT_TENSOR",
+    "MAX_NDIM",
+    "Codec",
+    "codec_for",
+    "decode",
+    "enc_hook",
+    "encode",
+    "ext_hook",
+]
+
+T = TypeVar("T")
+
+EXT_NDARRAY = 1
+EXT_TENSOR = 2
+FORMAT_VERSION = 1
+MAX_NDIM = 32
+_MAX_DIM = 2**48  # no real dimension is larger; keeps shape arithmetic far from numpy's limits
+
+ALLOWED_DTYPES: tuple[str, ...] = (
+    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
+    "float16", "float32", "float64", "bfloat16",
+)
+# Little-endian numpy dtypes by name; bfloat16 is resolved on use (ml_dtypes for numpy, torch).
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES if name != "bfloat16"
+}
+_ITEMSIZE = {**{name: dt.itemsize for name, dt in _NUMPY_DTYPES.items()}, "bfloat16": 2}
+_DIMS = struct.Struct("<Q")
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _header(dtype_name: str, shape: tuple[int, ...]) -> bytes:
+    name = dtype_name.encode("ascii")
+    return b"".join((bytes((FORMAT_VERSION, len(name))), name, bytes((len(shape),)),
+                     *(_DIMS.pack(d) for d in shape)))
+
+
+def _ndarray_payload(arr: np.ndarray, dtype_name: str) -> bytes:
+    """Header + raw little-endian C-order bytes of `arr` (whose dtype is already checked)."""
+    shape = tuple(int(d) for d in arr.shape)
+    if len(shape) > MAX_NDIM:
+        raise CodecError(f"array has {len(shape)} dimensions; at most {MAX_NDIM} are encoded")
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return b"".join((_header(dtype_name, shape), flat.data))
+
+
+def _numpy_dtype_name(dtype: np.dtype[Any]) -> str:
+    name = dtype.name
+    if dtype.fields is not None or dtype.subdtype is not None or name not in _ITEMSIZE:
+        raise CodecError(f"numpy dtype {dtype} is not allowed on the wire (allowed: {', '.join(ALLOWED_DTYPES)})")
+    return name
+
+
+def _encode_tensor(tensor: Any) -> msgspec.msgpack.Ext:
+    torch = sys.modules["torch"]
+    if tensor.layout != torch.strided:
+        raise CodecError(f"torch tensor with layout {tensor.layout} is not encodable (dense tensors only)")
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in _ITEMSIZE:
+        raise CodecError(f"torch dtype {tensor.dtype} is not allowed on the wire "
+                         f"(allowed: {', '.join(ALLOWED_DTYPES)})")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    arr = t.view(torch.int16).numpy() if name == "bfloat16" else t.numpy()
+    return msgspec.msgpack.Ext(EXT_TENSOR, _ndarray_payload(arr, name))
+
+
+def enc_hook(obj: Any) -> Any:
+    """msgspec `enc_hook`: numpy arrays and scalars, torch tensors; anything else is a CodecError."""
+    if isinstance(obj, np.ndarray):
+        return msgspec.msgpack.Ext(EXT_NDARRAY, _ndarray_payload(obj, _numpy_dtype_name(obj.dtype)))
+    if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":  # numpy scalars as plain numbers
+        _numpy_dtype_name(obj.dtype)
+        return obj.item()
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return _encode_tensor(obj)
+    raise CodecError(f"cannot encode an object of type {type(obj).__module__}.{type(obj).__qualname__} "
+                     "(only msgspec-native types, numpy arrays and torch tensors; no pickle)")
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+def _parse(data: memoryview) -> tuple[str, tuple[int, ...], memoryview]:
+    """(dtype name, shape, raw bytes) of an array payload, every field checked."""
+    size = len(data)
+    if size < 3:
+        raise CodecError("array extension is truncated")
+    if data[0] != FORMAT_VERSION:
+        raise CodecError(f"array extension has format version {data[0]}, expected {FORMAT_VERSION}")
+    n = data[1]
+    pos = 2 + n
+    if pos + 1 > size:
+        raise CodecError("array extension is truncated")
+    try:
+        name = bytes(data[2:pos]).decode("ascii")
+    except UnicodeDecodeError:
+        raise CodecError("array extension has a non-ASCII dtype name") from None
+    if name not in _ITEMSIZE:
+        raise CodecError(f"array dtype {name!r} is not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
+    ndim = data[pos]
+    pos += 1
+    if ndim > MAX_NDIM:
+        raise CodecError(f"array has {ndim} dimensions; at most {MAX_NDIM} are accepted")
+    if pos + 8 * ndim > size:
+        raise CodecError("array extension is truncated")
+    shape = tuple(_DIMS.unpack_from(data, pos + 8 * i)[0] for i in range(ndim))
+    pos += 8 * ndim
+    if any(d > _MAX_DIM for d in shape):
+        raise CodecError(f"array shape {shape} has an implausible dimension")
+    expected = math.prod(shape) * _ITEMSIZE[name]
+    if expected != size - pos:
+        raise CodecError(f"array {name}{list(shape)} needs {expected} bytes, the extension holds {size - pos}")
+    return name, shape, data[pos:]
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    if name != "bfloat16":
+        return _NUMPY_DTYPES[name]
+    try:
+        ml_dtypes = importlib.import_module("ml_dtypes")
+    except ImportError:
+        raise CodecError("a numpy bfloat16 array needs ml_dtypes installed to decode") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _decode_tensor(name: str, shape: tuple[int, ...], raw: memoryview) -> Any:
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        raise CodecError("the payload holds a torch tensor but torch is not installed") from None
+    dtype = getattr(torch, name)
+    if len(raw) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+
+
+def ext_hook(code: int, data: memoryview) -> Any:
+    """msgspec `ext_hook`: arrays (zero-copy numpy views) and tensors; unknown codes are a CodecError."""
+    if code == EXT_NDARRAY:
+        name, shape, raw = _parse(data)
+        return np.frombuffer(raw, dtype=_numpy_dtype(name)).reshape(shape)
+    if code == EXT_TENSOR:
+        name, shape, raw = _parse(data)
+        return _decode_tensor(name, shape, raw)
+    raise CodecError(f"unknown msgpack extension code {code}")
+
+
+# --- codecs ---------------------------------------------------------------------------------
+
+
+class Codec(Generic[T]):
+    """A reusable encoder and a decoder typed to `type` (msgspec validates while it decodes)."""
+
+    def __init__(self, type: Any = Any) -> None:
+        self.type = type
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
+        try:
+            self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type, ext_hook=ext_hook)
+        except TypeError as exc:
+            raise CodecError(f"cannot build a decoder for {type!r}: {exc}") from None
+
+    def encode(self, obj: Any) -> bytes:
+        try:
+            return self._encoder.encode(obj)
+        except CodecError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise CodecError(f"cannot encode: {exc}") from None
+
+    def decode(self, data: bytes | bytearray | memoryview) -> T:
+        try:
+            return self._decoder.decode(data)
+        except CodecError:
+            raise
+        except (msgspec.DecodeError, TypeError, ValueError, OverflowError) as exc:
+            raise CodecError(f"cannot decode as {getattr(self.type, '__name__', self.type)}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=128)
+def codec_for(type: Any) -> Codec[Any]:
+    """The shared `Codec` for `type` (built once per type)."""
+    return Codec(type)
+
+
+_ANY: Codec[Any] = Codec()
+
+
+def encode(obj: Any) -> bytes:
+    return _ANY.encode(obj)
+
+
+@overload
+def decode(data: bytes | bytearray | memoryview) -> Any: ...
+@overload
+def decode(data: bytes | bytearray | memoryview, type: type[T]) -> T: ...
+@overload
+def decode(data: bytes | bytearray | memoryview, type: Any) -> Any: ...
+def decode(data: bytes | bytearray | memoryview, type: Any = Any) -> Any:
+    """Decode `data`, validated as `type` (rollwire structs come back as themselves)."""
+    return (_ANY if type is Any else codec_for(type)).decode(data)
