@@ -25,9 +25,12 @@ from conftest import FIGURES, make_image
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.types import GenerateRequest, SamplingParams
 from rollwire.engines.vllm import VLLMEngine
-from rollwire.engines.wire import features_payload, generate_body
+from rollwire.engines.wire import encode_image_kwargs, features_payload, generate_body
 from rollwire.errors import PixelFormatError, PlaceholderError
 from rollwire.render import ImageRef, create_renderer
+from rollwire.rollout import RolloutConfig, RunConfig, run_rollouts
+from rollwire.store import RunReader, RunWriter
+from rollwire.training import SampleBuilder
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("ROLLWIRE_VLLM_VENV", Path.home() / ".cache" / "rollwire" / "vllm-venv"))
@@ -258,3 +261,30 @@ async def test_multi_turn_sends_each_image_once_and_survives_a_restart(server: S
     assert stats.cache_misses == 1 and stats.requests == turns
     FIGURES[f"{server.family} image bytes per turn, full"] = full
     FIGURES[f"{server.family} image bytes per turn, id-only"] = ids
+
+
+async def test_a_short_rollout_run_against_vllm(server: Server, tmp_path: Path) -> None:
+    """The rollout loop on the real server: bridged turns, each unique image's pixels sent once,
+    the run directory read back into training samples."""
+    renderer = create_renderer(server.model_dir)
+    engine = VLLMEngine.for_renderer(server.url, renderer)
+    config = RunConfig(env="shapes", n_prompts=2, group=2, concurrency=1, env_kwargs={"turns": 3},
+                       rollout=RolloutConfig(max_turns=3, max_tokens=6))
+    with RunWriter(tmp_path, renderer.feature_store) as writer:  # type: ignore[attr-defined]
+        summary = await run_rollouts(config, renderer, engine, progress=False,
+                                     on_result=lambda r: writer.write(r.trajectory, r.originals))
+    await engine.close()
+    assert summary.done == 4 and summary.failed == 0, summary.errors
+    assert summary.bridge_attempts == summary.bridge_successes == 8
+    per_image = len(encode_image_kwargs(renderer.feature_store.get(  # type: ignore[attr-defined]
+        next(iter(RunReader(tmp_path).rows()))["image_ids"][0]), renderer.feature_store, "uint8"))
+    assert summary.unique_images == 6 and summary.referenced_images == 4 * (1 + 2 + 3)
+    assert summary.image_bytes_sent == summary.unique_images * per_image  # each picture once
+    FIGURES[f"{server.family} rollout: image bytes sent / referenced"] = (
+        f"{summary.image_bytes_sent} B for {summary.referenced_images} image occurrences "
+        f"({summary.unique_images} unique)")
+    reader = RunReader(tmp_path)
+    builder = SampleBuilder.for_renderer(renderer)
+    for t in reader.trajectories():
+        (sample,) = builder.build(t)
+        assert sample.num_loss_tokens == sum(len(s.completion_ids) for s in t.steps)
