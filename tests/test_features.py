@@ -495,3 +495,12 @@ def test_store_failures_are_typed_and_do_not_wedge() -> None:
         with pytest.raises(ImageSizeUnsupportedError):
             store.get_or_process(wide)
     assert len(store) == 0 and store.stats().misses == 2
+
+
+def test_clear_drops_every_image_and_keeps_counters() -> None:
+    from rollwire.features import FeatureStore, VisionConfig
+
+    store = FeatureStore(VisionConfig.qwen2_vl())
+    f = store.get_or_process(Image.new("RGB", (56, 56), (1, 2, 3)))
+    store.clear()
+    assert f.id not in store and len(store) == 0 and store.stats().bytes == 0 and store.stats().misses == 1

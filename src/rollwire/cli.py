@@ -173,7 +173,7 @@ async def _generate_once(renderer: Any, model_dir: Path, server: str | None, ser
     else:
         from rollwire.engines.local import LocalEngine
 
-        engine = LocalEngine(model_dir, feature_store=getattr(renderer, "feature_store", None))
+        engine = LocalEngine(model_dir, feature_store=renderer.feature_store)
     try:
         return await engine.generate(request)
     finally:
@@ -213,7 +213,7 @@ def rollout(
     try:
         model_dir = resolve_model(model)
         renderer = create_renderer(model_dir)
-        store = getattr(renderer, "feature_store", None)
+        store = renderer.feature_store
         if store is None:  # a text-only model: the writer still wants a (empty) store
             store = FeatureStore()
         with RunWriter(out, store) as writer:
@@ -253,7 +253,7 @@ async def _run(config: Any, renderer: Any, model_dir: Path, server: str | None, 
     else:
         from rollwire.engines.local import LocalEngine
 
-        engine = LocalEngine(model_dir, feature_store=getattr(renderer, "feature_store", None))
+        engine = LocalEngine(model_dir, feature_store=renderer.feature_store)
     try:
         return await run_rollouts(config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
                                   on_result=lambda r: writer.write(r.trajectory, r.originals))

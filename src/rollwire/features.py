@@ -409,6 +409,12 @@ class FeatureStore:
         with self._lock:
             return len(self._items)
 
+    def clear(self) -> None:
+        """Drop every stored image (the counters stay)."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(items=len(self._items), bytes=self._bytes, max_bytes=self.max_bytes,

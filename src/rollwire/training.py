@@ -18,7 +18,7 @@ import numpy as np
 
 from rollwire.errors import PlaceholderError, SampleError
 from rollwire.features import FeatureStore, ImageFeatures
-from rollwire.render import ImageRef, validate_placeholders
+from rollwire.render import ImageRef, Renderer, validate_placeholders
 from rollwire.rollout.types import Step, Trajectory
 
 __all__ = ["PixelFormat", "Sample", "SampleBuilder", "TensorKind", "build_samples", "step_extends"]
@@ -92,15 +92,11 @@ class SampleBuilder:
         self.tensors: TensorKind = tensors
 
     @classmethod
-    def for_renderer(cls, renderer: Any, *, pixel_format: PixelFormat = "float32",
+    def for_renderer(cls, renderer: Renderer, *, pixel_format: PixelFormat = "float32",
                      tensors: TensorKind = "numpy") -> SampleBuilder:
         """A builder using the renderer's feature store, image pad id and merge size."""
-        store = getattr(renderer, "feature_store", None)
-        pad = getattr(renderer, "image_pad_id", None)
-        merge = getattr(renderer, "merge_size", None)
-        if merge is None:
-            merge = store.config.merge_size if store is not None else 2
-        return cls(store, image_pad_id=pad, merge_size=int(merge), pixel_format=pixel_format, tensors=tensors)
+        return cls(renderer.feature_store, image_pad_id=renderer.image_pad_id, merge_size=renderer.merge_size,
+                   pixel_format=pixel_format, tensors=tensors)
 
     def build(self, trajectory: Trajectory) -> list[Sample]:
         """The trajectory's samples in step order; raises `SampleError` / `PlaceholderError`.

@@ -372,10 +372,8 @@ class EngineServer:
     def forget_cache(self) -> None:
         """Drop every cached image, as a restart would (later null kwargs_data items miss)."""
         with self._lock:
-            self._store = self._new_store()
-            self._renderer = None
-            if self._engine is not None:
-                self._engine.feature_store = self._store
+            if self._store is not None:
+                self._store.clear()
 
     def stats(self) -> ServerStats:
         with self._lock:

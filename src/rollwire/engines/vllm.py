@@ -39,6 +39,7 @@ from rollwire.errors import (
 )
 from rollwire.features import FeatureStore
 from rollwire.render.placeholders import validate_placeholders
+from rollwire.render.types import Renderer
 
 from .types import Completion, FinishReason, GenerateRequest, GenerateResult, SamplingParams, Timings
 from .wire import PixelFormat, decode_image_kwargs, features_payload, generate_body
@@ -124,15 +125,15 @@ class VLLMEngine:
         )
 
     @classmethod
-    def for_renderer(cls, base_url: str, renderer: Any, **kwargs: Any) -> VLLMEngine:
+    def for_renderer(cls, base_url: str, renderer: Renderer, **kwargs: Any) -> VLLMEngine:
         """An engine that sends the renderer's stop ids and bans its vision ids in sampling."""
         kwargs.setdefault("stop_token_ids", renderer.stop_token_ids)
         kwargs.setdefault("banned_token_ids", renderer.vision_token_ids)
         return cls(
             base_url,
-            feature_store=getattr(renderer, "feature_store", None),
-            image_pad_id=getattr(renderer, "image_pad_id", None),
-            merge_size=getattr(renderer, "merge_size", 2),
+            feature_store=renderer.feature_store,
+            image_pad_id=renderer.image_pad_id,
+            merge_size=renderer.merge_size,
             **kwargs,
         )
 

@@ -18,6 +18,9 @@ from rollwire.render.types import BridgeResult, ParsedResponse, RenderedTokens, 
 class ChatTemplateRenderer:
     family = "generic"
     vision_token_ids: tuple[int, ...] = ()
+    feature_store = None  # text only
+    image_pad_id = None
+    merge_size = 2
 
     def __init__(self, hf_tokenizer: Any, **template_kwargs: Any) -> None:
         if not getattr(hf_tokenizer, "chat_template", None):

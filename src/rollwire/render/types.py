@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
 
 from rollwire.messages import Message, MessageLike
+
+if TYPE_CHECKING:
+    from rollwire.features import FeatureStore
 
 
 class ImageRef(msgspec.Struct, frozen=True):
@@ -87,6 +90,17 @@ class Renderer(Protocol):
     family: str
     stop_token_ids: tuple[int, ...]
     vision_token_ids: tuple[int, ...]
+
+    @property
+    def feature_store(self) -> FeatureStore | None:
+        """Where the renderer's image features live (None for text-only families)."""
+
+    @property
+    def image_pad_id(self) -> int | None:
+        """The image placeholder token (None for text-only families)."""
+
+    @property
+    def merge_size(self) -> int: ...
 
     def render(
         self,

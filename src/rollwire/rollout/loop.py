@@ -54,7 +54,7 @@ class _Images:
     def __init__(self, renderer: Renderer) -> None:
         self.originals: dict[str, Any] = {}
         self._ids: dict[int, str] = {}  # id() of an image object alive in the conversation -> image id
-        self._store = getattr(renderer, "feature_store", None)
+        self._store = renderer.feature_store
 
     def note(self, conversation: Sequence[Message], prompt: RenderedTokens) -> None:
         """Image parts and the prompt's refs come in the same order."""

@@ -109,7 +109,7 @@ async def run_rollouts(
     """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends."""
     summary = RunSummary()
     unique: set[str] = set()
-    store = getattr(renderer, "feature_store", None)
+    store = renderer.feature_store
     stats0 = store.stats() if store is not None else None
     jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
             if trajectory_id(config, i, j) not in skip_ids]
