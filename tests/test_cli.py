@@ -70,3 +70,24 @@ def test_tiny_model_command_writes_a_loadable_directory(cache_dir: Path, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
     assert create_renderer(out).family == "qwen2_5_vl"
+
+
+def test_rollout_against_a_server(cache_dir: Path, tiny: Callable[[str], Path], tmp_path: Path) -> None:
+    """`rollwire rollout --server URL` (here `rollwire serve`'s engine server) writes a readable run."""
+    from rollwire.engines.server import EngineServer
+    from rollwire.store import RunReader
+
+    model_dir = tiny("qwen2_vl")
+    out = tmp_path / "run"
+    with EngineServer(model_dir) as server:
+        proc = run("rollout", "--env", "zoom", "--model", str(model_dir), "--server", server.url, "-n", "3",
+                   "--group", "2", "--max-turns", "2", "--max-tokens", "4", "--out", str(out), "--no-progress",
+                   cache=cache_dir)
+        received = server.stats().images_received
+    assert proc.returncode == 0, proc.stderr
+    assert "6 / 0 / 0" in proc.stdout
+    rows = list(RunReader(out).rows())
+    assert len(rows) == 6 and all(r["turns"] == 2 for r in rows)
+    # 3 prompts, one picture each, shared by their group: the server received at most one copy per
+    # concurrent first request of a group, never one per turn
+    assert 3 <= received <= 6
