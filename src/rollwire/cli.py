@@ -163,17 +163,20 @@ def generate(
     console.print(table)
 
 
-async def _generate_once(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
-                         request: Any) -> Any:
-    engine: Any
+def _engine(renderer: Any, model_dir: Path, server: str | None, served_name: str | None) -> Any:
+    """The vLLM client for `server`, else the embedded engine on `model_dir`."""
     if server:
         from rollwire.engines.vllm import VLLMEngine
 
-        engine = VLLMEngine.for_renderer(server, renderer, model=served_name)
-    else:
-        from rollwire.engines.local import LocalEngine
+        return VLLMEngine.for_renderer(server, renderer, model=served_name)
+    from rollwire.engines.local import LocalEngine
 
-        engine = LocalEngine(model_dir, feature_store=renderer.feature_store)
+    return LocalEngine(model_dir, feature_store=renderer.feature_store)
+
+
+async def _generate_once(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
+                         request: Any) -> Any:
+    engine = _engine(renderer, model_dir, server, served_name)
     try:
         return await engine.generate(request)
     finally:
@@ -245,15 +248,7 @@ async def _run(config: Any, renderer: Any, model_dir: Path, server: str | None, 
                writer: Any, progress: bool) -> Any:
     from rollwire.rollout import run_rollouts
 
-    engine: Any
-    if server:
-        from rollwire.engines.vllm import VLLMEngine
-
-        engine = VLLMEngine.for_renderer(server, renderer, model=served_name)
-    else:
-        from rollwire.engines.local import LocalEngine
-
-        engine = LocalEngine(model_dir, feature_store=renderer.feature_store)
+    engine = _engine(renderer, model_dir, server, served_name)
     try:
         return await run_rollouts(config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
                                   on_result=lambda r: writer.write(r.trajectory, r.originals))
