@@ -17,7 +17,7 @@ import pytest
 
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, Timings
-from rollwire.errors import EngineError, PromptTooLongError
+from rollwire.errors import EngineError, PromptTooLongError, RolloutConfigError, StoreError
 from rollwire.messages import ImagePart, Message, TextPart
 from rollwire.render import create_renderer, validate_placeholders
 from rollwire.rollout import (
@@ -91,7 +91,7 @@ async def test_shapes_multi_turn_on_the_local_engine(renderer: Any, local: Any) 
     ids = [p["image_id"] for m in t.messages if isinstance(m["content"], list)
            for p in m["content"] if p["type"] == "image"]
     assert ids == [r.id for r in t.steps[-1].images] and set(result.originals) == set(ids)
-    json.dumps(t.messages)  # honest JSON
+    json.dumps(t.messages, allow_nan=False)  # honest JSON
     assert t.metrics["bridge_successes"] == 2
 
 
@@ -208,3 +208,45 @@ async def test_one_failing_rollout_does_not_stop_the_others_and_runs_resume(rend
                        env_kwargs={"turns": 1})
     summary = await run_rollouts(config, renderer, local, skip_ids={"shapes-s0-p1-g0"}, progress=False)
     assert summary.skipped == 1 and summary.done == 2
+
+
+class NanEnv(ShapesEnv):
+    name = "nan"
+
+    async def step(self, message: Message) -> EnvStep:
+        return EnvStep(reward=float("nan"))
+
+
+class BrokenEngine:
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        raise ValueError("a bug, not a RollwireError")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_unexpected_failures_stay_inside_their_rollout(renderer: Any, local: Any) -> None:
+    r = await run_rollout(NanEnv(), renderer, local, RolloutConfig(max_tokens=3), seed=0, trajectory_id="n")
+    assert r.trajectory.error is not None and r.trajectory.error.kind == "env_error"
+    assert "not finite" in r.trajectory.error.message and len(r.trajectory.steps) == 1
+    r = await run_rollout(ShapesEnv(), renderer, BrokenEngine(), RolloutConfig(), seed=0, trajectory_id="x")
+    assert r.trajectory.error is not None and r.trajectory.error.kind == "engine_error"
+
+    calls: list[str] = []
+
+    def refuse_one(result: Any) -> None:
+        calls.append(result.trajectory.id)
+        if result.trajectory.prompt_index == 1:
+            raise StoreError("disk full")
+
+    config = RunConfig(env="shapes", n_prompts=3, rollout=RolloutConfig(max_turns=1, max_tokens=3),
+                       env_kwargs={"turns": 1})
+    summary = await run_rollouts(config, renderer, local, on_result=refuse_one, progress=False)
+    assert summary.done == 3 and summary.unwritten == 1 and len(calls) == 3
+
+
+def test_run_settings_are_checked() -> None:
+    with pytest.raises(RolloutConfigError):
+        RunConfig(env="shapes", concurrency=0)
+    with pytest.raises(RolloutConfigError):
+        RunConfig(env="shapes", group=0)

@@ -499,6 +499,7 @@ BODY_CASES: dict[str, Any] = {
     "base in the future": lambda b, m: m[1][0][0].__setitem__(0, 5),
     "extends without base": lambda b, m: (m[1][0][0].__setitem__(0, -1), m[1][0][0].__setitem__(1, True)),
     "image index out of range": lambda b, m: m[1][0][0][5][0].__setitem__(0, 999),
+    "negative image index": lambda b, m: m[1][0][0][5][0].__setitem__(0, -1),
     "negative count": lambda b, m: m[1][0][1].__setitem__(3, -1),
     "bad step field value": lambda b, m: m[2][0][0].__setitem__(2, "sleeping"),
     "missing trajectory fields": lambda b, m: m[0][0].pop(),

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_image
 from rollwire.engines.types import GenerateRequest, SamplingParams
 from rollwire.engines.vllm import RetryPolicy, VLLMEngine, parse_choices, parse_logprobs
-from rollwire.errors import PlaceholderError, PromptTooLongError, WireError
+from rollwire.errors import EngineClosedError, PlaceholderError, PromptTooLongError, WireError
 from rollwire.render import ImageRef, create_renderer
 
 
@@ -44,18 +44,37 @@ def test_choices_are_ordered_and_finish_reasons_mapped() -> None:
         {"index": 0, "token_ids": [1, 2], "finish_reason": "stop", "stop_reason": 2,
          "logprobs": {"content": [{"token_id": 1, "logprob": -1.0}, {"token_id": 2, "logprob": -2.0}]}},
     ]}
-    first, second = parse_choices(payload)
+    first, second = parse_choices(payload, n=2, logprobs=False)
     assert (first.token_ids, first.finish_reason, first.stop_reason, first.logprobs) == ([1, 2], "stop", 2, [-1, -2])
     assert (second.finish_reason, second.logprobs) == ("length", None)
-    assert parse_choices({"choices": [{"token_ids": [1], "finish_reason": "weird"}]})[0].finish_reason == "error"
+    assert parse_choices({"choices": [{"token_ids": [1], "finish_reason": "weird"}]}, n=1,
+                         logprobs=False)[0].finish_reason == "error"
     with pytest.raises(WireError):
-        parse_choices({"nope": 1})
+        parse_choices({"nope": 1}, n=1, logprobs=False)
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ({"choices": []}, "0 choices for n=1"),
+        ({"choices": [{"token_ids": [1]}]}, "no logprobs although they were requested"),
+        ({"choices": [{"token_ids": [1], "logprobs": {"content": [{"token": "token_id:x", "logprob": -1.0}]}}]},
+         "has token id 'x'"),
+        ({"choices": [{"token_ids": [1], "logprobs": {"content": [{"token_id": "abc", "logprob": -1.0}]}}]},
+         "has token id 'abc'"),
+    ],
+)
+def test_unusable_responses_are_wire_errors(payload: dict[str, object], needle: str) -> None:
+    with pytest.raises(WireError, match=needle):
+        parse_choices(payload, n=1, logprobs=True)
 
 
 def test_backoff_is_capped_and_jittered() -> None:
     policy = RetryPolicy(base_s=0.5, cap_s=2.0, jitter=0.5)
-    delays = [policy.delay(k) for k in range(8)]
-    assert all(0.25 <= d <= 0.75 for d in delays[:1]) and all(d <= 3.0 for d in delays)
+    first = [policy.delay(0) for _ in range(50)]
+    late = [policy.delay(10) for _ in range(50)]
+    assert all(0.25 <= d <= 0.75 for d in first) and len(set(first)) > 40  # jittered around 0.5
+    assert all(1.0 <= d <= 3.0 for d in late) and max(late) > 2.0  # capped at 2 (x jitter)
 
 
 async def test_nothing_leaves_before_the_checks(tiny: Callable[[str], Path]) -> None:
@@ -82,3 +101,5 @@ async def test_nothing_leaves_before_the_checks(tiny: Callable[[str], Path]) -> 
                                               sampling=SamplingParams(max_tokens=64)))
     assert calls == ["/v1/models"] and engine.stats.bytes_sent == 0
     await engine.close()
+    with pytest.raises(EngineClosedError):
+        await engine.generate(GenerateRequest(prompt_token_ids=[1], sampling=SamplingParams(max_tokens=1)))

@@ -84,7 +84,8 @@ async def test_images_go_by_id_and_a_lost_cache_is_recovered(served: tuple[Engin
         assert second.image_bytes_sent == 0 and e.stats.images_by_id == 2
         server.forget_cache()  # as a restart would
         third = await e.generate(request(renderer, 3, n_images=2))
-        assert e.stats.cache_misses == 1 and third.image_bytes_sent == first.image_bytes_sent
+        assert e.stats.cache_misses == third.cache_misses == 1 and third.image_bytes_sent == first.image_bytes_sent
+        assert (await e.generate(request(renderer, 3, n_images=2))).cache_misses == 0
         assert third.completions[0].token_ids == first.completions[0].token_ids
     async with engine(served, images_by_id=False) as e:
         a = await e.generate(request(renderer, 3, n_images=2))

@@ -93,6 +93,8 @@ def _item(dtype: str, shape: list[int], data: bytes) -> str:
         (_item("object", [4, 2], b"\0" * 8), "dtype 'object' is not allowed"),
         (_item("uint8", [4, 2], b"\0" * 7), "7 bytes for shape [4, 2]"),
         (_item("uint8", [10**9, 10**9], b"\0" * 8), "bytes for shape"),
+        (_item("uint8", [2**32, 2**32], b""), "bad shape"),
+        (_item("uint8", [2**62], b""), "bad shape"),
         (_item("uint8", [3, 2], b"\0" * 6), "implies 4 rows"),
         (base64.b64encode(msgspec.msgpack.encode({"x": 1})).decode(), "lacks pixel_values"),
     ],

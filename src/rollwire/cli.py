@@ -190,13 +190,13 @@ def rollout(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     server: Annotated[str | None, typer.Option(help="vLLM (or rollwire serve) base URL; default: embedded.")] = None,
     served_name: Annotated[str | None, typer.Option(help="Served model name (default: from /v1/models).")] = None,
-    n: Annotated[int, typer.Option("-n", "--prompts", help="Prompts (environment seeds).")] = 8,
-    group: Annotated[int, typer.Option(help="Samples per prompt (GRPO group size).")] = 2,
-    max_turns: Annotated[int, typer.Option(help="Turns per rollout at most.")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="Tokens per turn at most.")] = 32,
+    n: Annotated[int, typer.Option("-n", "--prompts", min=1, help="Prompts (environment seeds).")] = 8,
+    group: Annotated[int, typer.Option(min=1, help="Samples per prompt (GRPO group size).")] = 2,
+    max_turns: Annotated[int, typer.Option(min=1, help="Turns per rollout at most.")] = 4,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per turn at most.")] = 32,
     max_total_tokens: Annotated[int, typer.Option(help="Prompt + completion budget of a rollout.")] = 4096,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    concurrency: Annotated[int, typer.Option(help="Rollouts in flight.")] = 8,
+    concurrency: Annotated[int, typer.Option(min=1, help="Rollouts in flight.")] = 8,
     seed: Annotated[int, typer.Option(help="Run seed (environment and sampling seeds derive from it).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -246,12 +246,15 @@ def rollout(
 
 async def _run(config: Any, renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
                writer: Any, progress: bool) -> Any:
+    import asyncio
+
     from rollwire.rollout import run_rollouts
 
     engine = _engine(renderer, model_dir, server, served_name)
     try:
         return await run_rollouts(config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
-                                  on_result=lambda r: writer.write(r.trajectory, r.originals))
+                                  on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals,
+                                                                        r.features))
     finally:
         await engine.close()
 

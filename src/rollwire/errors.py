@@ -174,3 +174,11 @@ class CodecError(RollwireError, ValueError):
 
 class SampleError(RollwireError, ValueError):
     """A trajectory cannot become a correct training sample (missing logprobs, a sampled pad token, ...)."""
+
+
+class RolloutConfigError(RollwireError, ValueError):
+    """Rollout or run settings are out of range."""
+
+
+class StoreError(RollwireError):
+    """A run directory is corrupted, truncated where it must not be, or a row is not honest JSON."""

@@ -16,6 +16,7 @@ ids already committed. The reader checks every frame and blob and refuses corrup
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rollwire.errors import RollwireError
+from rollwire.errors import RollwireError, StoreError
 from rollwire.features import FeatureStore, ImageFeatures
 from rollwire.images import load_image
 from rollwire.rollout.types import Trajectory
@@ -42,19 +43,18 @@ _MAGIC = b"RWT1"
 _BLOB_MAGIC = b"RWF1"
 
 
-class StoreError(RollwireError):
-    """A run directory is corrupted, truncated where it must not be, or a row is not honest JSON."""
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, rename: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def honest_json(row: Mapping[str, Any]) -> str:
@@ -86,16 +86,20 @@ def decode_features(data: bytes, image_id: str) -> ImageFeatures:
     payload = memoryview(data)[8:]
     if zlib.crc32(payload) != crc:
         raise StoreError(f"features blob {image_id} is corrupted (CRC mismatch)")
-    obj = decode(payload)
-    if not isinstance(obj, dict) or obj.get("id") != image_id:
-        raise StoreError(f"features blob {image_id} holds another image")
-    pixels = obj["pixel_values"]
+    try:
+        obj = decode(payload)
+        if not isinstance(obj, dict) or obj.get("id") != image_id:
+            raise StoreError(f"features blob {image_id} holds another image")
+        pixels = obj["pixel_values"]
+        t, h, w = (int(v) for v in obj["grid_thw"])
+        merge = int(obj["merge_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"features blob {image_id} is malformed: {exc}") from None
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise StoreError(f"features blob {image_id}: pixel_values must be 2-D uint8")
-    t, h, w = (int(v) for v in obj["grid_thw"])
     if t * h * w != pixels.shape[0]:
         raise StoreError(f"features blob {image_id}: grid {[t, h, w]} does not match {pixels.shape[0]} rows")
-    return ImageFeatures(id=image_id, pixel_values=pixels, grid_thw=(t, h, w), merge_size=int(obj["merge_size"]))
+    return ImageFeatures(id=image_id, pixel_values=pixels, grid_thw=(t, h, w), merge_size=merge)
 
 
 class RunWriter:
@@ -106,20 +110,39 @@ class RunWriter:
         self.features = features
         self.shard_bytes = shard_bytes
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / ".lock", "a")  # noqa: SIM115 - closed in close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise StoreError(f"{self.root} is being written by another process") from None
         self._lock = threading.Lock()
         self.done_ids = _repair_rows(self.root / ROWS)
-        shards = sorted((self.root / "shards").glob("shard-*.bin"))
-        self._shard_index = len(shards)  # a fresh shard per writer: no torn tail is ever appended to
+        indices = [int(p.stem.removeprefix("shard-")) for p in (self.root / "shards").glob("shard-*.bin")
+                   if p.stem.removeprefix("shard-").isdigit()]
+        self._shard_index = max(indices, default=-1) + 1  # a fresh shard: never append after a torn tail
         self._shard: Any = None
         self._rows = open(self.root / ROWS, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
-    def write(self, trajectory: Trajectory, originals: Mapping[str, Any] | None = None) -> None:
-        """Blobs, then the shard record, then the row: the row commits the rollout."""
+    def write(
+        self,
+        trajectory: Trajectory,
+        originals: Mapping[str, Any] | None = None,
+        features: Mapping[str, ImageFeatures] | None = None,
+    ) -> None:
+        """Blobs, then the shard record, then the row: the row commits the rollout.
+
+        `features` (the rollout's own, see `RolloutResult.features`) are used before the
+        feature store, which may have evicted them.
+        """
         with self._lock:
             if trajectory.id in self.done_ids:
                 return
             for image_id in trajectory.image_ids:
-                self._write_blobs(image_id, (originals or {}).get(image_id))
+                feats = (features or {}).get(image_id)
+                if feats is not None and image_id not in self.features:
+                    self.features.put(feats)
+                self._write_blobs(image_id, (originals or {}).get(image_id), feats)
             record = pack([trajectory], self.features, include_pixels=False)
             shard, offset = self._append(record)
             row = trajectory_row(trajectory)
@@ -129,11 +152,11 @@ class RunWriter:
             os.fsync(self._rows.fileno())
             self.done_ids.add(trajectory.id)
 
-    def _write_blobs(self, image_id: str, original: Any) -> None:
+    def _write_blobs(self, image_id: str, original: Any, features: ImageFeatures | None) -> None:
         folder = _blob_dir(self.root, image_id)
         feats = folder / f"{image_id}.features"
         if not feats.exists():
-            _atomic_write(feats, encode_features(self.features.get(image_id)))
+            _atomic_write(feats, encode_features(features or self.features.get(image_id)))
         png = folder / f"{image_id}.png"
         if original is not None and not png.exists():
             image = original if isinstance(original, Image.Image) else load_image(original)
@@ -160,6 +183,7 @@ class RunWriter:
                 self._shard.close()
                 self._shard = None
             self._rows.close()
+            self._lock_file.close()
 
     def __enter__(self) -> RunWriter:
         return self
@@ -218,24 +242,30 @@ class RunReader:
                     raise StoreError(f"{ROWS}:{n} is not JSON: {exc}") from None
 
     def trajectory(self, row: Mapping[str, Any]) -> Trajectory:
-        path = self.root / "shards" / str(row["shard"])
+        try:
+            path, offset, want = self.root / "shards" / str(row["shard"]), int(row["offset"]), int(row["length"])
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"row {row.get('id')!r} does not say where its trajectory is") from None
         try:
             with open(path, "rb") as f:
-                f.seek(int(row["offset"]))
+                f.seek(offset)
                 head = f.read(_FRAME.size)
                 if len(head) != _FRAME.size:
-                    raise StoreError(f"{path.name} is truncated at {row['offset']}")
+                    raise StoreError(f"{path.name} is truncated at {offset}")
                 magic, length, crc = _FRAME.unpack(head)
                 record = f.read(length)
         except FileNotFoundError:
             raise StoreError(f"shard {path.name} of rollout {row['id']} is missing") from None
-        if magic != _MAGIC or length != int(row["length"]) or len(record) != length:
-            raise StoreError(f"{path.name} at {row['offset']}: bad or truncated frame for rollout {row['id']}")
+        if magic != _MAGIC or length != want or len(record) != length:
+            raise StoreError(f"{path.name} at {offset}: bad or truncated frame for rollout {row['id']}")
         if zlib.crc32(record) != crc:
-            raise StoreError(f"{path.name} at {row['offset']}: corrupted record (CRC mismatch) for {row['id']}")
-        batch = unpack(record)
+            raise StoreError(f"{path.name} at {offset}: corrupted record (CRC mismatch) for {row['id']}")
+        try:
+            batch = unpack(record)
+        except RollwireError as exc:
+            raise StoreError(f"{path.name} at {offset}: {exc}") from None
         if len(batch.trajectories) != 1 or batch.trajectories[0].id != row["id"]:
-            raise StoreError(f"{path.name} at {row['offset']} holds another rollout than {row['id']}")
+            raise StoreError(f"{path.name} at {offset} holds another rollout than {row['id']}")
         return batch.trajectories[0]
 
     def trajectories(self) -> Iterator[Trajectory]:

@@ -36,7 +36,7 @@ import msgspec
 
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, SamplingParams
-from rollwire.engines.wire import WireError, decode_image_kwargs, features_payload
+from rollwire.engines.wire import BAN_BIAS, GENERATE_PATH, RENDER_PATH, WireError, decode_image_kwargs, features_payload
 from rollwire.errors import (
     EngineError,
     EngineUnavailableError,
@@ -59,9 +59,6 @@ logger = logging.getLogger("rollwire.server")
 
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
 MAX_BODY_BYTES = 512 * 2**20
-BAN_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]; rollwire sends -100 to ban an id
-GENERATE_PATH = "/inference/v1/generate"
-RENDER_PATH = "/v1/chat/completions/render"
 # What vLLM answers for an exception inside the engine (e.g. a cached image it does not hold).
 INTERNAL_ERROR_BODY = {"error": {"message": "Internal server error", "type": "InternalServerError",
                                  "param": None, "code": 500}}

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from rollwire.errors import (
+    EngineClosedError,
     EngineTimeoutError,
     InvalidRequestError,
     PixelFormatError,
@@ -37,17 +38,14 @@ from rollwire.errors import (
     ServerError,
     WireError,
 )
-from rollwire.features import FeatureStore
+from rollwire.features import FeatureStore, compute_features
 from rollwire.render.placeholders import validate_placeholders
 from rollwire.render.types import Renderer
 
-from .types import Completion, FinishReason, GenerateRequest, GenerateResult, SamplingParams, Timings
-from .wire import PixelFormat, decode_image_kwargs, features_payload, generate_body
+from .types import Completion, FinishReason, GenerateRequest, GenerateResult, Timings
+from .wire import GENERATE_PATH, RENDER_PATH, PixelFormat, decode_image_kwargs, features_payload, generate_body
 
-GENERATE_PATH = "/inference/v1/generate"
-RENDER_PATH = "/v1/chat/completions/render"
 OLD_LOGPROB_CLAMP = -9999.0  # older servers clamp -inf to this
-_FLOAT_FORMATS: dict[str, PixelFormat] = {"float32": "float32", "bfloat16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -117,6 +115,7 @@ class VLLMEngine:
         self._ready = False
         self._server_has: OrderedDict[str, None] = OrderedDict()  # ids the server was sent, LRU
         self._known_images = known_images
+        self._closed = False
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
@@ -138,6 +137,7 @@ class VLLMEngine:
         )
 
     async def close(self) -> None:
+        self._closed = True
         await self._client.aclose()
 
     async def __aenter__(self) -> VLLMEngine:
@@ -196,14 +196,16 @@ class VLLMEngine:
                                                  {"type": "text", "text": "probe"}]}]
         try:
             answer = await self._post_json(RENDER_PATH, {"model": self.model, "messages": messages})
-            item = answer["features"]["kwargs_data"]["image"][0]
-            pixels, grid, dtype_name = decode_image_kwargs(item)
-        except (KeyError, IndexError, TypeError, WireError, ServerError) as exc:
+        except ServerError as exc:  # no render endpoint to ask (or it is down)
             raise PixelFormatError(
-                f"cannot tell which pixel format {self.base_url} expects ({exc}); pass pixel_format="
+                f"cannot ask {self.base_url} which pixel format it expects ({exc}); pass pixel_format="
                 "'uint8' (vLLM >= 0.2x default) or 'float32' (--no-mm-device-do-normalize)",
-                probe_answered=False) from None
-        ours = self.store.get_or_process(probe)
+                probe_answered=exc.status in (None, 404, 405)) from None
+        try:
+            pixels, grid, dtype_name = decode_image_kwargs(answer["features"]["kwargs_data"]["image"][0])
+        except (KeyError, IndexError, TypeError, WireError) as exc:
+            raise PixelFormatError(f"{self.base_url}'s render answer carries no readable pixels ({exc})") from None
+        ours = compute_features(probe, config)
         if grid != ours.grid_thw:
             raise PixelFormatError(f"server grid {grid} != rollwire grid {ours.grid_thw} for the probe image: "
                                    "the server's processor settings differ from the model directory's")
@@ -211,17 +213,21 @@ class VLLMEngine:
             if not np.array_equal(pixels, ours.pixel_values):
                 raise PixelFormatError("server uint8 pixels differ from rollwire's for the probe image")
             return "uint8"
-        if dtype_name in _FLOAT_FORMATS:
+        for name in ("float32", "bfloat16"):
+            if dtype_name != name:
+                continue
             expected = ours.normalized(config, np.float32)
-            tol = 1e-2 if dtype_name == "bfloat16" else 1e-5
+            tol = 1e-2 if name == "bfloat16" else 1e-5
             if not np.allclose(pixels.astype(np.float32), expected, atol=tol):
                 raise PixelFormatError(f"server {dtype_name} pixels are not rollwire's normalised pixels")
-            return _FLOAT_FORMATS[dtype_name]
+            return name
         raise PixelFormatError(f"server expects pixel dtype {dtype_name!r}, which rollwire does not send")
 
     # --- generate -------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if self._closed:
+            raise EngineClosedError(f"the client for {self.base_url} is closed")
         await self.connect()
         request = self._with_defaults(request)
         self._check(request)
@@ -237,8 +243,8 @@ class VLLMEngine:
         banned = tuple(dict.fromkeys((*s.banned_token_ids, *self.banned_token_ids)))
         if stop == s.stop_token_ids and banned == s.banned_token_ids:
             return request
-        return GenerateRequest(prompt_token_ids=request.prompt_token_ids, images=request.images,
-                               sampling=_replace_sampling(s, stop, banned), request_id=request.request_id)
+        sampling = msgspec.structs.replace(s, stop_token_ids=stop, banned_token_ids=banned)
+        return msgspec.structs.replace(request, sampling=sampling)
 
     def _check(self, request: GenerateRequest) -> None:
         if request.sampling.max_tokens < 1:
@@ -260,7 +266,7 @@ class VLLMEngine:
         assert self.model is not None
         start = time.perf_counter()
         by_id = self._held_ids(request)
-        sent = image_bytes = 0
+        sent = image_bytes = misses = 0
         attempt = 0
         while True:
             features = None
@@ -280,6 +286,7 @@ class VLLMEngine:
             if status == 500 and by_id:
                 # vLLM's answer to an id-only image it no longer holds: forget what we assumed, re-send.
                 self.stats.cache_misses += 1
+                misses += 1
                 for image_id in by_id:
                     self._server_has.pop(image_id, None)
                 by_id = set()
@@ -298,10 +305,10 @@ class VLLMEngine:
         self.stats.images_sent += occurrences - held
         for ref in request.images:
             self._remember(ref.id)
-        completions = parse_choices(payload)
+        completions = parse_choices(payload, n=request.sampling.n, logprobs=request.sampling.logprobs)
         return GenerateResult(completions=completions, timings=Timings(total_s=time.perf_counter() - start),
                               bytes_sent=sent, image_bytes_sent=image_bytes,
-                              cache_misses=self.stats.cache_misses)
+                              cache_misses=misses)
 
     def _held_ids(self, request: GenerateRequest) -> set[str]:
         if not self.images_by_id:
@@ -323,7 +330,7 @@ class VLLMEngine:
         try:
             response = await self._client.post(GENERATE_PATH, content=body,
                                                headers={"content-type": "application/json"})
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             return None, None, f"{type(exc).__name__}: {exc}"
         try:
             payload = msgspec.json.decode(response.content)
@@ -337,7 +344,7 @@ class VLLMEngine:
     async def _get_json(self, path: str) -> Any:
         try:
             response = await self._client.get(path)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise ServerError(f"cannot reach {self.base_url}{path}: {exc}") from None
         return self._json(response, path)
 
@@ -345,8 +352,8 @@ class VLLMEngine:
         try:
             response = await self._client.post(path, content=msgspec.json.encode(body),
                                                headers={"content-type": "application/json"})
-        except httpx.TransportError as exc:
-            raise ServerError(f"cannot reach {self.base_url}{path}: {exc}") from None
+        except httpx.RequestError as exc:
+            raise ServerError(f"cannot reach {self.base_url}{path}: {exc}", status=None) from None
         return self._json(response, path)
 
     def _json(self, response: httpx.Response, path: str) -> Any:
@@ -359,10 +366,6 @@ class VLLMEngine:
             raise ServerError(f"{self.base_url}{path} answered a body that is not JSON") from None
 
 
-def _replace_sampling(s: SamplingParams, stop: tuple[int, ...], banned: tuple[int, ...]) -> SamplingParams:
-    return msgspec.structs.replace(s, stop_token_ids=stop, banned_token_ids=banned)
-
-
 def _error_text(payload: Any) -> str:
     if isinstance(payload, dict):
         err = payload.get("error", payload.get("detail", payload))
@@ -373,6 +376,13 @@ def _error_text(payload: Any) -> str:
 
 
 _FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def _token_id(value: Any, k: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise WireError(f"logprob entry {k} has token id {value!r}") from None
 
 
 def parse_logprobs(entries: Any, token_ids: Sequence[int]) -> list[float]:
@@ -393,29 +403,33 @@ def parse_logprobs(entries: Any, token_ids: Sequence[int]) -> list[float]:
             token = entry.get("token")
             if not (isinstance(token, str) and token.startswith("token_id:")):
                 raise WireError(f"logprob entry {k} names no token id: {entry!r:.100}")
-            token_id = int(token.removeprefix("token_id:"))
-        if int(token_id) != int(expected):
+            token_id = token.removeprefix("token_id:")
+        if _token_id(token_id, k) != int(expected):
             raise WireError(f"logprob entry {k} is for token {token_id}, the completion has {expected}")
         value = float(entry["logprob"])
         out.append(-math.inf if value <= OLD_LOGPROB_CLAMP else value)
     return out
 
 
-def parse_choices(payload: Any) -> list[Completion]:
-    """`Completion`s from a generate response; a malformed response is a WireError, never a guess."""
+def parse_choices(payload: Any, *, n: int, logprobs: bool) -> list[Completion]:
+    """`n` completions from a generate response; anything else is a WireError, never a guess."""
     try:
         choices = sorted(payload["choices"], key=lambda c: c.get("index", 0))
     except (KeyError, TypeError, AttributeError):
         raise WireError(f"generate response has no choices: {payload!r:.200}") from None
+    if len(choices) != n:
+        raise WireError(f"generate response has {len(choices)} choices for n={n}")
     out = []
     for choice in choices:
         ids = choice.get("token_ids")
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise WireError(f"choice {choice.get('index')} has no token_ids")
         lp = choice.get("logprobs")
-        logprobs = parse_logprobs(lp.get("content"), ids) if isinstance(lp, dict) else None
+        if logprobs and not isinstance(lp, dict):
+            raise WireError(f"choice {choice.get('index')} has no logprobs although they were requested")
+        values = parse_logprobs(lp.get("content"), ids) if isinstance(lp, dict) else None
         stop_reason = choice.get("stop_reason")
-        out.append(Completion(token_ids=ids, logprobs=logprobs,
+        out.append(Completion(token_ids=ids, logprobs=values,
                               finish_reason=_FINISH.get(choice.get("finish_reason"), "error"),
                               stop_reason=stop_reason if isinstance(stop_reason, (int, str)) else None))
     return out

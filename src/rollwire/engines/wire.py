@@ -9,6 +9,7 @@ format is accepted by the server with HTTP 200 and silently changes the output.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -24,6 +25,9 @@ from .types import GenerateRequest, SamplingParams
 VLLM_WIRE = "vllm>=0.30,<0.33 (msgpack kwargs_data with ExtType(3) raw arrays)"
 PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
 _RAW_ARRAY_EXT = 3  # vLLM's msgpack extension code for raw C-order array bytes
+BAN_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]: -100 is its ban
+GENERATE_PATH = "/inference/v1/generate"
+RENDER_PATH = "/v1/chat/completions/render"
 
 
 def _array(arr: np.ndarray, dtype_name: str) -> list[Any]:
@@ -106,7 +110,7 @@ def sampling_payload(params: SamplingParams) -> dict[str, Any]:
     if params.stop_token_ids:
         out["stop_token_ids"] = list(params.stop_token_ids)
     if params.banned_token_ids:
-        out["logit_bias"] = {str(t): -100.0 for t in params.banned_token_ids}
+        out["logit_bias"] = {str(t): BAN_BIAS for t in params.banned_token_ids}
     if params.logprobs:
         out["logprobs"] = 0  # the sampled token's own logprob only
     return out
@@ -144,12 +148,13 @@ def _decode_array(obj: Any, where: str) -> np.ndarray:
         dtype = _DTYPES[dtype_name]
     else:
         raise WireError(f"{where}: dtype {dtype_name!r} is not allowed")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or len(shape) > 4:
+    if not (isinstance(shape, list) and len(shape) <= 4
+            and all(isinstance(d, int) and 0 <= d <= 2**31 for d in shape)):
         raise WireError(f"{where}: bad shape {shape!r}")
     if not (isinstance(ext, msgspec.msgpack.Ext) and ext.code == _RAW_ARRAY_EXT):
         raise WireError(f"{where}: data is not a raw array extension")
     data = memoryview(ext.data).cast("B")
-    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    want = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
     if data.nbytes != want:
         raise WireError(f"{where}: {data.nbytes} bytes for shape {shape} of {dtype_name} (want {want})")
     arr = np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -169,7 +174,7 @@ def decode_image_kwargs(item: str) -> tuple[np.ndarray, tuple[int, int, int], st
     try:
         pixels = _decode_array(obj["pixel_values"]["data"], "pixel_values")
         grid = _decode_array(obj["image_grid_thw"]["data"], "image_grid_thw")
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, IndexError) as exc:
         raise WireError(f"kwargs_data item malformed: {exc}") from None
     dtype_name = str(obj["pixel_values"]["data"][0])
     if pixels.ndim != 2 or grid.shape != (3,):

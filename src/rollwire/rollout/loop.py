@@ -9,6 +9,8 @@ Errors end the rollout with the error recorded on it; what was done is kept.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -16,15 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollwire.engines.types import Engine, GenerateRequest, SamplingParams
-from rollwire.errors import (
-    EngineError,
-    EnvError,
-    ImageError,
-    MessageError,
-    PromptTooLongError,
-    RenderError,
-    RollwireError,
-)
+from rollwire.errors import EnvError, ImageError, MessageError, PromptTooLongError, RenderError, RollwireError
+from rollwire.features import ImageFeatures
 from rollwire.messages import Message, MessageLike, TextPart, parse_messages
 from rollwire.render.types import RenderedTokens, Renderer
 from rollwire.rollout.env import Environment
@@ -46,6 +41,8 @@ class RolloutResult:
     trajectory: Trajectory
     # Image sources by id (the environment's objects, not copies), for the store to archive.
     originals: dict[str, Any] = field(default_factory=dict)
+    # The features of every image the trajectory refers to (the store's objects, not copies).
+    features: dict[str, ImageFeatures] = field(default_factory=dict)
 
 
 class _Images:
@@ -53,15 +50,28 @@ class _Images:
 
     def __init__(self, renderer: Renderer) -> None:
         self.originals: dict[str, Any] = {}
+        # The rollout's features, held until it is written: the store is an LRU and may evict them.
+        self.features: dict[str, ImageFeatures] = {}
         self._ids: dict[int, str] = {}  # id() of an image object alive in the conversation -> image id
         self._store = renderer.feature_store
 
     def note(self, conversation: Sequence[Message], prompt: RenderedTokens) -> None:
         """Image parts and the prompt's refs come in the same order."""
         parts = [p for m in conversation for p in m.images]
-        for part, ref in zip(parts, prompt.images, strict=False):
+        if len(parts) != len(prompt.images):
+            raise RenderError(f"{len(parts)} images in the conversation but {len(prompt.images)} in the prompt")
+        for part, ref in zip(parts, prompt.images, strict=True):
             self._ids.setdefault(id(part.image), ref.id)
             self.originals.setdefault(ref.id, part.image)
+            if ref.id not in self.features and self._store is not None:
+                self.features[ref.id] = self._store.get(ref.id)
+
+    def restore(self) -> None:
+        """Put back any of the rollout's features the store evicted since."""
+        if self._store is not None:
+            for image_id, features in self.features.items():
+                if image_id not in self._store:
+                    self._store.put(features)
 
     def id_for(self, image: Any) -> str | None:
         known = self._ids.get(id(image))
@@ -72,6 +82,7 @@ class _Images:
                 return None
             self._ids[id(image)] = known
             self.originals.setdefault(known, image)
+            self.features.setdefault(known, self._store.get(known))
         return known
 
 
@@ -96,54 +107,74 @@ async def run_rollout(
     sample_index: int = 0,
     sampling_seed: int | None = None,
 ) -> RolloutResult:
-    traj = Trajectory(id=trajectory_id, env=env.name, prompt_index=prompt_index,
-                      sample_index=sample_index, seed=seed)
-    metrics: defaultdict[str, float] = defaultdict(float)
-    images = _Images(renderer)
-    conversation: list[Message] = []
+    state = _State(Trajectory(id=trajectory_id, env=env.name, prompt_index=prompt_index,
+                              sample_index=sample_index, seed=seed), _Images(renderer))
+    try:
+        error = await _turns(state, env, renderer, engine, config, sampling_seed)
+    except Exception as exc:  # a bug anywhere in one rollout must not take down the others
+        error = _error("internal_error", exc, len(state.traj.steps))
+    return _finish(state, error)
+
+
+@dataclass
+class _State:
+    traj: Trajectory
+    images: _Images
+    conversation: list[Message] = field(default_factory=list)
+    metrics: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+async def _turns(
+    state: _State, env: Environment, renderer: Renderer, engine: Engine, config: RolloutConfig,
+    sampling_seed: int | None,
+) -> RolloutError | None:
+    """Run the turns; returns the error that ended the rollout, if one did."""
+    traj, images, metrics = state.traj, state.images, state.metrics
     turns: list[_Turn] = []
     try:
         t0 = time.perf_counter()
-        obs = await env.reset(seed)
-        conversation = _parse(obs.messages)
+        obs = await env.reset(traj.seed)
+        state.conversation = _parse(obs.messages)
         traj.tools = [dict(t) for t in obs.tools] if obs.tools else None
         traj.env_info = dict(obs.info)
         metrics["env_s"] += time.perf_counter() - t0
-    except (EnvError, MessageError) as exc:
-        return _finish(traj, conversation, images, metrics, _error("env_error", exc, 0))
-    except Exception as exc:  # an environment's own bug must not kill the other rollouts
-        return _finish(traj, conversation, images, metrics, _error("env_error", exc, 0))
+    except Exception as exc:  # an environment's own bug is the environment's error
+        return _error("env_error", exc, 0)
 
     branch = 0
     bridged = False
     reason: str | None = "first turn"
     try:
         t0 = time.perf_counter()
-        prompt = renderer.render(conversation, traj.tools)
+        prompt = renderer.render(state.conversation, traj.tools)
         metrics["render_s"] += time.perf_counter() - t0
     except (RenderError, MessageError, ImageError) as exc:
-        return _finish(traj, conversation, images, metrics, _error("render_error", exc, 0))
+        return _error("render_error", exc, 0)
 
     for turn in range(config.max_turns):
-        images.note(conversation, prompt)
+        images.note(state.conversation, prompt)
         budget = config.max_total_tokens - len(prompt.token_ids)
         if budget <= 0:
             traj.finish = "token_budget"
-            break
+            return None
         sampling = SamplingParams(
             max_tokens=min(config.max_tokens, budget), temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, seed=None if sampling_seed is None else sampling_seed + turn,
             stop_token_ids=renderer.stop_token_ids, banned_token_ids=renderer.vision_token_ids)
+        images.restore()
         t0 = time.perf_counter()
         try:
             result = await engine.generate(GenerateRequest(
                 prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling,
-                request_id=f"{trajectory_id}-{turn}"))
+                request_id=f"{traj.id}-{turn}"))
         except PromptTooLongError as exc:
-            return _finish(traj, conversation, images, metrics, _error("overlong_prompt", exc, turn))
-        except (EngineError, RollwireError) as exc:
-            return _finish(traj, conversation, images, metrics, _error("engine_error", exc, turn))
+            return _error("overlong_prompt", exc, turn)
+        except Exception as exc:
+            return _error("engine_error", exc, turn)
         generate_s = time.perf_counter() - t0
+        if not result.completions or result.completions[0].finish_reason in ("abort", "error"):
+            why = result.completions[0].finish_reason if result.completions else "no completion"
+            return RolloutError(kind="engine_error", message=f"the engine returned {why}", step=turn)
         completion = result.completions[0]
         metrics["bytes_sent"] += result.bytes_sent
         metrics["image_bytes_sent"] += result.image_bytes_sent
@@ -156,37 +187,39 @@ async def run_rollout(
             stop_reason=completion.stop_reason, status=parsed.status, parse_error=parsed.error,
             message=_record(parsed.message), bridged=bridged, render_reason=reason, branch=branch,
             timings={"generate_s": generate_s}))
-        conversation = [*conversation, parsed.message]
-        turns.append(_Turn(conversation, prompt, list(completion.token_ids)))
+        state.conversation = [*state.conversation, parsed.message]
+        turns.append(_Turn(state.conversation, prompt, list(completion.token_ids)))
         metrics["turns"] += 1
 
         t0 = time.perf_counter()
         try:
             env_step = await env.step(parsed.message)
+            reward = float(env_step.reward)
+            if not math.isfinite(reward):
+                raise EnvError(f"reward {reward} is not finite")
             new_history = _parse(env_step.history) if env_step.history is not None else None
-            new = _parse(env_step.messages, after=conversation) if new_history is None else []
+            new = _parse(env_step.messages, after=state.conversation) if new_history is None else []
         except Exception as exc:
-            return _finish(traj, conversation, images, metrics, _error("env_error", exc, turn + 1))
+            return _error("env_error", exc, turn + 1)
         metrics["env_s"] += time.perf_counter() - t0
-        traj.rewards.append(float(env_step.reward))
+        traj.rewards.append(reward)
         traj.metadata.setdefault("env_steps", []).append(dict(env_step.info))
         if new_history is not None:
             branch += 1
-            conversation = new_history
+            state.conversation = new_history
         else:
-            conversation = [*conversation, *new]
+            state.conversation = [*state.conversation, *new]
         if env_step.done:
             traj.finish = "done"
-            break
+            return None
         t0 = time.perf_counter()
         try:
-            prompt, bridged, reason = _next_prompt(renderer, turns, conversation, traj.tools, metrics)
+            prompt, bridged, reason = _next_prompt(renderer, turns, state.conversation, traj.tools, metrics)
         except (RenderError, MessageError, ImageError) as exc:
-            return _finish(traj, conversation, images, metrics, _error("render_error", exc, turn + 1))
+            return _error("render_error", exc, turn + 1)
         metrics["render_s"] += time.perf_counter() - t0
-    else:
-        traj.finish = "max_turns"
-    return _finish(traj, conversation, images, metrics, None)
+    traj.finish = "max_turns"
+    return None
 
 
 def _next_prompt(
@@ -226,8 +259,6 @@ def _record(message: Message) -> AssistantRecord:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -235,17 +266,20 @@ def _error(kind: ErrorKind, exc: BaseException, step: int) -> RolloutError:
     return RolloutError(kind=kind, message=f"{type(exc).__name__}: {exc}", step=step)
 
 
-def _finish(
-    traj: Trajectory, conversation: Sequence[Message], images: _Images, metrics: defaultdict[str, float],
-    error: RolloutError | None,
-) -> RolloutResult:
+def _finish(state: _State, error: RolloutError | None) -> RolloutResult:
+    traj = state.traj
     if error is not None:
         traj.error = error
         traj.finish = "error"
     traj.reward = float(sum(traj.rewards))
-    traj.messages = [_message_json(m, images) for m in conversation]
-    traj.metrics = {k: float(v) for k, v in metrics.items()}
-    return RolloutResult(traj, images.originals)
+    try:
+        traj.messages = [_message_json(m, state.images) for m in state.conversation]
+    except Exception as exc:  # keep the rollout even if its messages cannot be written out
+        traj.messages = []
+        if traj.error is None:
+            traj.error, traj.finish = _error("internal_error", exc, len(traj.steps)), "error"
+    traj.metrics = {k: float(v) for k, v in state.metrics.items()}
+    return RolloutResult(traj, state.images.originals, state.images.features)
 
 
 def _message_json(message: Message, images: _Images) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rollwire.engines.types import Engine
+from rollwire.errors import RolloutConfigError, StoreError
 from rollwire.render.types import Renderer
 from rollwire.rollout.env import make_env
 from rollwire.rollout.loop import RolloutConfig, RolloutResult, run_rollout
@@ -26,6 +27,13 @@ class RunConfig:
     seed: int = 0
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     env_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("n_prompts", "group", "concurrency"):
+            if getattr(self, name) < 1:
+                raise RolloutConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.rollout.max_turns < 1 or self.rollout.max_tokens < 1:
+            raise RolloutConfigError("max_turns and max_tokens must be at least 1")
 
 
 def trajectory_id(config: RunConfig, prompt_index: int, sample_index: int) -> str:
@@ -60,6 +68,8 @@ class RunSummary:
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     full_render_reasons: dict[str, int] = field(default_factory=dict)
+    unwritten: int = 0  # rollouts `on_result` failed to take (e.g. the store refused them)
+    _seen_images: set[str] = field(default_factory=set, repr=False)
 
     @property
     def rollouts_per_second(self) -> float:
@@ -69,7 +79,7 @@ class RunSummary:
     def bridge_success_rate(self) -> float:
         return self.bridge_successes / self.bridge_attempts if self.bridge_attempts else 0.0
 
-    def add(self, result: RolloutResult, unique: set[str]) -> None:
+    def add(self, result: RolloutResult) -> None:
         t = result.trajectory
         if t.error is not None:
             self.failed += 1
@@ -90,8 +100,8 @@ class RunSummary:
                 self.full_render_reasons[reason] = self.full_render_reasons.get(reason, 0) + int(value)
         for step in t.steps:
             self.referenced_images += len(step.images)
-            unique.update(ref.id for ref in step.images)
-        self.unique_images = len(unique)
+            self._seen_images.update(ref.id for ref in step.images)
+        self.unique_images = len(self._seen_images)
 
 
 OnResult = Callable[[RolloutResult], Awaitable[None] | None]
@@ -108,7 +118,6 @@ async def run_rollouts(
 ) -> RunSummary:
     """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends."""
     summary = RunSummary()
-    unique: set[str] = set()
     store = renderer.feature_store
     stats0 = store.stats() if store is not None else None
     jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
@@ -126,11 +135,15 @@ async def run_rollouts(
                 make_env(config.env, **config.env_kwargs), renderer, engine, config.rollout,
                 seed=env_seed(config, i), trajectory_id=trajectory_id(config, i, j), prompt_index=i,
                 sample_index=j, sampling_seed=sampling_seed(config, i, j))
-        summary.add(result, unique)
+        summary.add(result)
         if on_result is not None:
-            maybe = on_result(result)
-            if maybe is not None:
-                await maybe
+            try:
+                maybe = on_result(result)
+                if maybe is not None:
+                    await maybe
+            except (StoreError, OSError) as exc:  # this rollout is lost; the others go on
+                summary.unwritten += 1
+                bar.console.print(f"[red]not written:[/red] {result.trajectory.id}: {exc}")
         bar.update(task, advance=1, status=f"failed {summary.failed}" if summary.failed else "")
 
     with bar:

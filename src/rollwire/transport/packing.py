@@ -340,10 +340,9 @@ def unpack(data: bytes | bytearray | memoryview, *, max_meta_bytes: int = MAX_ME
             end = mid + head.completion_tokens
             if end > len(tokens) or (head.logprobs > 0 and lp_pos + head.logprobs > len(logprobs)):
                 raise CodecError(f"packed step {k} reads past the token or logprob array")
-            try:
-                refs = tuple(ImageRef(ids[r.image], r.offset, r.length, r.grid_thw) for r in head.refs)
-            except IndexError:
-                raise CodecError(f"packed step {k} refers to an image outside the batch") from None
+            if any(not 0 <= r.image < len(ids) for r in head.refs):
+                raise CodecError(f"packed step {k} refers to an image outside the batch")
+            refs = tuple(ImageRef(ids[r.image], r.offset, r.length, r.grid_thw) for r in head.refs)
             prompt = tokens[tok_pos:mid]
             if head.base >= 0:
                 base = steps[head.base]
