@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from rollwire.engines.types import Engine, GenerateRequest, SamplingParams
 from rollwire.errors import EnvError, ImageError, MessageError, PromptTooLongError, RenderError, RollwireError
 from rollwire.features import ImageFeatures
@@ -159,7 +161,7 @@ async def _turns(
             return None
         sampling = SamplingParams(
             max_tokens=min(config.max_tokens, budget), temperature=config.temperature, top_p=config.top_p,
-            top_k=config.top_k, seed=None if sampling_seed is None else sampling_seed + turn,
+            top_k=config.top_k, seed=None if sampling_seed is None else turn_seed(sampling_seed, turn),
             stop_token_ids=renderer.stop_token_ids, banned_token_ids=renderer.vision_token_ids)
         images.restore()
         t0 = time.perf_counter()
@@ -220,6 +222,11 @@ async def _turns(
         metrics["render_s"] += time.perf_counter() - t0
     traj.finish = "max_turns"
     return None
+
+
+def turn_seed(rollout_seed: int, turn: int) -> int:
+    """A distinct sampling seed per (rollout, turn), in vLLM's 32-bit range."""
+    return int(np.random.SeedSequence([rollout_seed, turn]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
 def _next_prompt(

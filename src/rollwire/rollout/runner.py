@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rollwire.engines.types import Engine
@@ -46,7 +47,8 @@ def env_seed(config: RunConfig, prompt_index: int) -> int:
 
 
 def sampling_seed(config: RunConfig, prompt_index: int, sample_index: int) -> int:
-    return (config.seed * 1_000_003 + prompt_index) * 10_007 + sample_index * 101
+    """Distinct per (run seed, prompt, sample); each turn derives its own from it."""
+    return int(np.random.SeedSequence([config.seed, prompt_index, sample_index]).generate_state(1)[0])
 
 
 @dataclass

@@ -77,7 +77,8 @@ class ZoomEnv:
             correct = int(answer.group(1)) == self._number
             return EnvStep(reward=float(correct), done=True, info={"answer": int(answer.group(1)), "correct": correct})
         if message.tool_calls:
-            return EnvStep(messages=[self._run(call) for call in message.tool_calls], info={"tool_calls": 1})
+            return EnvStep(messages=[self._run(call) for call in message.tool_calls],
+                           info={"tool_calls": len(message.tool_calls)})
         if "<tool_call>" in text:  # the model tried to call a tool and the call did not parse
             return self._remind("Your tool call could not be parsed. Write it as <tool_call>\n"
                                 '{"name": "crop", "arguments": {"box": [left, top, right, bottom]}}\n</tool_call>.')
