@@ -52,9 +52,9 @@ class Server:
     pid: int
 
 
-def start_server(model_dir: Path, family: str) -> int:
+def start_server(model_dir: Path, family: str, port: int = PORT) -> int:
     env = {**os.environ, "VLLM_EXTRA_ARGS": "--dtype float32"}
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_server.sh"), str(model_dir), str(PORT), family],
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_server.sh"), str(model_dir), str(port), family],
                          capture_output=True, text=True, env=env, check=False, timeout=400)
     if out.returncode != 0:
         raise RuntimeError(f"vLLM did not start:\n{out.stderr[-3000:]}")

@@ -200,7 +200,7 @@ class VLLMEngine:
             raise PixelFormatError(
                 f"cannot ask {self.base_url} which pixel format it expects ({exc}); pass pixel_format="
                 "'uint8' (vLLM >= 0.2x default) or 'float32' (--no-mm-device-do-normalize)",
-                probe_answered=exc.status in (None, 404, 405)) from None
+                probe_answered=not (exc.status is None or 400 <= exc.status < 500)) from None
         try:
             pixels, grid, dtype_name = decode_image_kwargs(answer["features"]["kwargs_data"]["image"][0])
         except (KeyError, IndexError, TypeError, WireError) as exc:
