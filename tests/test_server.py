@@ -241,6 +241,18 @@ def test_float_pixels_are_refused_naming_the_dtype(env: Env) -> None:
     assert req.images[0].id not in env.server.feature_store  # type: ignore[operator]
 
 
+def test_an_image_larger_than_the_cache_is_refused(env: Env) -> None:
+    """Stored features are what the engine reads: an image the cache cannot hold is a 400, not a
+    500 the client would retry."""
+    with EngineServer(env.model_dir, served_model_name=NAME, image_cache_bytes=10_000) as small, \
+            httpx.Client(base_url=small.url, timeout=60) as http:
+        req = request(env, prompt(env, make_image(56, 56, seed=40)))  # 16 rows x 1176 = 18,816 bytes
+        features, _ = features_payload(req.images, env.store, pixel_format="uint8")
+        body = generate_body(req, model=NAME, features=features)
+        r = http.post("/inference/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "exceed the server's image cache" in r.json()["error"]["message"]
+
+
 def test_corrupted_placeholder_is_refused_before_generation(env: Env) -> None:
     rendered = prompt(env, make_image(56, 56, seed=11))
     ref = rendered.images[0]

@@ -266,8 +266,10 @@ class EngineServer:
         max_batch_size: int = 8,
         device: str = "cpu",
         dtype: str = "float32",
+        image_cache_bytes: int = 4 << 30,
     ) -> None:
         self.model_dir = Path(model_dir)
+        self._image_cache_bytes = image_cache_bytes
         if not (self.model_dir / "config.json").is_file():
             raise EngineUnavailableError(f"no config.json in {self.model_dir}")
         if max_model_len is not None and max_model_len < 1:
@@ -377,7 +379,9 @@ class EngineServer:
             return ServerStats(self._requests, self._ok, self._received, self._hits, self._misses)
 
     def _new_store(self) -> FeatureStore | None:
-        return FeatureStore(self._vision_config) if self._vision_config is not None else None
+        if self._vision_config is None:
+            return None
+        return FeatureStore(self._vision_config, max_bytes=self._image_cache_bytes)
 
     def _resolve_max_len(self, model_positions: int) -> int:
         if self._requested_max_len is None:
@@ -545,6 +549,9 @@ class EngineServer:
                                       merge_size=store.config.merge_size)
             except FeatureError as exc:
                 raise _bad_request(f"image {k}: {exc}") from None
+            if feats.nbytes > store.max_bytes:
+                raise _bad_request(f"image {k}: {feats.nbytes} bytes of features exceed the server's image "
+                                   f"cache ({store.max_bytes} bytes)")
             self._received += 1
             if mm_hash in store and store.get(mm_hash) != feats:
                 raise _internal_error(f"image {k}: the client-provided multimodal UUID {mm_hash!r} may have "
