@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 from PIL import Image
@@ -40,12 +40,16 @@ __all__ = [
     "OPENAI_CLIP_STD",
     "FeatureStore",
     "ImageFeatures",
+    "PixelFormat",
     "StoreStats",
     "VisionConfig",
     "compute_features",
     "process_image",
     "smart_resize",
 ]
+
+# How pixels travel: uint8 patch rows (what vLLM 0.32 wants) or normalised floats.
+PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -45,6 +45,12 @@ class ToolCall:
     arguments: str | Mapping[str, Any]  # OpenAI sends a JSON string; templates also take a mapping
     id: str | None = None
 
+    def arguments_json(self) -> str:
+        """The arguments as JSON text (as given when a string; templates' `tojson` otherwise)."""
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return json.dumps(dict(self.arguments), ensure_ascii=False)
+
     def arguments_dict(self) -> dict[str, Any]:
         """The arguments as a dict; raises MessageError when they are not a JSON object."""
         if isinstance(self.arguments, Mapping):
@@ -287,8 +293,7 @@ def message_to_dict(message: Message, *, image_repr: Any = None) -> dict[str, An
     if message.tool_calls:
         out["tool_calls"] = [
             {"type": "function", **({"id": c.id} if c.id else {}),
-             "function": {"name": c.name, "arguments": c.arguments if isinstance(c.arguments, str)
-                          else json.dumps(c.arguments, ensure_ascii=False)}}
+             "function": {"name": c.name, "arguments": c.arguments_json()}}
             for c in message.tool_calls
         ]
     if message.tool_call_id is not None:

@@ -17,13 +17,12 @@ from typing import Any, Literal, TypeAlias, get_args
 import numpy as np
 
 from rollwire.errors import PlaceholderError, SampleError
-from rollwire.features import FeatureStore, ImageFeatures
+from rollwire.features import FeatureStore, ImageFeatures, PixelFormat
 from rollwire.render import ImageRef, Renderer, validate_placeholders
 from rollwire.rollout.types import Step, Trajectory
 
 __all__ = ["PixelFormat", "Sample", "SampleBuilder", "TensorKind", "build_samples", "step_extends"]
 
-PixelFormat: TypeAlias = Literal["float32", "uint8", "bfloat16"]
 TensorKind: TypeAlias = Literal["numpy", "torch"]
 # np.ndarray, or torch.Tensor with tensors="torch" (chosen at run time, so typed loosely).
 Array: TypeAlias = Any

@@ -44,6 +44,7 @@ from rollwire.errors import (
 )
 from rollwire.features import FeatureStore, ImageFeatures
 from rollwire.render import ImageRef, validate_placeholders
+from rollwire.render.chatml import IMAGE_PAD
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["LocalEngine", "LocalEngineStats"]
 
 LOCAL_HINT = "pip install 'rollwire[local]'"
-IMAGE_PAD = "<|image_pad|>"
 GREEDY_TEMPERATURE = 1e-5  # below this a request is greedy (vLLM's threshold)
 # config.json model_type -> transformers class of the vision-language families rollwire positions.
 VL_MODEL_CLASSES = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import signal
 import socket
@@ -52,6 +51,7 @@ from rollwire.errors import (
 from rollwire.features import FeatureStore, ImageFeatures, VisionConfig
 from rollwire.messages import parse_messages
 from rollwire.render import ImageRef, Renderer, create_renderer
+from rollwire.render.factory import VISION_FAMILIES, detect_family
 
 __all__ = ["EngineServer", "Faults", "ServerStats", "serve_forever"]
 
@@ -235,15 +235,6 @@ def _choice(index: int, completion: Completion) -> dict[str, Any]:
             "token_ids": completion.token_ids, "logprobs": logprobs}
 
 
-def _is_vision_model(model_dir: Path) -> bool:
-    path = model_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EngineUnavailableError(f"cannot read {path}: {exc}") from None
-    return isinstance(raw, dict) and "vision_config" in raw
-
-
 # --- the server -----------------------------------------------------------------------------------
 
 
@@ -280,8 +271,9 @@ class EngineServer:
         self._requested_port = port
         self._requested_max_len = max_model_len
         self._max_batch_size, self._device, self._dtype = max_batch_size, device, dtype
-        self._vision_config = VisionConfig.from_pretrained(self.model_dir) if _is_vision_model(self.model_dir) else None
-        self._lock = threading.Lock()  # store swaps, hash equality checks, counters
+        is_vision = detect_family(self.model_dir) in VISION_FAMILIES
+        self._vision_config = VisionConfig.from_pretrained(self.model_dir) if is_vision else None
+        self._lock = threading.Lock()  # the image cache, hash equality checks, counters
         self._store = self._new_store()
         self._renderer: Renderer | None = None
         self._engine: LocalEngine | None = None

@@ -11,19 +11,18 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import msgspec
 import numpy as np
 
 from rollwire.errors import WireError
-from rollwire.features import FeatureStore, ImageFeatures
+from rollwire.features import FeatureStore, ImageFeatures, PixelFormat
 from rollwire.render.types import ImageRef
 
 from .types import GenerateRequest, SamplingParams
 
 VLLM_WIRE = "vllm>=0.30,<0.33 (msgpack kwargs_data with ExtType(3) raw arrays)"
-PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
 _RAW_ARRAY_EXT = 3  # vLLM's msgpack extension code for raw C-order array bytes
 BAN_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]: -100 is its ban
 GENERATE_PATH = "/inference/v1/generate"

@@ -26,6 +26,7 @@ MODEL_TYPES = {
     "qwen3_moe": "qwen3",
 }
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3", "generic")
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def detect_family(model_dir: str | Path) -> str:

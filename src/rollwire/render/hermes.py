@@ -36,8 +36,7 @@ def tools_block(tools: Sequence[Mapping[str, Any]]) -> str:
 
 
 def format_tool_call(call: ToolCall) -> str:
-    args = call.arguments if isinstance(call.arguments, str) else tojson(dict(call.arguments))
-    return f'{TOOL_CALL_OPEN}\n{{"name": "{call.name}", "arguments": {args}}}\n{TOOL_CALL_CLOSE}'
+    return f'{TOOL_CALL_OPEN}\n{{"name": "{call.name}", "arguments": {call.arguments_json()}}}\n{TOOL_CALL_CLOSE}'
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall], str | None]:

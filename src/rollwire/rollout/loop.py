@@ -9,7 +9,6 @@ Errors end the rollout with the error recorded on it; what was done is kept.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import defaultdict
@@ -22,7 +21,7 @@ import numpy as np
 from rollwire.engines.types import Engine, GenerateRequest, SamplingParams
 from rollwire.errors import EnvError, ImageError, MessageError, PromptTooLongError, RenderError, RollwireError
 from rollwire.features import ImageFeatures
-from rollwire.messages import Message, MessageLike, TextPart, parse_messages
+from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages
 from rollwire.render.types import RenderedTokens, Renderer
 from rollwire.rollout.env import Environment
 from rollwire.rollout.types import AssistantRecord, ErrorKind, RolloutError, Step, ToolCallRecord, Trajectory
@@ -259,14 +258,9 @@ def _parse(messages: Sequence[MessageLike], after: Sequence[Message] | None = No
 
 
 def _record(message: Message) -> AssistantRecord:
-    calls = tuple(ToolCallRecord(name=c.name, id=c.id, arguments=c.arguments if isinstance(c.arguments, str)
-                                 else _json(c.arguments)) for c in message.tool_calls)
+    calls = tuple(ToolCallRecord(name=c.name, id=c.id, arguments=c.arguments_json()) for c in message.tool_calls)
     content = message.content if isinstance(message.content, str) or message.content is None else message.text
     return AssistantRecord(content=content, reasoning_content=message.reasoning_content, tool_calls=calls)
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
 
 
 def _error(kind: ErrorKind, exc: BaseException, step: int) -> RolloutError:
@@ -291,18 +285,4 @@ def _finish(state: _State, error: RolloutError | None) -> RolloutResult:
 
 def _message_json(message: Message, images: _Images) -> dict[str, Any]:
     """OpenAI-format JSON of a message with each image replaced by its id."""
-    out: dict[str, Any] = {"role": message.role}
-    if isinstance(message.content, tuple):
-        out["content"] = [{"type": "text", "text": p.text} if isinstance(p, TextPart)
-                          else {"type": "image", "image_id": images.id_for(p.image)} for p in message.content]
-    else:
-        out["content"] = message.content
-    if message.reasoning_content is not None:
-        out["reasoning_content"] = message.reasoning_content
-    if message.tool_calls:
-        out["tool_calls"] = [{"type": "function", "id": c.id, "function": {
-            "name": c.name, "arguments": c.arguments if isinstance(c.arguments, str) else _json(c.arguments)}}
-            for c in message.tool_calls]
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    return out
+    return message_to_dict(message, image_repr=lambda part: {"type": "image", "image_id": images.id_for(part.image)})
