@@ -118,6 +118,8 @@ def renderers(tiny: Callable[[str], Path]) -> dict[str, Any]:
         "qwen3_vl_thinking": Qwen3VLRenderer(q3vl.tokenizer, feature_store=q3vl.feature_store, thinking=True),
         "qwen3": create_renderer(tiny("qwen3")),
         "qwen3_no_thinking": create_renderer(tiny("qwen3"), enable_thinking=False),
+        "qwen3_5": create_renderer(tiny("qwen3_5")),
+        "qwen3_5_no_thinking": create_renderer(tiny("qwen3_5"), enable_thinking=False, add_vision_id=True),
     }
 
 
@@ -134,7 +136,8 @@ def test_bridge_equals_full_render(family: str, renderers: dict[str, Any], data:
         assert bridged.num_messages == full.num_messages
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_no_thinking", "qwen3_vl_thinking"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_no_thinking", "qwen3_vl_thinking", "qwen3_5",
+                                    "qwen3_5_no_thinking"])
 @SETTINGS
 @given(data=st.data())
 def test_bridge_keeps_sampled_reasoning_that_a_full_render_drops(
@@ -146,8 +149,10 @@ def test_bridge_keeps_sampled_reasoning_that_a_full_render_drops(
     renderer = renderers[family]
     # With thinking off the prompt holds an empty think block: no turn has reasoning. A Thinking
     # model's prompt opens "<think>\n": a sampled turn always has reasoning after it.
-    thoughts = {"qwen3": "maybe", "qwen3_no_thinking": "never", "qwen3_vl_thinking": "always"}[family]
-    msgs = data.draw(conversations(with_images=family.endswith("_vl_thinking"), reasoning=True, thoughts=thoughts))
+    thoughts = {"qwen3": "maybe", "qwen3_no_thinking": "never", "qwen3_vl_thinking": "always",
+                "qwen3_5": "always", "qwen3_5_no_thinking": "never"}[family]
+    with_images = family.endswith("_vl_thinking") or family.startswith("qwen3_5")
+    msgs = data.draw(conversations(with_images=with_images, reasoning=True, thoughts=thoughts))
     positions = assistant_positions(msgs)
     saw_difference = False
     for bridged, full, _ in walk(renderer, msgs):
@@ -171,7 +176,7 @@ def test_bridge_keeps_sampled_reasoning_that_a_full_render_drops(
         assert saw_difference, "dropped reasoning must show as a difference"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3", "qwen3_5"])
 @SETTINGS
 @given(data=st.data())
 def test_arbitrary_completions_are_kept_byte_for_byte(

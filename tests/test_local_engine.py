@@ -31,7 +31,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 IMAGES = (make_image(180, 120, seed=1), make_image(100, 140, seed=2))
 
 

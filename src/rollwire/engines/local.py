@@ -286,7 +286,7 @@ class LocalEngine:
                 for b, job in enumerate(jobs) for i in range(job.sampling.n)]
         if order != list(range(len(jobs))):
             index = torch.tensor(order, device=self._device)
-            cache.batch_select_indices(index)
+            _select_rows(cache, index)
             logits = logits[index]
             mask = mask[index] if mask is not None else None
         banned = {id(job): torch.tensor(job.sampling.banned_token_ids, dtype=torch.long, device=logits.device)
@@ -310,7 +310,7 @@ class LocalEngine:
                 return
             if len(keep) < len(rows):
                 index = torch.tensor(keep, device=self._device)
-                cache.batch_select_indices(index)
+                _select_rows(cache, index)
                 mask = mask[index] if mask is not None else None
                 rows = [rows[i] for i in keep]
             logits, mask = self._decode_step(rows, cache, mask)
@@ -569,6 +569,13 @@ def _rope_index_fn(model: Any) -> Any:
         return rope_index(input_ids, image_grid_thw=grids)
 
     return positions
+
+
+def _select_rows(cache: Any, index: torch.Tensor) -> None:
+    """Keep the cache rows `index` in every layer: key/value and linear-attention (conv, recurrent)
+    states alike (`reorder_cache` is the per-layer row selection every cache layer has)."""
+    for layer in cache.layers:
+        layer.reorder_cache(index)
 
 
 def _new_cache(model: Any) -> Any:

@@ -17,6 +17,7 @@ from rollwire.render.family import Family, RenderOptions
 from rollwire.render.generic import ChatTemplateRenderer
 from rollwire.render.model_dir import ModelDir
 from rollwire.render.qwen3 import QWEN3
+from rollwire.render.qwen3_5 import QWEN3_5
 from rollwire.render.qwen3_vl import QWEN3_VL
 from rollwire.render.qwen_vl import QWEN2_5_VL, QWEN2_VL
 from rollwire.render.tokens import TextTokenizer
@@ -109,5 +110,5 @@ def _hf_tokenizer(path: Path) -> Any:
 
 
 # The built-in families, one line each.
-for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3):
+for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3, QWEN3_5):
     register_family(_family)
