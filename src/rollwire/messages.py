@@ -158,7 +158,9 @@ def validate_conversation(
     """
     open_ids: set[str] | None = set() if after_assistant else None
     open_calls = after_assistant
-    if previous is not None and previous.role != "tool":
+    if previous is not None and previous.role == "tool":  # more results of the same calls
+        open_calls, open_ids = True, None
+    elif previous is not None:
         open_calls = _makes_tool_calls(previous)
         open_ids = {c.id for c in previous.tool_calls if c.id is not None} if open_calls else None
     for i, m in enumerate(messages):

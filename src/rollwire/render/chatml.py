@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollwire.errors import RenderError
-from rollwire.messages import ImagePart, Message, MessageLike, TextPart, parse_messages
+from rollwire.messages import ImagePart, Message, MessageLike, TextPart, parse_messages, parse_tools
 from rollwire.render.emit import Emitter, ImageTokens, Piece
 from rollwire.render.tokens import TextTokenizer
 from rollwire.render.types import BridgeResult, ParsedResponse, RenderedTokens, ResponseStatus
@@ -93,7 +93,7 @@ class ChatMLRenderer:
         *,
         add_generation_prompt: bool = True,
     ) -> RenderedTokens:
-        msgs = parse_messages(messages)
+        msgs, tools = parse_messages(messages), parse_tools(tools)
         if not msgs:
             raise RenderError("cannot render an empty conversation")
         em = self._emitter()
