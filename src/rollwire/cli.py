@@ -335,13 +335,15 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     served_name: Annotated[str | None, typer.Option(help="Model name in /v1/models (default: the directory).")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context limit to enforce.")] = None,
+    connection_timeout: Annotated[float, typer.Option(
+        help="Seconds a connection may idle, or take to send one request, before it is closed.")] = 30.0,
 ) -> None:
     """Serve the embedded engine over HTTP in vLLM's token-in/token-out wire format."""
     from rollwire.engines.server import serve_forever
 
     try:
         serve_forever(resolve_model(model), host=host, port=port, served_model_name=served_name,
-                      max_model_len=max_model_len)
+                      max_model_len=max_model_len, connection_timeout=connection_timeout)
     except RollwireError as exc:
         raise _fail(exc) from exc
 
