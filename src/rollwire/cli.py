@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rollwire.errors import RollwireError
+from rollwire.errors import MessagesFileError, RollwireError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
@@ -22,7 +24,9 @@ MODEL_HELP = "Model directory, or a tiny model family name (default: the tiny qw
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+    """Exit 2 with one line naming the error (its text is printed as is, never as markup)."""
+    err_console.print("[red]error:[/red] ", end="")
+    err_console.print(f"{type(exc).__name__}: {exc}", highlight=False, markup=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -38,23 +42,69 @@ def resolve_model(model: str | None) -> Path:
     return ensure_tiny_model(DEFAULT_FAMILY)
 
 
+MAX_MESSAGES_FILE_BYTES = 64 * 2**20
+MAX_MESSAGES_FILE_DEPTH = 100  # JSON nesting; a real conversation is under 10 deep
+
+
+def read_json_file(path: Path, *, max_bytes: int = MAX_MESSAGES_FILE_BYTES,
+                   max_depth: int = MAX_MESSAGES_FILE_DEPTH) -> Any:
+    """The JSON value in `path`: a regular file (a FIFO is refused, not waited on) of at most
+    `max_bytes`, UTF-8, nested at most `max_depth` deep. Every failure is a `MessagesFileError`."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a FIFO, socket or device)"
+            raise MessagesFileError(f"messages file {path} is {kind}")
+        if info.st_size > max_bytes:
+            raise MessagesFileError(f"messages file {path} has {info.st_size} bytes, over the limit of {max_bytes}")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise MessagesFileError(f"messages file {path} is not a regular file")
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise MessagesFileError(f"messages file {path} does not exist") from None
+    except OSError as exc:
+        raise MessagesFileError(f"cannot read messages file {path}: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise MessagesFileError(f"messages file {path} has more than {max_bytes} bytes")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MessagesFileError(f"messages file {path} is not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MessagesFileError(f"messages file {path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise MessagesFileError(f"messages file {path} is nested too deeply to parse") from None
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise MessagesFileError(f"messages file {path} is nested deeper than {max_depth} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return data
+
+
 def load_messages_file(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Messages (and optional tools) from JSON: a list of messages or {"messages", "tools"}.
 
-    Relative image paths are taken relative to the file's folder.
+    Relative image paths are taken relative to the file's folder. The messages are checked
+    when rendered; the tools here (`parse_tools`).
     """
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RollwireError(f"messages file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise RollwireError(f"messages file {path} is not JSON: {exc}") from None
+    from rollwire.messages import parse_tools
+
+    data = read_json_file(path)
     tools = None
     if isinstance(data, dict):
-        tools = data.get("tools")
+        tools = parse_tools(data.get("tools"))
         data = data.get("messages")
     if not isinstance(data, list):
-        raise RollwireError(f"{path}: expected a list of messages or an object with 'messages'")
+        raise MessagesFileError(f"{path}: expected a list of messages or an object with 'messages'")
     base = path.resolve().parent
     for message in data:
         content = message.get("content") if isinstance(message, dict) else None
@@ -71,6 +121,20 @@ def load_messages_file(path: Path) -> tuple[list[dict[str, Any]], list[dict[str,
     return data, tools
 
 
+def image_limits(messages_file: Path, image_roots: list[Path] | None, any_image_path: bool) -> Any:
+    """What the CLI reads images under: the messages file's folder and any `--image-root`,
+    or anywhere with `--any-image-path`."""
+    from rollwire.images import ImageLimits
+
+    if any_image_path:
+        return ImageLimits()
+    return ImageLimits(allowed_roots=(str(messages_file.resolve().parent), *map(str, image_roots or ())))
+
+
+IMAGE_ROOT_HELP = "Also read images under this folder (repeatable); by default only the messages file's folder."
+ANY_IMAGE_PATH_HELP = "Read images from any path the process can read (no folder confinement)."
+
+
 @app.command()
 def render(
     messages: Annotated[Path, typer.Option(help="JSON file: a list of messages, or {messages, tools}.")],
@@ -79,13 +143,16 @@ def render(
     generation_prompt: Annotated[bool, typer.Option(help="Append the assistant generation prompt.")] = True,
     add_vision_id: Annotated[bool, typer.Option(help="Label images 'Picture k:' (Qwen-VL).")] = False,
     thinking: Annotated[bool, typer.Option(help="Qwen3 thinking mode.")] = True,
+    image_root: Annotated[list[Path] | None, typer.Option(help=IMAGE_ROOT_HELP)] = None,
+    any_image_path: Annotated[bool, typer.Option(help=ANY_IMAGE_PATH_HELP)] = False,
 ) -> None:
     """Render a conversation to token ids and image refs, as the model will see it."""
     from rollwire.render import create_renderer
 
     try:
         msgs, tools = load_messages_file(messages)
-        renderer = create_renderer(resolve_model(model), add_vision_id=add_vision_id, enable_thinking=thinking)
+        renderer = create_renderer(resolve_model(model), add_vision_id=add_vision_id, enable_thinking=thinking,
+                                   limits=image_limits(messages, image_root, any_image_path))
         out = renderer.render(msgs, tools, add_generation_prompt=generation_prompt)
     except RollwireError as exc:
         raise _fail(exc) from exc
@@ -125,6 +192,8 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    image_root: Annotated[list[Path] | None, typer.Option(help=IMAGE_ROOT_HELP)] = None,
+    any_image_path: Annotated[bool, typer.Option(help=ANY_IMAGE_PATH_HELP)] = False,
 ) -> None:
     """Render a conversation and generate one completion through the token-in/token-out path."""
     import asyncio
@@ -135,7 +204,7 @@ def generate(
     try:
         msgs, tools = load_messages_file(messages)
         model_dir = resolve_model(model)
-        renderer = create_renderer(model_dir)
+        renderer = create_renderer(model_dir, limits=image_limits(messages, image_root, any_image_path))
         prompt = renderer.render(msgs, tools)
         request = GenerateRequest(
             prompt_token_ids=prompt.token_ids, images=prompt.images,
@@ -266,13 +335,15 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     served_name: Annotated[str | None, typer.Option(help="Model name in /v1/models (default: the directory).")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context limit to enforce.")] = None,
+    connection_timeout: Annotated[float, typer.Option(
+        help="Seconds a connection may idle, or take to send one request, before it is closed.")] = 30.0,
 ) -> None:
     """Serve the embedded engine over HTTP in vLLM's token-in/token-out wire format."""
     from rollwire.engines.server import serve_forever
 
     try:
         serve_forever(resolve_model(model), host=host, port=port, served_model_name=served_name,
-                      max_model_len=max_model_len)
+                      max_model_len=max_model_len, connection_timeout=connection_timeout)
     except RollwireError as exc:
         raise _fail(exc) from exc
 

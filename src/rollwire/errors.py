@@ -35,6 +35,14 @@ class UnknownRoleError(MessageError):
     """A message has a role outside system/user/assistant/tool."""
 
 
+class ToolSpecError(MessageError):
+    """The `tools` argument is not a list of function specs (`field` says which entry)."""
+
+
+class MessagesFileError(RollwireError, ValueError):
+    """A messages file cannot be read: not a regular file, too large, not UTF-8, not JSON, too deep."""
+
+
 # --- images ---------------------------------------------------------------------------------
 
 
@@ -48,6 +56,19 @@ class ImageSourceError(ImageError):
 
 class ImageNotFoundError(ImageError, FileNotFoundError):
     """An image path or file:// URL points at nothing."""
+
+
+class ImageNotRegularFileError(ImageSourceError):
+    """An image path names a directory, FIFO, socket or device: only regular files are read
+    (a FIFO or `/dev/stdin` would block the reader forever)."""
+
+
+class ImagePathNotAllowedError(ImageSourceError):
+    """An image path resolves (symlinks followed) outside `ImageLimits.allowed_roots`."""
+
+
+class RemoteImageTimeoutError(ImageSourceError):
+    """A remote image fetch (connect, headers and body together) passed its total deadline."""
 
 
 class RemoteImageNotAllowedError(ImageError):

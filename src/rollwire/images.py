@@ -3,17 +3,23 @@
 Every failure is a typed `ImageError`; no PIL or OS exception escapes. Decoding is bounded:
 the encoded size is checked before reading, the declared pixel count before decoding, and the
 whole image is decoded here (truncated files fail now, not later in the processor).
+Nothing here can block forever: only regular files are opened (a FIFO or `/dev/stdin` is
+refused before it is read), and a remote fetch has one total deadline. Paths can be confined
+to `ImageLimits.allowed_roots`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import io
 import os
+import stat
 import struct
-import time
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
@@ -25,9 +31,12 @@ from rollwire.errors import (
     ImageDecodeError,
     ImageError,
     ImageNotFoundError,
+    ImageNotRegularFileError,
+    ImagePathNotAllowedError,
     ImageSourceError,
     ImageTooLargeError,
     RemoteImageNotAllowedError,
+    RemoteImageTimeoutError,
     UnsupportedImageModeError,
 )
 from rollwire.messages import ImageSource
@@ -51,18 +60,25 @@ _WANTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "I
 class ImageLimits:
     """Bounds on what `load_image` accepts; remote loading is off unless asked for.
 
-    PIL's own bomb guard (2 x `Image.MAX_IMAGE_PIXELS`, ~179 M pixels) still applies above
-    `max_pixels`.
+    `allowed_roots`: when set, a path or file:// URL is read only if it resolves (symlinks
+    followed) inside one of these folders; None (the default for the Python API) reads any
+    path the process can read, as `open` would. The command line sets it to the messages
+    file's folder. `remote_timeout` is one deadline for the whole fetch (connect, headers and
+    body). PIL's own bomb guard (2 x `Image.MAX_IMAGE_PIXELS`, ~179 M pixels) still applies
+    above `max_pixels`.
     """
 
     max_encoded_bytes: int = 64 * 2**20
     max_pixels: int = 64 * 2**20  # decoded width * height
     allow_remote: bool = False
     remote_timeout: float = 10.0  # seconds, for the whole download
+    allowed_roots: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.max_encoded_bytes <= 0 or self.max_pixels <= 0 or self.remote_timeout <= 0:
+        if self.max_encoded_bytes <= 0 or self.max_pixels <= 0 or not self.remote_timeout > 0:
             raise ImageError(f"image limits must be positive: {self}")
+        if self.allowed_roots is not None:
+            object.__setattr__(self, "allowed_roots", _resolve_roots(self.allowed_roots))
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -200,16 +216,66 @@ def _checked_pil(image: Image.Image, limits: ImageLimits) -> Image.Image:
     return image
 
 
+def _resolve_roots(roots: Iterable[str | os.PathLike[str]]) -> tuple[str, ...]:
+    if isinstance(roots, (str, bytes, os.PathLike)):
+        roots = (roots,)  # one folder given bare
+    out: list[str] = []
+    for root in roots:
+        if not isinstance(root, (str, os.PathLike)) or not isinstance(os.fspath(root), str):
+            raise ImageError(f"allowed_roots must hold folder paths, got {type(root).__name__}")
+        real = os.path.realpath(root)
+        if not os.path.isdir(real):
+            raise ImageError(f"allowed root {os.fspath(root)!r} is not a folder")
+        out.append(real)
+    return tuple(out)
+
+
+def _confined(path: str, roots: tuple[str, ...]) -> str:
+    """The resolved path when it lies inside one of `roots`; else ImagePathNotAllowedError."""
+    real = os.path.realpath(path)
+    for root in roots:
+        if os.path.commonpath((root, real)) == root:
+            return real
+    raise ImagePathNotAllowedError(
+        f"image path {path[:200]!r} resolves outside the allowed folders ({', '.join(roots)})"
+    )
+
+
+# O_NONBLOCK: should the file turn into a FIFO between the stat and the open, the open does not wait.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _check_regular(mode: int, path: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+    raise ImageNotRegularFileError(f"image path is {kind}, not a regular file: {path[:200]}")
+
+
 def _read_path(path: str, limits: ImageLimits) -> bytes:
+    """The file's bytes: only a regular file (checked before opening and again on the open file),
+    inside `allowed_roots` when set, at most `max_encoded_bytes`."""
     cap = limits.max_encoded_bytes
+    flags = _OPEN_FLAGS
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        if limits.allowed_roots is not None:
+            target = _confined(path, limits.allowed_roots)
+            flags |= getattr(os, "O_NOFOLLOW", 0)  # resolved already: a symlink now is a swap
+        else:
+            target = path
+        _check_regular(os.stat(target).st_mode, path)
+        fd = os.open(target, flags)
+        with open(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            _check_regular(info.st_mode, path)
+            size = info.st_size
             data = f.read(cap + 1) if size <= cap else b""
+    except ImageError:
+        raise
     except (FileNotFoundError, NotADirectoryError):
         raise ImageNotFoundError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise ImageSourceError(f"image path is a directory: {path}") from None
     except OSError as exc:
         raise ImageSourceError(f"cannot read image file {path}: {exc.strerror or exc}") from None
     except ValueError as exc:  # e.g. an embedded NUL byte
@@ -254,15 +320,59 @@ def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
 
 
 def _fetch_remote(url: str, limits: ImageLimits) -> bytes:
+    """The body at `url`, cut at `remote_timeout` for the whole fetch.
+
+    httpx's timeouts bound each read, so a server trickling one byte a second would never trip
+    them; the fetch therefore runs as a task under one `asyncio.timeout`, on a private event loop
+    (in a short-lived thread when the caller is itself inside a running loop).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run_fetch(url, limits)
+    result: list[bytes] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(_run_fetch(url, limits))
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="rollwire-image-fetch", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _run_fetch(url: str, limits: ImageLimits) -> bytes:
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_fetch_within_deadline(url, limits))
+    finally:
+        loop.close()  # does not wait for a resolver thread still stuck in getaddrinfo
+
+
+async def _fetch_within_deadline(url: str, limits: ImageLimits) -> bytes:
+    try:
+        async with asyncio.timeout(limits.remote_timeout):
+            return await _fetch_body(url, limits)
+    except TimeoutError:
+        raise RemoteImageTimeoutError(
+            f"{url[:100]}: fetch exceeded its total deadline of {limits.remote_timeout}s"
+        ) from None
+
+
+async def _fetch_body(url: str, limits: ImageLimits) -> bytes:
     import httpx
 
     cap = limits.max_encoded_bytes
-    deadline = time.monotonic() + limits.remote_timeout
     buf = bytearray()
     try:
-        with httpx.Client(timeout=limits.remote_timeout, follow_redirects=True) as client, client.stream(
-            "GET", url
-        ) as response:
+        async with httpx.AsyncClient(timeout=limits.remote_timeout, follow_redirects=True,
+                                     max_redirects=5) as client, client.stream("GET", url) as response:
             if response.status_code in (404, 410):
                 raise ImageNotFoundError(f"remote image not found (HTTP {response.status_code}): {url[:100]}")
             if response.status_code >= 400:
@@ -271,12 +381,12 @@ def _fetch_remote(url: str, limits: ImageLimits) -> bytes:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > cap:
                 raise ImageTooLargeError(f"{url[:100]}: declares {declared} bytes, over the limit of {cap}")
-            for chunk in response.iter_bytes():
+            async for chunk in response.aiter_bytes():
                 buf += chunk
                 if len(buf) > cap:
                     raise ImageTooLargeError(f"{url[:100]}: more than {cap} bytes")
-                if time.monotonic() > deadline:
-                    raise ImageSourceError(f"{url[:100]}: download exceeded {limits.remote_timeout}s")
-    except httpx.HTTPError as exc:
+    except httpx.TimeoutException:
+        raise TimeoutError from None  # reported by the caller as the total deadline
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
         raise ImageSourceError(f"cannot fetch {url[:100]}: {type(exc).__name__}: {exc}") from None
     return bytes(buf)

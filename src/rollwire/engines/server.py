@@ -9,7 +9,10 @@ Stricter than vLLM on purpose: pixels must be uint8 patch rows, and placeholders
 against the token stream before anything runs (vLLM accepts a wrong count with HTTP 200).
 
 Standard library HTTP (`ThreadingHTTPServer`, one thread per connection); the engine runs on
-one asyncio loop in a background thread, so concurrent requests batch in the engine.
+one asyncio loop in a background thread, so concurrent requests batch in the engine. A client
+cannot hold a thread forever: a connection that idles, or takes longer than
+`connection_timeout` to send one request (a slowloris trickle), is closed, and at most
+`max_connections` are open at once.
 Fault injection (`Faults`) exists for tests and is off by default.
 """
 
@@ -58,6 +61,8 @@ logger = logging.getLogger("rollwire.server")
 
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
 MAX_BODY_BYTES = 512 * 2**20
+DEFAULT_CONNECTION_TIMEOUT = 30.0  # seconds a connection may idle, or take to send one request
+DEFAULT_MAX_CONNECTIONS = 256  # open connections (one thread each); more are answered 503 and closed
 # What vLLM answers for an exception inside the engine (e.g. a cached image it does not hold).
 INTERNAL_ERROR_BODY = {"error": {"message": "Internal server error", "type": "InternalServerError",
                                  "param": None, "code": 500}}
@@ -257,7 +262,13 @@ class EngineServer:
         device: str = "cpu",
         dtype: str = "float32",
         image_cache_bytes: int = 4 << 30,
+        connection_timeout: float = DEFAULT_CONNECTION_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        if not connection_timeout > 0 or max_connections < 1:
+            raise EngineUnavailableError(f"connection_timeout must be > 0 and max_connections >= 1, got "
+                                         f"{connection_timeout} and {max_connections}")
+        self.connection_timeout, self.max_connections = float(connection_timeout), int(max_connections)
         try:
             self.model = ModelDir.load(model_dir)
         except RollwireError as exc:
@@ -360,6 +371,11 @@ class EngineServer:
     def feature_store(self) -> FeatureStore | None:
         """The server's image cache (None for a text model)."""
         return self._store
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (each holds a thread; at most `max_connections`)."""
+        return self._httpd.open_connections if self._httpd is not None else 0
 
     def forget_cache(self) -> None:
         """Drop every cached image, as a restart would (later null kwargs_data items miss)."""
@@ -605,25 +621,72 @@ async def _cancel_other_tasks() -> None:
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """Tracks open connections and when each began waiting for (or reading) its current request;
+    `service_actions` (run by `serve_forever` every poll) shuts down any past the deadline."""
+
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of connects is not dropped (SYN retried after 1 s)
 
     def __init__(self, address: tuple[str, int], app: EngineServer) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.app = app
-        self._connections: set[socket.socket] = set()
+        self.connection_timeout = app.connection_timeout
+        self.max_connections = app.max_connections
+        self._connections: dict[socket.socket, float | None] = {}  # -> reading since (monotonic)
         self._connections_lock = threading.Lock()
+        self._open = 0
         super().__init__(address, _Handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._connections_lock:
+            if self._open >= self.max_connections:
+                refused = True
+            else:
+                self._open += 1
+                refused = False
+        if refused:
+            logger.warning("refusing a connection: %d already open (max_connections)", self.max_connections)
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        return not refused
+
+    @property
+    def open_connections(self) -> int:
+        with self._connections_lock:
+            return self._open
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._open -= 1
 
     @contextlib.contextmanager
     def tracking(self, conn: socket.socket) -> Iterator[None]:
         with self._connections_lock:
-            self._connections.add(conn)
+            self._connections[conn] = None
         try:
             yield
         finally:
             with self._connections_lock:
-                self._connections.discard(conn)
+                self._connections.pop(conn, None)
+
+    def reading(self, conn: socket.socket, since: float | None) -> None:
+        """Mark `conn` as waiting for / reading a request since `since` (None: being answered)."""
+        with self._connections_lock:
+            if conn in self._connections:
+                self._connections[conn] = since
+
+    def service_actions(self) -> None:
+        deadline = time.monotonic() - self.connection_timeout
+        with self._connections_lock:
+            stale = [c for c, since in self._connections.items() if since is not None and since < deadline]
+        for conn in stale:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def close_connections(self) -> None:
         """Shut down kept-alive connections, so clients see the server go away."""
@@ -640,9 +703,20 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     server: _HTTPServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.connection_timeout)  # bounds every read and write
+
     def handle(self) -> None:
         with self.server.tracking(self.connection):
             super().handle()
+
+    def handle_one_request(self) -> None:
+        self.server.reading(self.connection, time.monotonic())
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.reading(self.connection, None)
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -668,10 +742,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(413, _bad_request(f"request body of {length} bytes exceeds {MAX_BODY_BYTES}").body,
                        close=True)
             return
-        body = self.rfile.read(length)
-        if len(body) != length:  # the client went away mid-body
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # timed out, or shut down by the deadline
+            body = b""
+        if len(body) != length:  # the client went away (or was cut off) mid-body
             self.close_connection = True
             return
+        self.server.reading(self.connection, None)
         status, payload = self.server.app.handle(method, self.path, body)
         if status == 0:  # injected fault: close without answering
             self.close_connection = True
@@ -709,11 +787,13 @@ def serve_forever(
     device: str = "cpu",
     dtype: str = "float32",
     on_ready: Callable[[EngineServer], None] | None = None,
+    connection_timeout: float = DEFAULT_CONNECTION_TIMEOUT,
 ) -> None:
     """Serve until Ctrl-C (or SIGTERM), then stop cleanly. `on_ready` runs once it listens
     (default: print the URL to stderr)."""
     server = EngineServer(model_dir, host=host, port=port, served_model_name=served_model_name,
-                          max_model_len=max_model_len, max_batch_size=max_batch_size, device=device, dtype=dtype)
+                          max_model_len=max_model_len, max_batch_size=max_batch_size, device=device, dtype=dtype,
+                          connection_timeout=connection_timeout)
     stopping = threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():

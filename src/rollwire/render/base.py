@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rollwire.errors import RenderError
-from rollwire.messages import ImagePart, Message, MessageLike, TextPart, ToolCall, parse_messages
+from rollwire.messages import ImagePart, Message, MessageLike, TextPart, ToolCall, parse_messages, parse_tools
 from rollwire.render.emit import Emitter, ImageTokens, Piece
 from rollwire.render.tokens import TextTokenizer
 from rollwire.render.types import BridgeResult, ParsedResponse, RenderedTokens, ResponseStatus
@@ -124,7 +124,7 @@ class TemplateRenderer:
         *,
         add_generation_prompt: bool = True,
     ) -> RenderedTokens:
-        msgs = parse_messages(messages)
+        msgs, tools = parse_messages(messages), parse_tools(tools)
         if not msgs:
             raise RenderError("cannot render an empty conversation")
         em = Emitter(self.tokenizer, self._images)

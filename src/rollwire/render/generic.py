@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rollwire.errors import RenderError
-from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages
+from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages, parse_tools
 from rollwire.render.tokens import TextTokenizer
 from rollwire.render.types import BridgeResult, ParsedResponse, RenderedTokens, ResponseStatus
 
@@ -46,7 +46,7 @@ class ChatTemplateRenderer:
         *,
         add_generation_prompt: bool = True,
     ) -> RenderedTokens:
-        msgs = parse_messages(messages)
+        msgs, tools = parse_messages(messages), parse_tools(tools)
         if any(m.images for m in msgs):
             raise RenderError("the generic chat-template renderer does not take images")
         text = self._text(msgs, tools, add_generation_prompt)

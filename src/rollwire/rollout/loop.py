@@ -253,8 +253,7 @@ def _is_prefix(prefix: Sequence[Message], conversation: Sequence[Message]) -> bo
 
 
 def _parse(messages: Sequence[MessageLike], after: Sequence[Message] | None = None) -> list[Message]:
-    after_assistant = bool(after) and after[-1].role == "assistant"  # type: ignore[index]
-    return parse_messages(messages, start_index=len(after or ()), after_assistant=after_assistant)
+    return parse_messages(messages, start_index=len(after or ()), previous=after[-1] if after else None)
 
 
 def _record(message: Message) -> AssistantRecord:
