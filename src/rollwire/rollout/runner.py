@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rollwire.engines.types import Engine
-from rollwire.errors import RolloutConfigError, StoreError
+from rollwire.errors import RolloutConfigError
 from rollwire.render.types import Renderer
 from rollwire.rollout.env import make_env
 from rollwire.rollout.loop import RolloutConfig, RolloutResult, run_rollout
@@ -70,7 +72,10 @@ class RunSummary:
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     full_render_reasons: dict[str, int] = field(default_factory=dict)
-    unwritten: int = 0  # rollouts `on_result` failed to take (e.g. the store refused them)
+    # Rollouts `on_result` failed to take (the store refused them, the disk is full): they are
+    # counted here and not in `done` / `failed`, which count only rollouts that were kept.
+    unwritten: int = 0
+    error_messages: Counter[str] = field(default_factory=Counter)  # "kind: message" -> rollouts
     _seen_images: set[str] = field(default_factory=set, repr=False)
 
     @property
@@ -81,12 +86,28 @@ class RunSummary:
     def bridge_success_rate(self) -> float:
         return self.bridge_successes / self.bridge_attempts if self.bridge_attempts else 0.0
 
-    def add(self, result: RolloutResult) -> None:
+    @property
+    def ok(self) -> bool:
+        """Every rollout run finished without error and was kept."""
+        return self.failed == 0 and self.unwritten == 0
+
+    def top_errors(self, k: int = 5) -> list[tuple[str, int]]:
+        """The `k` most common error messages (failed and unwritten rollouts), with counts."""
+        return self.error_messages.most_common(k)
+
+    def add_unwritten(self, exc: BaseException) -> None:
+        self.unwritten += 1
+        self.error_messages[f"unwritten: {type(exc).__name__}: {exc}"[:300]] += 1
+
+    def add(self, result: RolloutResult, *, kept: bool = True) -> None:
+        """Count a rollout's metrics; `kept=False` (it could not be written) leaves done/failed alone."""
         t = result.trajectory
         if t.error is not None:
-            self.failed += 1
             self.errors[t.error.kind] = self.errors.get(t.error.kind, 0) + 1
-        else:
+            if kept:
+                self.failed += 1
+                self.error_messages[f"{t.error.kind}: {t.error.message}"[:300]] += 1
+        elif kept:
             self.done += 1
         m = t.metrics
         self.turns += int(m.get("turns", 0))
@@ -119,6 +140,9 @@ async def run_rollouts(
     progress: bool = True,
 ) -> RunSummary:
     """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends."""
+    connect = getattr(engine, "connect", None)
+    if connect is not None:  # reach the engine once: an unreachable one fails here, not in every rollout
+        await connect()
     summary = RunSummary()
     store = renderer.feature_store
     stats0 = store.stats() if store is not None else None
@@ -137,15 +161,18 @@ async def run_rollouts(
                 make_env(config.env, **config.env_kwargs), renderer, engine, config.rollout,
                 seed=env_seed(config, i), trajectory_id=trajectory_id(config, i, j), prompt_index=i,
                 sample_index=j, sampling_seed=sampling_seed(config, i, j))
-        summary.add(result)
+        kept = True
         if on_result is not None:
             try:
                 maybe = on_result(result)
                 if maybe is not None:
                     await maybe
-            except (StoreError, OSError) as exc:  # this rollout is lost; the others go on
-                summary.unwritten += 1
-                bar.console.print(f"[red]not written:[/red] {result.trajectory.id}: {exc}")
+            except Exception as exc:  # this rollout is lost (counted and shown); the others go on
+                kept = False
+                summary.add_unwritten(exc)
+                bar.console.print(f"[red]not written:[/red] {escape(result.trajectory.id)}: "
+                                  f"{escape(f'{type(exc).__name__}: {exc}')}", highlight=False)
+        summary.add(result, kept=kept)
         bar.update(task, advance=1, status=f"failed {summary.failed}" if summary.failed else "")
 
     with bar:
