@@ -85,7 +85,7 @@ def test_rollout_against_a_server(cache_dir: Path, tiny: Callable[[str], Path], 
                    cache=cache_dir)
         received = server.stats().images_received
     assert proc.returncode == 0, proc.stderr
-    assert "6 / 0 / 0" in proc.stdout
+    assert "6 / 0 / 0 / 0" in proc.stdout
     rows = list(RunReader(out).rows())
     assert len(rows) == 6 and all(r["turns"] == 2 for r in rows)
     # 3 prompts, one picture each, shared by their group: the server received at most one copy per

@@ -166,8 +166,8 @@ class EnvValueError(EnvError, ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
-        shown = "; ".join(self.problems[:3]) + (f"; and {len(self.problems) - 3} more" if len(self.problems) > 3 else "")
-        super().__init__(shown)
+        more = f"; and {len(self.problems) - 3} more" if len(self.problems) > 3 else ""
+        super().__init__("; ".join(self.problems[:3]) + more)
 
 
 # --- transport ------------------------------------------------------------------------------

@@ -4,16 +4,19 @@ bounded concurrency, a progress bar, and per-rollout errors that never stop the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rollwire import __version__
 from rollwire.engines.types import Engine
 from rollwire.errors import RolloutConfigError
 from rollwire.render.types import Renderer
@@ -51,6 +54,41 @@ def env_seed(config: RunConfig, prompt_index: int) -> int:
 def sampling_seed(config: RunConfig, prompt_index: int, sample_index: int) -> int:
     """Distinct per (run seed, prompt, sample); each turn derives its own from it."""
     return int(np.random.SeedSequence([config.seed, prompt_index, sample_index]).generate_state(1)[0])
+
+
+# What identifies a model for a run: its architecture and everything that turns text into tokens
+# and pixels into features (weights are not hashed: they can be many GB, and the config names them).
+FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                     "preprocessor_config.json")
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the model directory's config, tokenizer and processor files (names and bytes)."""
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, family: str | None = None,
+                 server_url: str | None = None, server_version: str | None = None) -> dict[str, Any]:
+    """A run's `run.json`: `settings` must match for a resume; `about` is recorded, not compared."""
+    r = config.rollout
+    return {
+        "settings": {
+            "model": {"fingerprint": None if model_dir is None else model_fingerprint(model_dir), "family": family},
+            "env": config.env, "env_kwargs": dict(config.env_kwargs), "seed": config.seed,
+            "n_prompts": config.n_prompts, "group": config.group, "max_turns": r.max_turns,
+            "max_tokens": r.max_tokens, "max_total_tokens": r.max_total_tokens,
+            "sampling": {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k},
+        },
+        "about": {"rollwire_version": __version__, "model_dir": None if model_dir is None else str(model_dir),
+                  "server_url": server_url, "server_version": server_version,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
 
 
 @dataclass
