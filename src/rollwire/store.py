@@ -113,7 +113,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
-        raise _os_error(exc, f"write {path}") from None
+        raise _os_error(exc, f"write {path.parent.name}/{path.name}") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -135,7 +136,7 @@ class RunSummary:
 
     def add_unwritten(self, exc: BaseException) -> None:
         self.unwritten += 1
-        self.error_messages[f"unwritten: {type(exc).__name__}: {exc}"[:300]] += 1
+        self.error_messages[_error_key(f"unwritten: {type(exc).__name__}: {exc}")] += 1
 
     def add(self, result: RolloutResult, *, kept: bool = True) -> None:
         """Count a rollout's metrics; `kept=False` (it could not be written) leaves done/failed alone."""
@@ -144,7 +145,7 @@ class RunSummary:
             self.errors[t.error.kind] = self.errors.get(t.error.kind, 0) + 1
             if kept:
                 self.failed += 1
-                self.error_messages[f"{t.error.kind}: {t.error.message}"[:300]] += 1
+                self.error_messages[_error_key(f"{t.error.kind}: {t.error.message}")] += 1
         elif kept:
             self.done += 1
         m = t.metrics
@@ -164,6 +165,13 @@ class RunSummary:
             self._seen_images.update(ref.id for ref in step.images)
         self.unique_images = len(self._seen_images)
 
+
+def _error_key(message: str) -> str:
+    """An error message with content hashes masked, so the same failure on other images counts once."""
+    return _HASH.sub("<hash>", message)[:300]
+
+
+_HASH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{16,}|[0-9a-f]{16,}")
 
 OnResult = Callable[[RolloutResult], Awaitable[None] | None]
 
