@@ -274,20 +274,23 @@ async def _run(config: Any, renderer: Any, store: Any, model_dir: Path, server: 
     from rollwire.rollout.runner import run_manifest
     from rollwire.store import RunWriter
 
-    engine = _engine(renderer, model_dir, server, served_name, retry_deadline)
+    engine = _engine(renderer, model_dir, server, served_name, retry_deadline) if server else None
     try:
         version = None
-        if server:
+        if engine is not None:
             await engine.connect()  # unreachable: a ServerError here, before anything is written
             version = await engine.server_version()
         manifest = run_manifest(config, model_dir=model_dir, family=renderer.family, server_url=server,
                                 server_version=version)
         with RunWriter(out, store, manifest=manifest) as writer:
+            if engine is None:  # the embedded engine loads only once the run directory is accepted
+                engine = _engine(renderer, model_dir, server, served_name, retry_deadline)
             return await run_rollouts(
                 config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
                 on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals, r.features))
     finally:
-        await engine.close()
+        if engine is not None:
+            await engine.close()
 
 
 @app.command()
