@@ -85,9 +85,52 @@ def test_rollout_against_a_server(cache_dir: Path, tiny: Callable[[str], Path], 
                    cache=cache_dir)
         received = server.stats().images_received
     assert proc.returncode == 0, proc.stderr
-    assert "6 / 0 / 0" in proc.stdout
+    assert "6 / 0 / 0 / 0" in proc.stdout
     rows = list(RunReader(out).rows())
     assert len(rows) == 6 and all(r["turns"] == 2 for r in rows)
     # 3 prompts, one picture each, shared by their group: the server received at most one copy per
     # concurrent first request of a group, never one per turn
     assert 3 <= received <= 6
+
+
+def test_rollout_exit_codes_resume_and_manifest(cache_dir: Path, tmp_path: Path) -> None:
+    """0 when every rollout is done and written; a rerun with other settings is refused (2).
+    (Resume itself is tested through the library in test_run_integrity.py.)"""
+    out = tmp_path / "run"
+    args = ("rollout", "--env", "shapes", "-n", "2", "--group", "1", "--max-turns", "1", "--max-tokens", "3",
+            "--out", str(out), "--no-progress")
+    proc = run(*args, cache=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 / 0 / 0 / 0" in proc.stdout and (out / "run.json").is_file()
+    proc = run(*args, "--temperature", "0.5", "--max-tokens", "5", cache=cache_dir)
+    assert proc.returncode == 2
+    assert "ManifestMismatchError" in proc.stderr and "sampling.temperature" in proc.stderr
+    assert "max_tokens" in proc.stderr
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 2  # nothing appended
+
+
+def test_rollout_against_an_unreachable_server_exits_2(cache_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run("rollout", "--env", "shapes", "-n", "1", "--server", f"http://127.0.0.1:{port}",
+               "--retry-deadline", "0.5", "--out", str(tmp_path / "run"), "--no-progress", cache=cache_dir)
+    assert proc.returncode == 2 and "ServerError" in proc.stderr and "gave up" in proc.stderr
+    assert not (tmp_path / "run" / "rollouts.jsonl").exists()
+
+
+def test_rollout_with_failed_rollouts_exits_3_and_names_the_errors(
+        cache_dir: Path, tiny: Callable[[str], Path], tmp_path: Path) -> None:
+    from rollwire.engines.server import EngineServer, Faults
+
+    faults = Faults()
+    with EngineServer(tiny("qwen2_vl"), faults=faults) as server:
+        faults.status, faults.fail_next = 400, 10**6  # every generate request is refused
+        proc = run("rollout", "--env", "shapes", "--model", str(tiny("qwen2_vl")), "--server", server.url,
+                   "-n", "2", "--group", "1", "--max-turns", "1", "--out", str(tmp_path / "run"), "--no-progress",
+                   cache=cache_dir)
+    assert proc.returncode == 3, proc.stderr
+    assert "0 / 2 / 0 / 0" in proc.stdout
+    assert "most common errors" in proc.stderr and "2 × engine_error: InvalidRequestError" in proc.stderr

@@ -238,11 +238,16 @@ async def test_unexpected_failures_stay_inside_their_rollout(renderer: Any, loca
         calls.append(result.trajectory.id)
         if result.trajectory.prompt_index == 1:
             raise StoreError("disk full")
+        if result.trajectory.prompt_index == 2:
+            raise ValueError("a writer bug, not a RollwireError")
 
     config = RunConfig(env="shapes", n_prompts=3, rollout=RolloutConfig(max_turns=1, max_tokens=3),
                        env_kwargs={"turns": 1})
     summary = await run_rollouts(config, renderer, local, on_result=refuse_one, progress=False)
-    assert summary.done == 3 and summary.unwritten == 1 and len(calls) == 3
+    # done counts only rollouts that were kept; the unwritten ones are counted and their errors shown
+    assert summary.done == 1 and summary.unwritten == 2 and len(calls) == 3 and not summary.ok
+    assert dict(summary.top_errors()) == {"unwritten: StoreError: disk full": 1,
+                                          "unwritten: ValueError: a writer bug, not a RollwireError": 1}
 
 
 def test_run_settings_are_checked() -> None:

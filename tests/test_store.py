@@ -157,7 +157,7 @@ def test_killing_the_process_loses_only_rollouts_in_flight(cache_dir: Path, tiny
     done = cli(*args, cache=cache_dir)
     out, err = done.communicate(timeout=600)
     assert done.returncode == 0, err
-    assert f"{20 - len(committed)} / 0 / {len(committed)}" in out  # done / failed / resumed
+    assert f"{20 - len(committed)} / 0 / 0 / {len(committed)}" in out  # done / failed / unwritten / resumed
     ids = [r["id"] for r in RunReader(run).rows()]
     assert len(ids) == len(set(ids)) == 20 and ids[: len(committed)] == committed
     assert len(list(RunReader(run).trajectories())) == 20

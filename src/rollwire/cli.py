@@ -24,7 +24,7 @@ MODEL_HELP = "Model directory, or a tiny model family name (default: the tiny qw
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    """Exit 2 with one line naming the error (its text is printed as is, never as markup)."""
+    """Exit 2: the command could not do its work; one line naming the error (printed as is, never as markup)."""
     err_console.print("[red]error:[/red] ", end="")
     err_console.print(f"{type(exc).__name__}: {exc}", highlight=False, markup=False, soft_wrap=True)
     return typer.Exit(code=2)
@@ -232,12 +232,15 @@ def generate(
     console.print(table)
 
 
-def _engine(renderer: Any, model_dir: Path, server: str | None, served_name: str | None) -> Any:
-    """The vLLM client for `server`, else the embedded engine on `model_dir`."""
+def _engine(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
+            retry_deadline: float = 60.0) -> Any:
+    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability), else the
+    embedded engine on `model_dir`."""
     if server:
-        from rollwire.engines.vllm import VLLMEngine
+        from rollwire.engines.vllm import RetryPolicy, VLLMEngine
 
-        return VLLMEngine.for_renderer(server, renderer, model=served_name)
+        return VLLMEngine.for_renderer(server, renderer, model=served_name,
+                                       retry=RetryPolicy(deadline_s=retry_deadline))
     from rollwire.engines.local import LocalEngine
 
     return LocalEngine(model_dir, feature_store=renderer.feature_store)
@@ -250,6 +253,10 @@ async def _generate_once(renderer: Any, model_dir: Path, server: str | None, ser
         return await engine.generate(request)
     finally:
         await engine.close()
+
+
+EXIT_INCOMPLETE = 3  # some rollouts failed or could not be written
+EXIT_NOT_STARTED = 2  # bad settings, unreachable engine, a resume with other settings
 
 
 @app.command()
@@ -267,34 +274,40 @@ def rollout(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     concurrency: Annotated[int, typer.Option(min=1, help="Rollouts in flight.")] = 8,
     seed: Annotated[int, typer.Option(help="Run seed (environment and sampling seeds derive from it).")] = 0,
+    retry_deadline: Annotated[float, typer.Option(
+        min=0.0, help="Seconds of server unavailability to wait out (backoff) before a request fails.")] = 60.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Run many multi-turn rollouts and write them to a run directory."""
+    """Run many multi-turn rollouts and write them to a run directory.
+
+    Exit code 0: every rollout done and written; 3: some failed or were not written (rerun the same
+    --out to retry them); 2: nothing ran (bad settings, unreachable engine, a resume with other settings).
+    """
     import asyncio
 
     from rollwire.features import FeatureStore
     from rollwire.render import create_renderer
     from rollwire.rollout import RolloutConfig, RunConfig, env_names
-    from rollwire.store import RunWriter
 
-    if env not in env_names():
-        raise _fail(RollwireError(f"unknown environment {env!r} (known: {', '.join(env_names())})"))
-    config = RunConfig(env=env, n_prompts=n, group=group, concurrency=concurrency, seed=seed,
-                       rollout=RolloutConfig(max_turns=max_turns, max_tokens=max_tokens,
-                                             max_total_tokens=max_total_tokens, temperature=temperature))
     try:
+        if env not in env_names():
+            raise RollwireError(f"unknown environment {env!r} (known: {', '.join(env_names())})")
+        config = RunConfig(env=env, n_prompts=n, group=group, concurrency=concurrency, seed=seed,
+                           rollout=RolloutConfig(max_turns=max_turns, max_tokens=max_tokens,
+                                                 max_total_tokens=max_total_tokens, temperature=temperature))
         model_dir = resolve_model(model)
         renderer = create_renderer(model_dir)
         store = renderer.feature_store
         if store is None:  # a text-only model: the writer still wants a (empty) store
             store = FeatureStore()
-        with RunWriter(out, store) as writer:
-            summary = asyncio.run(_run(config, renderer, model_dir, server, served_name, writer, progress))
+        summary = asyncio.run(_run(config, renderer, store, model_dir, server, served_name, out,
+                                   retry_deadline, progress))
     except RollwireError as exc:
         raise _fail(exc) from exc
     table = Table("", "value", title=f"rollouts → {out}")
     rows = [
-        ("rollouts done / failed / resumed", f"{summary.done} / {summary.failed} / {summary.skipped}"),
+        ("rollouts done / failed / unwritten / resumed",
+         f"{summary.done} / {summary.failed} / {summary.unwritten} / {summary.skipped}"),
         ("turns", str(summary.turns)),
         ("prompt / completion tokens", f"{summary.prompt_tokens} / {summary.completion_tokens}"),
         ("images unique / referenced", f"{summary.unique_images} / {summary.referenced_images}"),
@@ -311,21 +324,40 @@ def rollout(
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    if not summary.ok:
+        err_console.print(f"[red]{summary.failed} failed, {summary.unwritten} not written[/red] "
+                          "(rerun with the same --out to retry them); most common errors:", highlight=False)
+        for message, count in summary.top_errors(5):
+            err_console.print(f"  {count} × {message}", highlight=False, markup=False)
+        raise typer.Exit(code=EXIT_INCOMPLETE)
 
 
-async def _run(config: Any, renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
-               writer: Any, progress: bool) -> Any:
+async def _run(config: Any, renderer: Any, store: Any, model_dir: Path, server: str | None,
+               served_name: str | None, out: Path, retry_deadline: float, progress: bool) -> Any:
+    """Reach the engine, check or write the manifest, then run; the engine is closed either way."""
     import asyncio
 
     from rollwire.rollout import run_rollouts
+    from rollwire.rollout.runner import run_manifest
+    from rollwire.store import RunWriter
 
-    engine = _engine(renderer, model_dir, server, served_name)
+    engine = _engine(renderer, model_dir, server, served_name, retry_deadline) if server else None
     try:
-        return await run_rollouts(config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
-                                  on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals,
-                                                                        r.features))
+        version = None
+        if engine is not None:
+            await engine.connect()  # unreachable: a ServerError here, before anything is written
+            version = await engine.server_version()
+        manifest = run_manifest(config, model_dir=model_dir, family=renderer.family, server_url=server,
+                                server_version=version)
+        with RunWriter(out, store, manifest=manifest) as writer:
+            if engine is None:  # the embedded engine loads only once the run directory is accepted
+                engine = _engine(renderer, model_dir, server, served_name, retry_deadline)
+            return await run_rollouts(
+                config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
+                on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals, r.features))
     finally:
-        await engine.close()
+        if engine is not None:
+            await engine.close()
 
 
 @app.command()

@@ -182,6 +182,15 @@ class EnvError(RollwireError):
     """An environment failed or returned something unusable (recorded on the rollout)."""
 
 
+class EnvValueError(EnvError, ValueError):
+    """An environment returned a value a run directory cannot hold exactly (`problems` names each field)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        more = f"; and {len(self.problems) - 3} more" if len(self.problems) > 3 else ""
+        super().__init__("; ".join(self.problems[:3]) + more)
+
+
 # --- transport ------------------------------------------------------------------------------
 
 
@@ -203,3 +212,14 @@ class RolloutConfigError(RollwireError, ValueError):
 
 class StoreError(RollwireError):
     """A run directory is corrupted, truncated where it must not be, or a row is not honest JSON."""
+
+
+class ManifestMismatchError(StoreError):
+    """A resume's settings differ from the run's `run.json`; `differences` maps field -> (run, now)."""
+
+    def __init__(self, run_dir: str, differences: dict[str, tuple[object, object]]) -> None:
+        self.differences = differences
+        listed = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in
+                           ((k, *v) for k, v in differences.items()))
+        super().__init__(f"{run_dir} was written with other settings ({listed}); use another --out "
+                         "to start a new run")

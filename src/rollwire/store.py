@@ -2,8 +2,9 @@
 
 ```
 RUN_DIR/
+  run.json                   the run's manifest: model fingerprint, sampling, environment, seed
   rollouts.jsonl             one honest-JSON row per finished rollout (the commit record)
-  blobs/ab/<id>.png          each unique image once: the original, for viewing
+  blobs/ab/<id>.png          each unique image once: the original, lossless (.tiff for CMYK, F, I)
   blobs/ab/<id>.features     ...and its uint8 features, for training (codec msgpack + CRC)
   shards/shard-00000.bin     length + CRC framed records, one packed trajectory each
 ```
@@ -11,15 +12,21 @@ RUN_DIR/
 A rollout is committed by its JSONL row, written (and flushed) only after its blobs and its
 shard record are on disk, so a crash leaves at most uncommitted leftovers: a torn shard tail,
 a partial last line, orphan blobs. Reopening truncates the partial line; rerunning skips the
-ids already committed. The reader checks every frame and blob and refuses corruption.
+ids committed without error and runs failed ones again (the newer row supersedes the older;
+readers return the newest). The reader checks every row, frame and blob and refuses anything
+corrupt or hostile with a `StoreError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import io
 import json
 import os
+import re
+import stat
 import struct
 import threading
 import zlib
@@ -30,31 +37,97 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rollwire.errors import RollwireError, StoreError
+from rollwire.errors import ManifestMismatchError, RollwireError, StoreError
 from rollwire.features import FeatureStore, ImageFeatures
-from rollwire.images import load_image
+from rollwire.images import load_image, to_rgb
 from rollwire.rollout.types import Trajectory
 from rollwire.transport.codec import decode, encode
 from rollwire.transport.packing import pack, unpack
 
 ROWS = "rollouts.jsonl"
+MANIFEST = "run.json"
 _FRAME = struct.Struct("<4sQI")  # magic, payload length, crc32
 _MAGIC = b"RWT1"
 _BLOB_MAGIC = b"RWF1"
+_SHARD_NAME = re.compile(r"shard-[0-9]{5,9}\.bin")
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})  # PNG holds these exactly
+_TIFF_MODES = frozenset({"PA", "CMYK", "YCbCr", "LAB", "I", "I;16B", "F"})  # ...and TIFF these
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _os_error(exc: OSError, what: str) -> StoreError:
+    """An OS failure as a StoreError that says what could not be done and why, in words."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.ELOOP: "it is a symlink (refused)"}.get(
+        exc.errno or 0, exc.strerror or str(exc))
+    return StoreError(f"cannot {what}: {why}")
+
+
+def _real_dir(path: Path) -> Path:
+    """`path` as a real directory (created if missing); a symlink or a file there is refused."""
+    try:
+        path.mkdir(exist_ok=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise _os_error(exc, f"create {path}") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path} must be a directory inside the run directory, not a symlink or a file")
+    return path
+
+
+def _open_regular(path: Path, flags: int, what: str) -> int:
+    """Open a file that is not a symlink and, if it exists, is a regular file (no FIFO can block)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _os_error(exc, f"{what} {path}") from None
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{path} must be a regular file, not a symlink, folder or device")
+    try:
+        return os.open(path, flags | _NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise _os_error(exc, f"{what} {path}") from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = _open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "write")
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _os_error(exc, f"write {path.parent.name}/{path.name}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _lexists(path: Path) -> bool:
+    """Whether something is at `path`; a symlink there (planted to redirect writes) is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path} must be a regular file, not a symlink, folder or device")
+    return True
 
 
 def honest_json(row: Mapping[str, Any]) -> str:
@@ -68,8 +141,9 @@ def honest_json(row: Mapping[str, Any]) -> str:
 
 
 def _blob_dir(root: Path, image_id: str) -> Path:
-    if not image_id or not all(c in "0123456789abcdef" for c in image_id):
-        raise StoreError(f"image id {image_id!r} is not a hex content hash")
+    if (not isinstance(image_id, str) or not 2 <= len(image_id) <= 128
+            or not all(c in "0123456789abcdef" for c in image_id)):
+        raise StoreError(f"image id {str(image_id)[:80]!r} is not a hex content hash")
     return root / "blobs" / image_id[:2]
 
 
@@ -93,8 +167,10 @@ def decode_features(data: bytes, image_id: str) -> ImageFeatures:
         pixels = obj["pixel_values"]
         t, h, w = (int(v) for v in obj["grid_thw"])
         merge = int(obj["merge_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StoreError(f"features blob {image_id} is malformed: {exc}") from None
+    except StoreError:
+        raise
+    except Exception as exc:  # hostile bytes: codec errors, wrong types, huge numbers, deep nesting
+        raise StoreError(f"features blob {image_id} is malformed: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise StoreError(f"features blob {image_id}: pixel_values must be 2-D uint8")
     if t * h * w != pixels.shape[0]:
@@ -103,26 +179,48 @@ def decode_features(data: bytes, image_id: str) -> ImageFeatures:
 
 
 class RunWriter:
-    """Appends finished rollouts to a run directory; one writer per directory at a time."""
+    """Appends finished rollouts to a run directory; one writer per directory at a time.
 
-    def __init__(self, run_dir: str | Path, features: FeatureStore, *, shard_bytes: int = 256 << 20) -> None:
+    Every file it writes is a regular file inside the run directory: a symlink planted at
+    `rollouts.jsonl`, `shards/`, `blobs/` or any blob is refused (`StoreError`), so nothing is
+    written elsewhere. OS failures (read-only directory, full disk) are `StoreError`s; a failed
+    write leaves the directory as it was (the row file is cut back, the torn shard abandoned).
+
+    `manifest` (see `rollwire.rollout.runner.run_manifest`) is written to `run.json` on the first
+    run; a later run with other `settings` is refused with `ManifestMismatchError`.
+    """
+
+    def __init__(self, run_dir: str | Path, features: FeatureStore, *, shard_bytes: int = 256 << 20,
+                 manifest: Mapping[str, Any] | None = None) -> None:
         self.root = Path(run_dir)
         self.features = features
         self.shard_bytes = shard_bytes
-        (self.root / "shards").mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.root / ".lock", "a")  # noqa: SIM115 - closed in close()
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, f"create the run directory {self.root}") from None
+        if not self.root.is_dir():
+            raise StoreError(f"{self.root} is not a directory")
+        _real_dir(self.root / "shards")
+        self._lock_fd = _open_regular(self.root / ".lock", os.O_RDWR | os.O_CREAT, "lock")
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._lock_file.close()
+            os.close(self._lock_fd)
             raise StoreError(f"{self.root} is being written by another process") from None
+        try:
+            self.manifest = _settle_manifest(self.root, manifest)
+            self.done_ids, self._committed = _repair_rows(self.root / ROWS)
+            self._rows_fd = _open_regular(self.root / ROWS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "write")
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._lock = threading.Lock()
-        self.done_ids = _repair_rows(self.root / ROWS)
         indices = [int(p.stem.removeprefix("shard-")) for p in (self.root / "shards").glob("shard-*.bin")
                    if p.stem.removeprefix("shard-").isdigit()]
         self._shard_index = max(indices, default=-1) + 1  # a fresh shard: never append after a torn tail
-        self._shard: Any = None
-        self._rows = open(self.root / ROWS, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._shard: tuple[int, str] | None = None  # (fd, name)
+        self._shard_size = 0
 
     def write(
         self,
@@ -133,63 +231,118 @@ class RunWriter:
         """Blobs, then the shard record, then the row: the row commits the rollout.
 
         `features` (the rollout's own, see `RolloutResult.features`) are used before the
-        feature store, which may have evicted them.
+        feature store, which may have evicted them. A rollout already committed without error is
+        skipped; a failed one is written again and its newer row supersedes the old one.
         """
         with self._lock:
+            if self._rows_fd < 0:
+                raise StoreError(f"{self.root} is closed")
             if trajectory.id in self.done_ids:
                 return
+            row = trajectory_row(trajectory)
+            honest_json(row)  # a row that cannot be written is refused before anything is
             for image_id in trajectory.image_ids:
                 feats = (features or {}).get(image_id)
                 if feats is not None and image_id not in self.features:
                     self.features.put(feats)
                 self._write_blobs(image_id, (originals or {}).get(image_id), feats)
-            record = pack([trajectory], self.features, include_pixels=False)
+            try:
+                record = pack([trajectory], self.features, include_pixels=False)
+            except StoreError:
+                raise
+            except RollwireError as exc:
+                raise StoreError(f"rollout {trajectory.id} cannot be packed: {exc}") from None
             shard, offset = self._append(record)
-            row = trajectory_row(trajectory)
             row.update({"shard": shard, "offset": offset, "length": len(record)})
-            self._rows.write(honest_json(row) + "\n")
-            self._rows.flush()
-            os.fsync(self._rows.fileno())
-            self.done_ids.add(trajectory.id)
+            line = (honest_json(row) + "\n").encode("utf-8")
+            self._commit(line)
+            if trajectory.error is None:
+                self.done_ids.add(trajectory.id)
+
+    def _commit(self, line: bytes) -> None:
+        """Append one row; on failure cut the file back so no partial row is left behind."""
+        try:
+            _write_all(self._rows_fd, line)
+            os.fsync(self._rows_fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._rows_fd, self._committed)
+            except OSError:
+                os.close(self._rows_fd)
+                self._rows_fd = -1  # the file may end in a partial row: stop; reopening repairs it
+            raise _os_error(exc, f"write {self.root / ROWS}") from None
+        self._committed += len(line)
 
     def _write_blobs(self, image_id: str, original: Any, features: ImageFeatures | None) -> None:
-        folder = _blob_dir(self.root, image_id)
+        folder = _real_dir(_real_dir(self.root / "blobs") / _blob_dir(self.root, image_id).name)
         feats = folder / f"{image_id}.features"
-        if not feats.exists():
+        if not _lexists(feats):
             _atomic_write(feats, encode_features(features or self.features.get(image_id)))
-        png = folder / f"{image_id}.png"
-        if original is not None and not png.exists():
-            image = original if isinstance(original, Image.Image) else load_image(original)
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            _atomic_write(png, buf.getvalue())
+        if original is None or any(_lexists(folder / f"{image_id}.{ext}") for ext in ("png", "tiff")):
+            return
+        image = original if isinstance(original, Image.Image) else load_image(original)
+        ext, data = archive_image(image)
+        _atomic_write(folder / f"{image_id}.{ext}", data)
 
     def _append(self, record: bytes) -> tuple[str, int]:
-        if self._shard is None or self._shard.tell() >= self.shard_bytes:
-            if self._shard is not None:
-                self._shard.close()
-            path = self.root / "shards" / f"shard-{self._shard_index:05d}.bin"
+        if self._shard is None or self._shard_size >= self.shard_bytes:
+            self._close_shard()
+            name = f"shard-{self._shard_index:05d}.bin"
             self._shard_index += 1
-            self._shard = open(path, "ab")  # noqa: SIM115 - closed in close()
-        offset = self._shard.tell()
-        self._shard.write(_FRAME.pack(_MAGIC, len(record), zlib.crc32(record)) + record)
-        self._shard.flush()
-        os.fsync(self._shard.fileno())
-        return Path(self._shard.name).name, offset
+            fd = _open_regular(self.root / "shards" / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "write")
+            self._shard, self._shard_size = (fd, name), os.fstat(fd).st_size
+        fd, name = self._shard
+        offset = self._shard_size
+        try:
+            _write_all(fd, _FRAME.pack(_MAGIC, len(record), zlib.crc32(record)) + record)
+            os.fsync(fd)
+        except OSError as exc:
+            self._close_shard()  # its tail may be torn: the next record starts a fresh shard
+            raise _os_error(exc, f"write {self.root / 'shards' / name}") from None
+        self._shard_size += _FRAME.size + len(record)
+        return name, offset
+
+    def _close_shard(self) -> None:
+        if self._shard is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._shard[0])
+            self._shard = None
 
     def close(self) -> None:
         with self._lock:
-            if self._shard is not None:
-                self._shard.close()
-                self._shard = None
-            self._rows.close()
-            self._lock_file.close()
+            self._close_shard()
+            if self._rows_fd >= 0:
+                os.close(self._rows_fd)
+                self._rows_fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
 
     def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def archive_image(image: Image.Image) -> tuple[str, bytes]:
+    """(extension, bytes) of a lossless copy: PNG where PNG holds the mode exactly, else TIFF
+    (CMYK, 32-bit int, float, ...). The few in-memory modes neither holds (HSV, "La") are kept as
+    the RGB the model saw."""
+    buf = io.BytesIO()
+    try:
+        if image.mode in _PNG_MODES:
+            image.save(buf, format="PNG")
+            return "png", buf.getvalue()
+        if image.mode in _TIFF_MODES:
+            image.save(buf, format="TIFF")
+            return "tiff", buf.getvalue()
+        to_rgb(image).save(buf, format="PNG")
+    except RollwireError as exc:
+        raise StoreError(f"image of mode {image.mode!r} cannot be archived: {exc}") from None
+    except Exception as exc:  # PIL encoders raise OSError, ValueError, ...
+        raise StoreError(f"image of mode {image.mode!r} cannot be archived: {type(exc).__name__}: {exc}") from None
+    return "png", buf.getvalue()
 
 
 def trajectory_row(t: Trajectory) -> dict[str, Any]:
@@ -205,67 +358,155 @@ def trajectory_row(t: Trajectory) -> dict[str, Any]:
     }
 
 
-def _repair_rows(path: Path) -> set[str]:
-    """Committed ids; a partial last line (a crash mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
+def _parse_row(line: bytes, n: int, name: str) -> dict[str, Any]:
+    """One row: a JSON object with a string id, or a StoreError naming the line."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StoreError(f"{name}:{n} is not UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise StoreError(f"{name}:{n} is not JSON: {type(exc).__name__}: {exc}"[:300]) from None
+    if not isinstance(row, dict):
+        raise StoreError(f"{name}:{n} is a JSON {type(row).__name__}, not a rollout row")
+    if not isinstance(row.get("id"), str) or not row["id"]:
+        raise StoreError(f"{name}:{n} has no string id")
+    return row
+
+
+def _read_rows(path: Path) -> bytes:
+    fd = _open_regular(path, os.O_RDONLY, "read")
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise _os_error(exc, f"read {path}") from None
+
+
+def _repair_rows(path: Path) -> tuple[set[str], int]:
+    """(ids whose newest row is a success, bytes kept); a partial last line (a crash mid-write)
+    is cut off. A failed rollout is not done: a resume runs it again."""
+    if not os.path.lexists(path):
+        return set(), 0
+    data = _read_rows(path)
     keep = data.rfind(b"\n") + 1
     if keep != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    ids = set()
-    for n, line in enumerate(data[:keep].splitlines(), 1):
+        fd = _open_regular(path, os.O_WRONLY, "repair")
         try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise StoreError(f"{path}:{n} is not a rollout row") from None
-    return ids
+            os.ftruncate(fd, keep)
+        except OSError as exc:
+            raise _os_error(exc, f"repair {path}") from None
+        finally:
+            os.close(fd)
+    newest: dict[str, bool] = {}
+    for n, line in enumerate(data[:keep].splitlines(), 1):
+        row = _parse_row(line, n, ROWS)
+        newest[row["id"]] = row.get("error") is None
+    return {i for i, ok in newest.items() if ok}, keep
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _settle_manifest(root: Path, manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Compare `manifest["settings"]` with the run's `run.json` (refusing a difference), or write it."""
+    path = root / MANIFEST
+    if os.path.lexists(path):
+        data = _read_rows(path)
+        try:
+            old = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise StoreError(f"{path} is not a run manifest: {exc}") from None
+        if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+            raise StoreError(f"{path} is not a run manifest (no settings)")
+        if manifest is None:
+            return old
+        ours, theirs = _flat(old["settings"]), _flat(json.loads(honest_json(manifest))["settings"])
+        differences = {k: (ours.get(k), theirs.get(k)) for k in sorted(ours.keys() | theirs.keys())
+                       if ours.get(k) != theirs.get(k)}
+        if differences:
+            raise ManifestMismatchError(str(root), differences)
+        return old
+    if manifest is None:
+        return None
+    if not isinstance(manifest.get("settings"), Mapping):
+        raise StoreError("a run manifest needs a 'settings' mapping")
+    _atomic_write(path, (json.dumps(json.loads(honest_json(manifest)), indent=2) + "\n").encode())
+    return dict(manifest)
 
 
 class RunReader:
-    """Reads a run directory back: rows, trajectories (with their features), images."""
+    """Reads a run directory back: rows, trajectories (with their features), images.
+
+    Anything hostile in the directory (a row that is not an object, an offset past the shard, a
+    shard path leaving `shards/`, a symlink, bytes that are not UTF-8) is a `StoreError`.
+    """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.root = Path(run_dir)
         if not (self.root / ROWS).is_file():
             raise StoreError(f"{self.root} has no {ROWS}")
 
-    def rows(self) -> Iterator[dict[str, Any]]:
-        with open(self.root / ROWS, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.endswith("\n"):
-                    raise StoreError(f"{ROWS}:{n} is truncated")
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise StoreError(f"{ROWS}:{n} is not JSON: {exc}") from None
+    def rows(self, *, all_rows: bool = False) -> Iterator[dict[str, Any]]:
+        """The newest row of each rollout, in file order (a resume's retry supersedes the failed
+        row); `all_rows=True` yields every row, each with `"superseded": bool`."""
+        data = _read_rows(self.root / ROWS)
+        lines = data.split(b"\n")
+        if lines[-1]:
+            raise StoreError(f"{ROWS}:{len(lines)} is truncated")
+        parsed = [_parse_row(line, n, ROWS) for n, line in enumerate(lines[:-1], 1)]
+        last = {row["id"]: k for k, row in enumerate(parsed)}
+        for k, row in enumerate(parsed):
+            if all_rows:
+                yield row | {"superseded": last[row["id"]] != k}
+            elif last[row["id"]] == k:
+                yield row
 
     def trajectory(self, row: Mapping[str, Any]) -> Trajectory:
+        if not isinstance(row, Mapping) or not isinstance(row.get("id"), str):
+            raise StoreError(f"a rollout row must be a mapping with a string id, got {type(row).__name__}")
+        rid = row["id"]
+        shard, offset, want = row.get("shard"), row.get("offset"), row.get("length")
+        if not isinstance(shard, str) or not _SHARD_NAME.fullmatch(shard):
+            raise StoreError(f"row {rid!r} names shard {str(shard)[:80]!r}, not a shard of shards/")
+        for name, value in (("offset", offset), ("length", want)):
+            if type(value) is not int or value < 0:
+                raise StoreError(f"row {rid!r} has {name} {str(value)[:40]!r}, not a non-negative integer")
+        assert isinstance(offset, int) and isinstance(want, int)
+        path = self.root / "shards" / shard
+        if not os.path.lexists(path):
+            raise StoreError(f"shard {shard} of rollout {rid} is missing")
+        fd = _open_regular(path, os.O_RDONLY, "read")
         try:
-            path, offset, want = self.root / "shards" / str(row["shard"]), int(row["offset"]), int(row["length"])
-        except (KeyError, TypeError, ValueError):
-            raise StoreError(f"row {row.get('id')!r} does not say where its trajectory is") from None
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                head = f.read(_FRAME.size)
-                if len(head) != _FRAME.size:
-                    raise StoreError(f"{path.name} is truncated at {offset}")
-                magic, length, crc = _FRAME.unpack(head)
-                record = f.read(length)
-        except FileNotFoundError:
-            raise StoreError(f"shard {path.name} of rollout {row['id']} is missing") from None
-        if magic != _MAGIC or length != want or len(record) != length:
-            raise StoreError(f"{path.name} at {offset}: bad or truncated frame for rollout {row['id']}")
+            size = os.fstat(fd).st_size
+            if offset + _FRAME.size + want > size:
+                raise StoreError(f"{shard} is truncated: rollout {rid} needs bytes {offset}..."
+                                 f"{offset + _FRAME.size + want} of {size}")
+            head = os.pread(fd, _FRAME.size, offset)
+            magic, length, crc = _FRAME.unpack(head)
+            if magic != _MAGIC or length != want:
+                raise StoreError(f"{shard} at {offset}: bad frame for rollout {rid}")
+            record = os.pread(fd, length, offset + _FRAME.size)
+        except OSError as exc:
+            raise _os_error(exc, f"read {path}") from None
+        finally:
+            os.close(fd)
+        if len(record) != length:
+            raise StoreError(f"{shard} at {offset}: truncated frame for rollout {rid}")
         if zlib.crc32(record) != crc:
-            raise StoreError(f"{path.name} at {offset}: corrupted record (CRC mismatch) for {row['id']}")
+            raise StoreError(f"{shard} at {offset}: corrupted record (CRC mismatch) for {rid}")
         try:
             batch = unpack(record)
-        except RollwireError as exc:
-            raise StoreError(f"{path.name} at {offset}: {exc}") from None
-        if len(batch.trajectories) != 1 or batch.trajectories[0].id != row["id"]:
-            raise StoreError(f"{path.name} at {offset} holds another rollout than {row['id']}")
+        except Exception as exc:  # typed or not (deep nesting, ...), a bad record is a StoreError
+            raise StoreError(f"{shard} at {offset}: {type(exc).__name__}: {exc}"[:300]) from None
+        if len(batch.trajectories) != 1 or batch.trajectories[0].id != rid:
+            raise StoreError(f"{shard} at {offset} holds another rollout than {rid}")
         return batch.trajectories[0]
 
     def trajectories(self) -> Iterator[Trajectory]:
@@ -274,10 +515,9 @@ class RunReader:
 
     def features(self, image_id: str) -> ImageFeatures:
         path = _blob_dir(self.root, image_id) / f"{image_id}.features"
-        try:
-            return decode_features(path.read_bytes(), image_id)
-        except FileNotFoundError:
-            raise StoreError(f"features blob of image {image_id} is missing") from None
+        if not os.path.lexists(path):
+            raise StoreError(f"features blob of image {image_id} is missing")
+        return decode_features(_read_rows(path), image_id)
 
     def load_features(self, store: FeatureStore, trajectory: Trajectory) -> None:
         """Put the trajectory's image features into `store` (for building training samples)."""
@@ -286,9 +526,13 @@ class RunReader:
                 store.put(self.features(image_id))
 
     def image(self, image_id: str) -> Image.Image:
-        path = _blob_dir(self.root, image_id) / f"{image_id}.png"
-        try:
-            return load_image(path)
-        except RollwireError as exc:
-            raise StoreError(f"original image {image_id}: {exc}") from None
-
+        """The archived original (PNG, or TIFF for modes PNG cannot hold)."""
+        folder = _blob_dir(self.root, image_id)
+        for ext in ("png", "tiff"):
+            path = folder / f"{image_id}.{ext}"
+            if os.path.lexists(path):
+                try:
+                    return load_image(_read_rows(path))
+                except RollwireError as exc:
+                    raise StoreError(f"original image {image_id}: {exc}") from None
+        raise StoreError(f"original image {image_id} is not archived")

@@ -61,7 +61,8 @@ class SampleBuilder:
 
     `features` and `image_pad_id` may be None for a text-only model (a step with images is then
     an error). `pixel_format` "uint8" gives the store's patch rows; "float32" / "bfloat16" give
-    them normalised as the HF processor does (bfloat16 needs `tensors="torch"`).
+    them normalised as the HF processor does (bfloat16 needs `tensors="torch"`). A trajectory that
+    ended in error gives no samples unless `include_failed=True`.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class SampleBuilder:
         merge_size: int,
         pixel_format: PixelFormat = "float32",
         tensors: TensorKind = "numpy",
+        include_failed: bool = False,
     ) -> None:
         if pixel_format not in get_args(PixelFormat):
             raise SampleError(f"pixel_format must be one of {get_args(PixelFormat)}, got {pixel_format!r}")
@@ -89,13 +91,14 @@ class SampleBuilder:
         self.merge_size = merge_size
         self.pixel_format: PixelFormat = pixel_format
         self.tensors: TensorKind = tensors
+        self.include_failed = include_failed
 
     @classmethod
     def for_renderer(cls, renderer: Renderer, *, pixel_format: PixelFormat = "float32",
-                     tensors: TensorKind = "numpy") -> SampleBuilder:
+                     tensors: TensorKind = "numpy", include_failed: bool = False) -> SampleBuilder:
         """A builder using the renderer's feature store, image pad id and merge size."""
         return cls(renderer.feature_store, image_pad_id=renderer.image_pad_id, merge_size=renderer.merge_size,
-                   pixel_format=pixel_format, tensors=tensors)
+                   pixel_format=pixel_format, tensors=tensors, include_failed=include_failed)
 
     def build(self, trajectory: Trajectory) -> list[Sample]:
         """The trajectory's samples in step order; raises `SampleError` / `PlaceholderError`.
@@ -104,6 +107,8 @@ class SampleBuilder:
         is not trained on: it only serves as context when a later merged step extends it, and a
         sample made only of such steps is dropped.
         """
+        if trajectory.error is not None and not self.include_failed:
+            return []  # a failed rollout (bad completion, env or engine error) is not trained on by default
         steps = trajectory.steps
         samples = []
         for group in _merge_groups(steps):

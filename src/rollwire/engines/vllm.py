@@ -50,9 +50,15 @@ OLD_LOGPROB_CLAMP = -9999.0  # older servers clamp -inf to this
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Capped exponential backoff with jitter, for connection errors, 429 and 5xx."""
+    """Capped exponential backoff with jitter, for refused connections, 429, 5xx (vLLM answers 503
+    while paused for a weight update) and a truncated or malformed 200 body.
 
-    attempts: int = 4
+    Retries go on until `deadline_s` seconds have passed since the first failure (a vLLM restart
+    takes about 40 s), or `attempts` tries when that is set.
+    """
+
+    deadline_s: float = 60.0
+    attempts: int | None = None
     base_s: float = 0.25
     cap_s: float = 4.0
     jitter: float = 0.5  # the delay is multiplied by a factor in [1 - jitter, 1 + jitter]
@@ -60,6 +66,15 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         raw = min(self.cap_s, self.base_s * 2**attempt)
         return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def next_delay(self, attempt: int, first_failure: float) -> float | None:
+        """The wait before try `attempt + 2`, or None when the policy gives up (never past the deadline)."""
+        if self.attempts is not None and attempt + 1 >= self.attempts:
+            return None
+        remaining = self.deadline_s - (time.monotonic() - first_failure)
+        if remaining <= 0:
+            return None
+        return min(self.delay(attempt), remaining)
 
 
 @dataclass
@@ -166,6 +181,16 @@ class VLLMEngine:
                 await self._settle_pixel_format()
             self._ready = True
 
+    async def server_version(self) -> str | None:
+        """The server's `/version` (vLLM has one), for a run manifest; None when it has none."""
+        try:
+            response = await self._client.get("/version")
+            answer = msgspec.json.decode(response.content) if response.status_code == 200 else None
+        except (httpx.RequestError, msgspec.DecodeError):
+            return None
+        version = answer.get("version") if isinstance(answer, dict) else None
+        return str(version)[:100] if version is not None else None
+
     async def _settle_pixel_format(self) -> None:
         """Detect the server's pixel format; an explicit one must agree with it when it can be read."""
         try:
@@ -268,6 +293,7 @@ class VLLMEngine:
         by_id = self._held_ids(request)
         sent = image_bytes = misses = 0
         attempt = 0
+        first_failure: float | None = None
         while True:
             features = None
             nbytes = 0
@@ -281,8 +307,12 @@ class VLLMEngine:
             self.stats.bytes_sent += len(body)
             self.stats.image_bytes_sent += nbytes
             status, payload, error = await self._send(body)
-            if status == 200:
-                break
+            if status == 200 and payload is not None:
+                try:
+                    completions = parse_choices(payload, n=request.sampling.n, logprobs=request.sampling.logprobs)
+                    break
+                except WireError as exc:  # a malformed 200 (a proxy, a dying server): try again
+                    error = f"answered 200 with a malformed body: {exc}"
             if status == 500 and by_id:
                 # vLLM's answer to an id-only image it no longer holds: forget what we assumed, re-send.
                 self.stats.cache_misses += 1
@@ -293,9 +323,12 @@ class VLLMEngine:
                 continue
             if status is not None and 400 <= status < 500 and status != 429:
                 raise InvalidRequestError(f"{self.base_url} refused the request ({status}): {error}")
-            if attempt + 1 >= self.retry.attempts:
-                raise ServerError(f"{self.base_url} failed after {attempt + 1} attempts: {error}", status=status)
-            await asyncio.sleep(self.retry.delay(attempt))
+            first_failure = first_failure if first_failure is not None else time.monotonic()
+            wait = self.retry.next_delay(attempt, first_failure)
+            if wait is None:
+                raise ServerError(f"{self.base_url} failed after {attempt + 1} attempts in "
+                                  f"{time.monotonic() - first_failure:.1f} s: {error}", status=status)
+            await asyncio.sleep(wait)
             attempt += 1
             self.stats.retries += 1
         self.stats.requests += 1
@@ -305,7 +338,6 @@ class VLLMEngine:
         self.stats.images_sent += occurrences - held
         for ref in request.images:
             self._remember(ref.id)
-        completions = parse_choices(payload, n=request.sampling.n, logprobs=request.sampling.logprobs)
         return GenerateResult(completions=completions, timings=Timings(total_s=time.perf_counter() - start),
                               bytes_sent=sent, image_bytes_sent=image_bytes,
                               cache_misses=misses)
@@ -337,24 +369,38 @@ class VLLMEngine:
         except msgspec.DecodeError:
             payload = None
         if response.status_code == 200 and payload is None:
-            raise ServerError(f"{self.base_url} answered 200 with a body that is not JSON", status=200)
+            return 200, None, "answered 200 with a body that is not JSON (truncated?)"
         error = _error_text(payload) if response.status_code != 200 else ""
         return response.status_code, payload, error or response.text[:200]
 
     async def _get_json(self, path: str) -> Any:
-        try:
-            response = await self._client.get(path)
-        except httpx.RequestError as exc:
-            raise ServerError(f"cannot reach {self.base_url}{path}: {exc}") from None
-        return self._json(response, path)
+        return self._json(await self._request("GET", path, None), path)
 
     async def _post_json(self, path: str, body: Any) -> Any:
-        try:
-            response = await self._client.post(path, content=msgspec.json.encode(body),
-                                               headers={"content-type": "application/json"})
-        except httpx.RequestError as exc:
-            raise ServerError(f"cannot reach {self.base_url}{path}: {exc}", status=None) from None
-        return self._json(response, path)
+        return self._json(await self._request("POST", path, msgspec.json.encode(body)), path)
+
+    async def _request(self, method: str, path: str, content: bytes | None) -> httpx.Response:
+        """A setup request, retried like generate on refused connections, 429 and 5xx."""
+        attempt = 0
+        first_failure: float | None = None
+        while True:
+            try:
+                response = await self._client.request(method, path, content=content,
+                                                      headers={"content-type": "application/json"})
+                if response.status_code < 500 and response.status_code != 429:
+                    return response
+                error = f"answered {response.status_code}: {response.text[:200]}"
+                status: int | None = response.status_code
+            except httpx.RequestError as exc:
+                error, status = f"cannot reach {self.base_url}{path}: {type(exc).__name__}: {exc}", None
+            first_failure = first_failure if first_failure is not None else time.monotonic()
+            wait = self.retry.next_delay(attempt, first_failure)
+            if wait is None:
+                raise ServerError(f"{self.base_url}{path}: {error} (gave up after {attempt + 1} attempts in "
+                                  f"{time.monotonic() - first_failure:.1f} s)", status=status)
+            await asyncio.sleep(wait)
+            attempt += 1
+            self.stats.retries += 1
 
     def _json(self, response: httpx.Response, path: str) -> Any:
         if response.status_code != 200:

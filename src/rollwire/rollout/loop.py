@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from rollwire.engines.types import Engine, GenerateRequest, SamplingParams
-from rollwire.errors import EnvError, ImageError, MessageError, PromptTooLongError, RenderError, RollwireError
+from rollwire.errors import EnvValueError, ImageError, MessageError, PromptTooLongError, RenderError, RollwireError
 from rollwire.features import ImageFeatures
 from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages
 from rollwire.render.types import RenderedTokens, Renderer
 from rollwire.rollout.env import Environment
 from rollwire.rollout.types import AssistantRecord, ErrorKind, RolloutError, Step, ToolCallRecord, Trajectory
+from rollwire.rollout.values import honest_value
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,13 @@ async def _turns(
         t0 = time.perf_counter()
         obs = await env.reset(traj.seed)
         state.conversation = _parse(obs.messages)
-        traj.tools = [dict(t) for t in obs.tools] if obs.tools else None
-        traj.env_info = dict(obs.info)
+        problems: list[str] = []
+        traj.tools = _take(list(obs.tools), "tools", problems) if obs.tools else None
+        traj.env_info = _take_info(obs.info, "env_info", problems)
+        _check_messages(state.conversation, 0, problems)
         metrics["env_s"] += time.perf_counter() - t0
+        if problems:
+            raise EnvValueError(problems)
     except Exception as exc:  # an environment's own bug is the environment's error
         return _error("env_error", exc, 0)
 
@@ -193,23 +198,28 @@ async def _turns(
         metrics["turns"] += 1
 
         t0 = time.perf_counter()
+        problems = []
         try:
             env_step = await env.step(parsed.message)
-            reward = float(env_step.reward)
-            if not math.isfinite(reward):
-                raise EnvError(f"reward {reward} is not finite")
+            info = _take_info(env_step.info, f"env_steps[{turn}].info", problems)
+            reward = _reward(env_step.reward, turn, problems)
             new_history = _parse(env_step.history) if env_step.history is not None else None
             new = _parse(env_step.messages, after=state.conversation) if new_history is None else []
         except Exception as exc:
             return _error("env_error", exc, turn + 1)
         metrics["env_s"] += time.perf_counter() - t0
-        traj.rewards.append(reward)
-        traj.metadata.setdefault("env_steps", []).append(dict(env_step.info))
+        traj.metadata.setdefault("env_steps", []).append(info)
+        if reward is not None:
+            traj.rewards.append(reward)
         if new_history is not None:
             branch += 1
             state.conversation = new_history
+            _check_messages(new_history, 0, problems)
         else:
+            _check_messages(new, len(state.conversation), problems)
             state.conversation = [*state.conversation, *new]
+        if problems:
+            return _error("env_error", EnvValueError(problems), turn + 1)
         if env_step.done:
             traj.finish = "done"
             return None
@@ -262,6 +272,40 @@ def _record(message: Message) -> AssistantRecord:
     return AssistantRecord(content=content, reasoning_content=message.reasoning_content, tool_calls=calls)
 
 
+def _take(value: Any, field: str, problems: list[str]) -> Any:
+    clean, found = honest_value(value, field)
+    problems.extend(found)
+    return clean
+
+
+def _take_info(info: Any, field: str, problems: list[str]) -> dict[str, Any]:
+    if not isinstance(info, Mapping):
+        problems.append(f"{field}: must be a mapping, got {type(info).__name__}")
+        return {}
+    return dict(_take(info, field, problems))
+
+
+def _reward(value: Any, turn: int, problems: list[str]) -> float | None:
+    """A finite real number (bools and numpy scalars count); anything else is reported and dropped."""
+    field = f"rewards[{turn}]"
+    if isinstance(value, np.generic):
+        value = value.item()
+    if not isinstance(value, (int, float)):
+        problems.append(f"{field}: reward must be a number, got {type(value).__name__}")
+        return None
+    reward = float(value) if abs(value) < 2**1023 else math.inf
+    if not math.isfinite(reward):
+        problems.append(f"{field}: reward {value} is not finite")
+        return None
+    return reward
+
+
+def _check_messages(messages: Sequence[Message], start: int, problems: list[str]) -> None:
+    """Report message text a run directory cannot hold (lone surrogates, ...); it is cleaned on write."""
+    for k, message in enumerate(messages, start):
+        problems.extend(honest_value(message_to_dict(message), f"messages[{k}]")[1])
+
+
 def _error(kind: ErrorKind, exc: BaseException, step: int) -> RolloutError:
     return RolloutError(kind=kind, message=f"{type(exc).__name__}: {exc}", step=step)
 
@@ -273,7 +317,10 @@ def _finish(state: _State, error: RolloutError | None) -> RolloutResult:
         traj.finish = "error"
     traj.reward = float(sum(traj.rewards))
     try:
-        traj.messages = [_message_json(m, state.images) for m in state.conversation]
+        messages, problems = honest_value([_message_json(m, state.images) for m in state.conversation], "messages")
+        traj.messages = messages
+        if problems and traj.error is None:  # the boundary checks should have caught it; never lose it
+            traj.error, traj.finish = _error("env_error", EnvValueError(problems), len(traj.steps)), "error"
     except Exception as exc:  # keep the rollout even if its messages cannot be written out
         traj.messages = []
         if traj.error is None:

@@ -4,16 +4,22 @@ bounded concurrency, a progress bar, and per-rollout errors that never stop the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rollwire import __version__
 from rollwire.engines.types import Engine
-from rollwire.errors import RolloutConfigError, StoreError
+from rollwire.errors import RolloutConfigError
 from rollwire.render.types import Renderer
 from rollwire.rollout.env import make_env
 from rollwire.rollout.loop import RolloutConfig, RolloutResult, run_rollout
@@ -51,6 +57,41 @@ def sampling_seed(config: RunConfig, prompt_index: int, sample_index: int) -> in
     return int(np.random.SeedSequence([config.seed, prompt_index, sample_index]).generate_state(1)[0])
 
 
+# What identifies a model for a run: its architecture and everything that turns text into tokens
+# and pixels into features (weights are not hashed: they can be many GB, and the config names them).
+FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                     "preprocessor_config.json")
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the model directory's config, tokenizer and processor files (names and bytes)."""
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, family: str | None = None,
+                 server_url: str | None = None, server_version: str | None = None) -> dict[str, Any]:
+    """A run's `run.json`: `settings` must match for a resume; `about` is recorded, not compared."""
+    r = config.rollout
+    return {
+        "settings": {
+            "model": {"fingerprint": None if model_dir is None else model_fingerprint(model_dir), "family": family},
+            "env": config.env, "env_kwargs": dict(config.env_kwargs), "seed": config.seed,
+            "n_prompts": config.n_prompts, "group": config.group, "max_turns": r.max_turns,
+            "max_tokens": r.max_tokens, "max_total_tokens": r.max_total_tokens,
+            "sampling": {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k},
+        },
+        "about": {"rollwire_version": __version__, "model_dir": None if model_dir is None else str(model_dir),
+                  "server_url": server_url, "server_version": server_version,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+
+
 @dataclass
 class RunSummary:
     done: int = 0
@@ -70,7 +111,10 @@ class RunSummary:
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     full_render_reasons: dict[str, int] = field(default_factory=dict)
-    unwritten: int = 0  # rollouts `on_result` failed to take (e.g. the store refused them)
+    # Rollouts `on_result` failed to take (the store refused them, the disk is full): they are
+    # counted here and not in `done` / `failed`, which count only rollouts that were kept.
+    unwritten: int = 0
+    error_messages: Counter[str] = field(default_factory=Counter)  # "kind: message" -> rollouts
     _seen_images: set[str] = field(default_factory=set, repr=False)
 
     @property
@@ -81,12 +125,28 @@ class RunSummary:
     def bridge_success_rate(self) -> float:
         return self.bridge_successes / self.bridge_attempts if self.bridge_attempts else 0.0
 
-    def add(self, result: RolloutResult) -> None:
+    @property
+    def ok(self) -> bool:
+        """Every rollout run finished without error and was kept."""
+        return self.failed == 0 and self.unwritten == 0
+
+    def top_errors(self, k: int = 5) -> list[tuple[str, int]]:
+        """The `k` most common error messages (failed and unwritten rollouts), with counts."""
+        return self.error_messages.most_common(k)
+
+    def add_unwritten(self, exc: BaseException) -> None:
+        self.unwritten += 1
+        self.error_messages[_error_key(f"unwritten: {type(exc).__name__}: {exc}")] += 1
+
+    def add(self, result: RolloutResult, *, kept: bool = True) -> None:
+        """Count a rollout's metrics; `kept=False` (it could not be written) leaves done/failed alone."""
         t = result.trajectory
         if t.error is not None:
-            self.failed += 1
             self.errors[t.error.kind] = self.errors.get(t.error.kind, 0) + 1
-        else:
+            if kept:
+                self.failed += 1
+                self.error_messages[_error_key(f"{t.error.kind}: {t.error.message}")] += 1
+        elif kept:
             self.done += 1
         m = t.metrics
         self.turns += int(m.get("turns", 0))
@@ -106,6 +166,13 @@ class RunSummary:
         self.unique_images = len(self._seen_images)
 
 
+def _error_key(message: str) -> str:
+    """An error message with content hashes masked, so the same failure on other images counts once."""
+    return _HASH.sub("<hash>", message)[:300]
+
+
+_HASH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{16,}|[0-9a-f]{16,}")
+
 OnResult = Callable[[RolloutResult], Awaitable[None] | None]
 
 
@@ -119,6 +186,9 @@ async def run_rollouts(
     progress: bool = True,
 ) -> RunSummary:
     """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends."""
+    connect = getattr(engine, "connect", None)
+    if connect is not None:  # reach the engine once: an unreachable one fails here, not in every rollout
+        await connect()
     summary = RunSummary()
     store = renderer.feature_store
     stats0 = store.stats() if store is not None else None
@@ -137,15 +207,18 @@ async def run_rollouts(
                 make_env(config.env, **config.env_kwargs), renderer, engine, config.rollout,
                 seed=env_seed(config, i), trajectory_id=trajectory_id(config, i, j), prompt_index=i,
                 sample_index=j, sampling_seed=sampling_seed(config, i, j))
-        summary.add(result)
+        kept = True
         if on_result is not None:
             try:
                 maybe = on_result(result)
                 if maybe is not None:
                     await maybe
-            except (StoreError, OSError) as exc:  # this rollout is lost; the others go on
-                summary.unwritten += 1
-                bar.console.print(f"[red]not written:[/red] {result.trajectory.id}: {exc}")
+            except Exception as exc:  # this rollout is lost (counted and shown); the others go on
+                kept = False
+                summary.add_unwritten(exc)
+                bar.console.print(f"[red]not written:[/red] {escape(result.trajectory.id)}: "
+                                  f"{escape(f'{type(exc).__name__}: {exc}')}", highlight=False)
+        summary.add(result, kept=kept)
         bar.update(task, advance=1, status=f"failed {summary.failed}" if summary.failed else "")
 
     with bar:
