@@ -46,8 +46,9 @@ Q35_CASES = [
          "reasoning_content": "done looking"}], kwargs={"add_generation_prompt": False}),
     Case("q35 only tool responses", [user("<tool_response>x</tool_response>")]),
     Case("q35 image in system", [{"role": "system", "content": [img("56", 44)]}, user("q")]),
-    Case("q35 vision ids", [user(img("56", 45), img("28", 46)), {"role": "assistant", "content": "ok"},
-                            tool(img("100x80", 47))], kwargs={"add_vision_id": True}),
+    Case("q35 vision ids", [user(img("56", 45), img("28", 46)), {"role": "assistant", "content": "ok",
+                            "tool_calls": [call("crop", box=[1])]}, tool(img("100x80", 47))],
+         kwargs={"add_vision_id": True}),
 ]
 ALL_CASES = [*CASES, *QWEN3_CASES, *Q35_CASES]
 
