@@ -175,6 +175,14 @@ class WireError(RollwireError, ValueError):
     """A wire payload could not be built, or a payload or response is malformed."""
 
 
+class MalformedResponseError(ServerError, WireError):
+    """The server answered 200 with a body whose shape or types are wrong (a choice without int
+    token ids, a finish_reason that is a list, a non-numeric logprob, ...). Nothing of it is used."""
+
+    def __init__(self, message: str, *, status: int | None = 200) -> None:
+        super().__init__(message, status=status)
+
+
 # --- rollouts -------------------------------------------------------------------------------
 
 

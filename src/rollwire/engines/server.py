@@ -63,6 +63,7 @@ DEFAULT_MAX_MODEL_LEN_CAP = 32768
 MAX_BODY_BYTES = 512 * 2**20
 DEFAULT_CONNECTION_TIMEOUT = 30.0  # seconds a connection may idle, or take to send one request
 DEFAULT_MAX_CONNECTIONS = 256  # open connections (one thread each); more are answered 503 and closed
+MAX_N = 256  # completions per request; a larger n would be held in memory at once
 # What vLLM answers for an exception inside the engine (e.g. a cached image it does not hold).
 INTERNAL_ERROR_BODY = {"error": {"message": "Internal server error", "type": "InternalServerError",
                                  "param": None, "code": 500}}
@@ -201,12 +202,16 @@ def _sampling_params(sp: _Sampling, *, prompt_len: int, max_model_len: int) -> S
     if sp.logprobs is not None and sp.logprobs != 0:
         raise _bad_request(f"sampling_params.logprobs={sp.logprobs} is not supported: only 0 (the sampled "
                            "token's logprob) is")
+    if not 1 <= sp.n <= MAX_N:
+        raise _bad_request(f"sampling_params.n={sp.n} is out of range: rollwire serve samples 1 to {MAX_N} "
+                           "completions per request")
+    if any(t < 0 for t in sp.stop_token_ids or ()):
+        raise _bad_request(f"sampling_params.stop_token_ids {sp.stop_token_ids!r:.100} holds a negative id")
     banned: list[int] = []
     for key, bias in (sp.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise _bad_request(f"logit_bias key {key!r} is not a token id") from None
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):  # int() would take " 1_0 " as 10
+            raise _bad_request(f"logit_bias key {key!r:.40} is not a token id")
+        token = int(key)
         if bias <= BAN_BIAS:
             banned.append(token)
         elif bias != 0:
@@ -601,6 +606,8 @@ class EngineServer:
             raise _bad_request(f"invalid request: {exc}") from None
         except msgspec.DecodeError as exc:
             raise _bad_request(f"request body is not JSON: {exc}") from None
+        except RecursionError:  # msgspec's depth check on an `Any` field (content_parts, messages)
+            raise _bad_request("request body is nested too deeply") from None
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:

@@ -33,6 +33,7 @@ from rollwire.errors import (
     EngineClosedError,
     EngineTimeoutError,
     InvalidRequestError,
+    MalformedResponseError,
     PixelFormatError,
     PromptTooLongError,
     ServerError,
@@ -366,7 +367,7 @@ class VLLMEngine:
             return None, None, f"{type(exc).__name__}: {exc}"
         try:
             payload = msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             payload = None
         if response.status_code == 200 and payload is None:
             return 200, None, "answered 200 with a body that is not JSON (truncated?)"
@@ -408,7 +409,7 @@ class VLLMEngine:
                               status=response.status_code)
         try:
             return msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise ServerError(f"{self.base_url}{path} answered a body that is not JSON") from None
 
 
@@ -424,60 +425,89 @@ def _error_text(payload: Any) -> str:
 _FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-def _token_id(value: Any, k: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise WireError(f"logprob entry {k} has token id {value!r}") from None
+_MAX_TOKEN_ID = 2**31 - 1  # no vocabulary comes near; whether an id is in *this* vocabulary is checked later
+
+
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _MAX_TOKEN_ID
+
+
+def _entry_token_id(entry: dict[str, Any], k: int) -> int:
+    """The token id a logprob entry names: `token_id` (an int), or the old `token: "token_id:123"`."""
+    token_id = entry.get("token_id")
+    if token_id is None:
+        token = entry.get("token")
+        if not (isinstance(token, str) and token.startswith("token_id:")):
+            raise MalformedResponseError(f"logprob entry {k} names no token id: {entry!r:.100}")
+        token_id = token.removeprefix("token_id:")
+        if token_id.isascii() and token_id.isdigit() and len(token_id) <= 10:
+            token_id = int(token_id)
+    if not _is_token_id(token_id):
+        raise MalformedResponseError(f"logprob entry {k} has token id {token_id!r:.40}")
+    return int(token_id)
 
 
 def parse_logprobs(entries: Any, token_ids: Sequence[int]) -> list[float]:
     """One logprob per completion token, from either logprob shape vLLM has used.
 
     New: `{"token_id": 123, "logprob": x}`; old: `{"token": "token_id:123", "logprob": x}` with
-    -inf clamped to -9999.0 (restored to -inf here). The ids must match the completion's.
+    -inf clamped to -9999.0 (restored to -inf here). The ids must match the completion's; any other
+    shape or type is a `MalformedResponseError`.
     """
     if not isinstance(entries, list) or len(entries) != len(token_ids):
-        raise WireError(f"{len(entries) if isinstance(entries, list) else 'no'} logprob entries for "
-                        f"{len(token_ids)} completion tokens")
+        raise MalformedResponseError(f"{len(entries) if isinstance(entries, list) else 'no'} logprob entries for "
+                                     f"{len(token_ids)} completion tokens")
     out: list[float] = []
     for k, (entry, expected) in enumerate(zip(entries, token_ids, strict=True)):
-        if not isinstance(entry, dict) or not isinstance(entry.get("logprob"), (int, float)):
-            raise WireError(f"logprob entry {k} is malformed: {entry!r:.100}")
-        token_id = entry.get("token_id")
-        if token_id is None:
-            token = entry.get("token")
-            if not (isinstance(token, str) and token.startswith("token_id:")):
-                raise WireError(f"logprob entry {k} names no token id: {entry!r:.100}")
-            token_id = token.removeprefix("token_id:")
-        if _token_id(token_id, k) != int(expected):
-            raise WireError(f"logprob entry {k} is for token {token_id}, the completion has {expected}")
-        value = float(entry["logprob"])
-        out.append(-math.inf if value <= OLD_LOGPROB_CLAMP else value)
+        value = entry.get("logprob") if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedResponseError(f"logprob entry {k} is malformed: {entry!r:.100}")
+        token_id = _entry_token_id(entry, k)
+        if token_id != expected:
+            raise MalformedResponseError(f"logprob entry {k} is for token {token_id}, the completion has {expected}")
+        out.append(-math.inf if value <= OLD_LOGPROB_CLAMP else float(value))
     return out
 
 
+def _choice_index(choice: Any, k: int) -> int:
+    if not isinstance(choice, dict):
+        raise MalformedResponseError(f"generate response choice {k} is a {type(choice).__name__}, not an object")
+    index = choice.get("index", 0)
+    if type(index) is not int:
+        raise MalformedResponseError(f"generate response choice {k} has index {index!r:.40}")
+    return index
+
+
 def parse_choices(payload: Any, *, n: int, logprobs: bool) -> list[Completion]:
-    """`n` completions from a generate response; anything else is a WireError, never a guess."""
-    try:
-        choices = sorted(payload["choices"], key=lambda c: c.get("index", 0))
-    except (KeyError, TypeError, AttributeError):
-        raise WireError(f"generate response has no choices: {payload!r:.200}") from None
+    """`n` completions from a generate response; anything else is a `MalformedResponseError` (a
+    `WireError` and a `ServerError`), never a guess: token ids are ints in [0, 2**31), finish and stop
+    reasons strings (stop: or an int), logprobs null or `{"content": [...]}` of numbers."""
+    raw = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(raw, list):
+        raise MalformedResponseError(f"generate response has no choices: {payload!r:.200}")
+    choices = [c for _, _, c in sorted((_choice_index(c, k), k, c) for k, c in enumerate(raw))]
     if len(choices) != n:
-        raise WireError(f"generate response has {len(choices)} choices for n={n}")
+        raise MalformedResponseError(f"generate response has {len(choices)} choices for n={n}")
     out = []
     for choice in choices:
+        where = f"choice {choice.get('index', 0)}"
         ids = choice.get("token_ids")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise WireError(f"choice {choice.get('index')} has no token_ids")
+        if not isinstance(ids, list) or not all(_is_token_id(t) for t in ids):
+            raise MalformedResponseError(f"{where} has no token_ids (a list of ints in [0, 2**31)): {ids!r:.100}")
         lp = choice.get("logprobs")
-        if logprobs and not isinstance(lp, dict):
-            raise WireError(f"choice {choice.get('index')} has no logprobs although they were requested")
-        values = parse_logprobs(lp.get("content"), ids) if isinstance(lp, dict) else None
+        if lp is not None and not isinstance(lp, dict):
+            raise MalformedResponseError(f"{where} has logprobs that are not an object: {lp!r:.100}")
+        if logprobs and lp is None:
+            raise MalformedResponseError(f"{where} has no logprobs although they were requested")
+        values = parse_logprobs(lp.get("content"), ids) if lp is not None else None
+        finish = choice.get("finish_reason")
+        if finish is not None and not isinstance(finish, str):
+            raise MalformedResponseError(f"{where} has finish_reason {finish!r:.100} (a string or null)")
         stop_reason = choice.get("stop_reason")
-        out.append(Completion(token_ids=ids, logprobs=values,
-                              finish_reason=_FINISH.get(choice.get("finish_reason"), "error"),
-                              stop_reason=stop_reason if isinstance(stop_reason, (int, str)) else None))
+        if stop_reason is not None and type(stop_reason) not in (int, str):
+            raise MalformedResponseError(f"{where} has stop_reason {stop_reason!r:.100} (an int, string or null)")
+        out.append(Completion(token_ids=ids, logprobs=values, finish_reason=_FINISH.get(finish, "error"),
+                              stop_reason=stop_reason))
     return out
 
 

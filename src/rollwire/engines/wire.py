@@ -134,6 +134,7 @@ def generate_body(
 
 
 _DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16, "int64": np.int64}
+_MAX_ELEMENTS = 2**40  # no image's features come near; keeps numpy's shape arithmetic in range
 
 
 def _decode_array(obj: Any, where: str) -> np.ndarray:
@@ -143,42 +144,62 @@ def _decode_array(obj: Any, where: str) -> np.ndarray:
     dtype_name, shape, ext = obj
     if dtype_name == "bfloat16":
         dtype: Any = np.uint16  # kept as raw bits; the caller widens them
-    elif dtype_name in _DTYPES:
+    elif isinstance(dtype_name, str) and dtype_name in _DTYPES:
         dtype = _DTYPES[dtype_name]
     else:
-        raise WireError(f"{where}: dtype {dtype_name!r} is not allowed")
+        raise WireError(f"{where}: dtype {dtype_name!r:.40} is not allowed")
     if not (isinstance(shape, list) and len(shape) <= 4
-            and all(isinstance(d, int) and 0 <= d <= 2**31 for d in shape)):
-        raise WireError(f"{where}: bad shape {shape!r}")
+            and all(type(d) is int and 0 <= d <= 2**31 for d in shape)):
+        raise WireError(f"{where}: bad shape {shape!r:.80}")
     if not (isinstance(ext, msgspec.msgpack.Ext) and ext.code == _RAW_ARRAY_EXT):
         raise WireError(f"{where}: data is not a raw array extension")
     data = memoryview(ext.data).cast("B")
     want = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
     if data.nbytes != want:
         raise WireError(f"{where}: {data.nbytes} bytes for shape {shape} of {dtype_name} (want {want})")
+    if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:  # an empty array's other dims count too
+        raise WireError(f"{where}: bad shape {shape!r:.80}")
     arr = np.frombuffer(data, dtype=dtype).reshape(shape)
     if dtype_name == "bfloat16":
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
     return arr
 
 
+def _field_data(obj: dict[Any, Any], name: str) -> Any:
+    field = obj.get(name)
+    if not isinstance(field, dict) or "data" not in field:
+        raise WireError(f"kwargs_data item: {name} is not an object with data")
+    return field["data"]
+
+
 def decode_image_kwargs(item: str) -> tuple[np.ndarray, tuple[int, int, int], str]:
-    """(pixel rows, grid_thw, dtype name) of one `kwargs_data` item; raises WireError when malformed."""
+    """(pixel rows, grid_thw, dtype name) of one `kwargs_data` item; anything malformed is a WireError.
+
+    Pixel rows are a view of the decoded bytes (bfloat16: widened to float32, one copy of twice
+    the size), so the output is at most 2x the item's length; the msgpack nesting is bounded by
+    the recursion limit. The grid must be three positive int64 values whose product is the row count.
+    """
+    if not isinstance(item, (str, bytes)):
+        raise WireError(f"kwargs_data item is a {type(item).__name__}, not a base64 string")
     try:
         obj = msgspec.msgpack.decode(base64.b64decode(item, validate=True))
     except (ValueError, msgspec.DecodeError) as exc:
         raise WireError(f"kwargs_data item is not base64 msgpack: {exc}") from None
+    except RecursionError:
+        raise WireError("kwargs_data item is nested too deeply") from None
     if not isinstance(obj, dict) or "pixel_values" not in obj or "image_grid_thw" not in obj:
         raise WireError("kwargs_data item lacks pixel_values or image_grid_thw")
-    try:
-        pixels = _decode_array(obj["pixel_values"]["data"], "pixel_values")
-        grid = _decode_array(obj["image_grid_thw"]["data"], "image_grid_thw")
-    except (KeyError, TypeError, IndexError) as exc:
-        raise WireError(f"kwargs_data item malformed: {exc}") from None
-    dtype_name = str(obj["pixel_values"]["data"][0])
+    pixel_data = _field_data(obj, "pixel_values")
+    pixels = _decode_array(pixel_data, "pixel_values")
+    grid = _decode_array(_field_data(obj, "image_grid_thw"), "image_grid_thw")
+    dtype_name = str(pixel_data[0])
     if pixels.ndim != 2 or grid.shape != (3,):
         raise WireError(f"pixel_values must be 2-D and image_grid_thw 3 values, got {pixels.shape}, {grid.shape}")
-    if int(np.prod(grid)) != pixels.shape[0]:
-        raise WireError(f"grid {grid.tolist()} implies {int(np.prod(grid))} rows, pixel_values has {pixels.shape[0]}")
+    if grid.dtype != np.int64:
+        raise WireError(f"image_grid_thw must be int64, got {grid.dtype}")
     t, h, w = (int(v) for v in grid)
+    if min(t, h, w) <= 0:
+        raise WireError(f"image_grid_thw {[t, h, w]} must be positive")
+    if t * h * w != pixels.shape[0]:
+        raise WireError(f"grid {[t, h, w]} implies {t * h * w} rows, pixel_values has {pixels.shape[0]}")
     return pixels, (t, h, w), dtype_name

@@ -15,6 +15,11 @@ writable views aliasing it) and keep the whole buffer alive; they may be unalign
 read-only tensors, so tensors are decoded with one copy. torch is imported only to decode a
 tensor (encoding sees a tensor only if torch is already imported). Anything else msgspec does
 not natively support is refused with `CodecError`: there is no pickle fallback.
+
+Hostile input gets a `CodecError` and nothing else. Output is bounded by the input: every
+decoded object takes at least one input byte, arrays are views of it (tensors: one copy), and
+an array's element count (empty dimensions counted as 1) is at most 2**48. Nesting is bounded
+by the interpreter's recursion limit (msgspec's own check), deeper input is a `CodecError`.
 """
 
 from __future__ import annotations
@@ -149,8 +154,8 @@ def _parse(data: memoryview) -> tuple[str, tuple[int, ...], memoryview]:
         raise CodecError("array extension is truncated")
     shape = tuple(_DIMS.unpack_from(data, pos + 8 * i)[0] for i in range(ndim))
     pos += 8 * ndim
-    if any(d > _MAX_DIM for d in shape):
-        raise CodecError(f"array shape {shape} has an implausible dimension")
+    if math.prod(max(d, 1) for d in shape) > _MAX_DIM:  # an empty array's other dims count too
+        raise CodecError(f"array shape {shape} has an implausible size")
     expected = math.prod(shape) * _ITEMSIZE[name]
     if expected != size - pos:
         raise CodecError(f"array {name}{list(shape)} needs {expected} bytes, the extension holds {size - pos}")
@@ -173,9 +178,12 @@ def _decode_tensor(name: str, shape: tuple[int, ...], raw: memoryview) -> Any:
     except ImportError:
         raise CodecError("the payload holds a torch tensor but torch is not installed") from None
     dtype = getattr(torch, name)
-    if len(raw) == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    try:
+        if len(raw) == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    except (RuntimeError, ValueError) as exc:  # torch's own limits on shapes and strides
+        raise CodecError(f"tensor {name}{list(shape)} cannot be built: {exc}") from None
 
 
 def ext_hook(code: int, data: memoryview) -> Any:
@@ -210,6 +218,8 @@ class Codec(Generic[T]):
             raise
         except (TypeError, ValueError, OverflowError) as exc:
             raise CodecError(f"cannot encode: {exc}") from None
+        except RecursionError:
+            raise CodecError("cannot encode: the value is nested too deeply") from None
 
     def decode(self, data: bytes | bytearray | memoryview) -> T:
         try:
@@ -218,6 +228,9 @@ class Codec(Generic[T]):
             raise
         except (msgspec.DecodeError, TypeError, ValueError, OverflowError) as exc:
             raise CodecError(f"cannot decode as {getattr(self.type, '__name__', self.type)}: {exc}") from None
+        except RecursionError:  # msgspec's depth check (Py_EnterRecursiveCall), raised cleanly
+            raise CodecError(f"cannot decode as {getattr(self.type, '__name__', self.type)}: "
+                             "nested deeper than the recursion limit") from None
 
 
 @functools.lru_cache(maxsize=128)

@@ -17,6 +17,14 @@ completion is the longest prefix of k's prompt and stores only the tokens after 
 the image refs after j's (offsets unchanged); other steps store their whole prompt. Decoding
 restores equal Trajectory objects. The checksum and the decoder's bounds checks make a
 truncated or corrupted buffer a CodecError, never a wrong batch. Inputs are not mutated.
+
+Decoding is bounded by the input, so a small hostile record cannot take a large amount of memory:
+the metadata inflates to at most `META_INFLATION` times its compressed size (or 1 MiB) and
+`max_meta_bytes`; the decoded prompts, completions and image refs together hold at most
+`TOKENS_PER_BYTE` items per input byte (or `max_tokens`), i.e. at most 8 x that in list memory.
+A step decodes to at most every token its trajectory stored plus as many refs (a ref covers at
+least one pad token) and a stored token takes 4 bytes, so trajectories of at most
+2 x `TOKENS_PER_BYTE` = 128 steps always fit; a linear conversation, about twice as many.
 """
 
 from __future__ import annotations
@@ -37,10 +45,14 @@ from rollwire.rollout.types import Step, Trajectory
 
 from .codec import Codec
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_META_BYTES", "PackedBatch", "pack", "unpack"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_META_BYTES", "META_INFLATION", "TOKENS_PER_BYTE", "PackedBatch",
+           "pack", "unpack"]
 
 MAGIC = b"RWPB"
 MAX_META_BYTES = 1 << 30  # default bound on the inflated metadata of one batch
+META_INFLATION = 128  # inflated / compressed metadata (real batches: 4-11x; zlib's ceiling: ~1032x)
+_META_FLOOR = 1 << 20  # small batches may always inflate this far
+TOKENS_PER_BYTE = 64  # decoded tokens + image refs per input byte (delta encoding expands prompts)
 FORMAT_VERSION = 1
 _FRAME = struct.Struct("<4sBIQ")
 _DELTA_FIELDS = ("prompt_ids", "images", "completion_ids", "completion_logprobs")
@@ -280,9 +292,12 @@ def _check_schema(body: memoryview) -> None:
 
 
 def _meta(body: _Body, max_bytes: int) -> Any:
-    """The inflated metadata; the declared size (at most `max_bytes`) bounds the output (no zlib bombs)."""
-    if not 0 <= body.meta_size <= max_bytes:
-        raise CodecError(f"packed metadata declares {body.meta_size} bytes (the bound is {max_bytes})")
+    """The inflated metadata; the declared size bounds the output (no zlib bombs): at most `max_bytes`
+    and `META_INFLATION` times the compressed size (or 1 MiB)."""
+    bound = min(max_bytes, max(_META_FLOOR, META_INFLATION * len(body.meta)))
+    if not 0 <= body.meta_size <= bound:
+        raise CodecError(f"packed metadata declares {body.meta_size} bytes from {len(body.meta)} compressed "
+                         f"(the bound is {bound})")
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(body.meta, body.meta_size + 1)
@@ -307,9 +322,41 @@ def _images(body: _Body) -> dict[str, ImageFeatures]:
     return images
 
 
-def unpack(data: bytes | bytearray | memoryview, *, max_meta_bytes: int = MAX_META_BYTES) -> PackedBatch:
-    """Decode a `pack`ed batch: equal trajectories and (zero-copy) image features."""
+def _check_heads(heads: list[_StepHead], t: int, n_images: int) -> int:
+    """Check one trajectory's step heads before anything is built; returns the items they decode to
+    (prompt and completion tokens and image refs, summed over steps)."""
+    sizes: list[tuple[int, int]] = []  # per step: (prompt + completion tokens, image refs)
+    total = 0
+    for k, head in enumerate(heads):
+        if not -1 <= head.base < k or (head.refs_extend and head.base < 0):
+            raise CodecError(f"packed trajectory {t} step {k} names base step {head.base}")
+        if head.new_tokens < 0 or head.completion_tokens < 0 or head.logprobs < -1:
+            raise CodecError(f"packed trajectory {t} step {k} has negative counts")
+        for r in head.refs:
+            if not 0 <= r.image < n_images:
+                raise CodecError(f"packed trajectory {t} step {k} refers to an image outside the batch")
+            if r.offset < 0 or r.length <= 0 or min(r.grid_thw) <= 0:
+                raise CodecError(f"packed trajectory {t} step {k} has an image ref at offset {r.offset}, "
+                                 f"length {r.length}, grid {r.grid_thw}")
+        tokens, refs = head.new_tokens + head.completion_tokens, len(head.refs)
+        if head.base >= 0:
+            tokens += sizes[head.base][0]
+            refs += sizes[head.base][1] if head.refs_extend else 0
+        sizes.append((tokens, refs))
+        total += tokens + refs
+    return total
+
+
+def unpack(data: bytes | bytearray | memoryview, *, max_meta_bytes: int = MAX_META_BYTES,
+           max_tokens: int | None = None) -> PackedBatch:
+    """Decode a `pack`ed batch: equal trajectories and (zero-copy) image features.
+
+    Every malformed, truncated or hostile buffer is a `CodecError`. The decoded prompt and
+    completion tokens plus image refs are at most `max_tokens` (default `TOKENS_PER_BYTE` per input
+    byte), checked before any step is built; the inflated metadata is bounded as `_meta` says.
+    """
     body_view = _read_frame(data)
+    budget = TOKENS_PER_BYTE * len(body_view) if max_tokens is None else max_tokens
     _check_schema(body_view)
     body = _BODY.decode(body_view)
     if len(body.image_ids) != len(set(body.image_ids)):
@@ -319,29 +366,30 @@ def unpack(data: bytes | bytearray | memoryview, *, max_meta_bytes: int = MAX_ME
         raise CodecError("packed batch trajectory, head and step lists differ in length")
     for arr, kinds, what in ((body.tokens, ("int32", "int64"), "tokens"),
                              (body.logprobs, ("float32", "float64"), "logprobs")):
-        if arr.ndim != 1 or arr.dtype.name not in kinds:
-            raise CodecError(f"packed {what} must be a 1-D {' or '.join(kinds)} array, got {arr.dtype}{arr.shape}")
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.name not in kinds:
+            raise CodecError(f"packed {what} must be a 1-D {' or '.join(kinds)} numpy array, "
+                             f"got {type(arr).__name__} {getattr(arr, 'dtype', '')}{getattr(arr, 'shape', '')}")
+    ids = body.image_ids
+    decoded = 0
+    for t, (heads, step_rests) in enumerate(zip(meta.heads, meta.rests, strict=True)):
+        if len(heads) != len(step_rests):
+            raise CodecError(f"packed trajectory {t} has unequal head and step lists")
+        decoded += _check_heads(heads, t, len(ids))
+        if decoded > budget:
+            raise CodecError(f"packed batch decodes to more than {budget} tokens and image refs "
+                             f"({len(body_view)} input bytes; see unpack's max_tokens)")
     tokens: list[int] = body.tokens.tolist()
     logprobs: list[float] = body.logprobs.tolist()
     images = _images(body)
-    ids = body.image_ids
     tok_pos = lp_pos = 0
     trajectories = []
     for rest, heads, step_rests in zip(meta.trajectories, meta.heads, meta.rests, strict=True):
-        if len(heads) != len(step_rests):
-            raise CodecError("packed trajectory has unequal head and step lists")
         steps: list[Step] = []
         for k, (head, step_rest) in enumerate(zip(heads, step_rests, strict=True)):
-            if not -1 <= head.base < k or (head.refs_extend and head.base < 0):
-                raise CodecError(f"packed step {k} names base step {head.base}")
-            if head.new_tokens < 0 or head.completion_tokens < 0 or head.logprobs < -1:
-                raise CodecError(f"packed step {k} has negative counts")
             mid = tok_pos + head.new_tokens
             end = mid + head.completion_tokens
             if end > len(tokens) or (head.logprobs > 0 and lp_pos + head.logprobs > len(logprobs)):
                 raise CodecError(f"packed step {k} reads past the token or logprob array")
-            if any(not 0 <= r.image < len(ids) for r in head.refs):
-                raise CodecError(f"packed step {k} refers to an image outside the batch")
             refs = tuple(ImageRef(ids[r.image], r.offset, r.length, r.grid_thw) for r in head.refs)
             prompt = tokens[tok_pos:mid]
             if head.base >= 0:
