@@ -351,11 +351,8 @@ class LocalEngine:
             features = [feat for job in jobs for feat in job.features]
             if features:
                 assert self.feature_store is not None
-                config = self.feature_store.config
-                pixels = np.concatenate([feat.normalized(config) for feat in features])
-                kwargs["pixel_values"] = torch.from_numpy(pixels).to(self._device)
-                kwargs["image_grid_thw"] = torch.tensor([feat.grid_thw for feat in features],
-                                                        dtype=torch.long, device=self._device)
+                for name, array in self.feature_store.config.model_inputs(features).items():
+                    kwargs[name] = torch.from_numpy(array).to(self._device)
         out = self._model(**kwargs)
         logits = out.logits[:, -1, :].float()
         return logits, kwargs[self._cache_kwarg], kwargs["attention_mask"], next_positions
@@ -544,17 +541,10 @@ def _image_pad_id(model: ModelDir, config: Any) -> int:
 
 def _check_store(store: FeatureStore, config: Any) -> None:
     """The store's features must have the shape the model's vision tower takes."""
-    vision = config.vision_config
-    patch = int(vision.patch_size)
-    temporal = int(getattr(vision, "temporal_patch_size", 2))
-    channels = int(getattr(vision, "in_channels", getattr(vision, "in_chans", 3)))
-    row_size = channels * temporal * patch * patch
-    merge = int(vision.spatial_merge_size)
-    have = store.config
-    if have.row_size != row_size or have.merge_size != merge:
-        raise EngineUnavailableError(
-            f"the feature store makes rows of {have.row_size} values with merge size {have.merge_size}; the "
-            f"model takes {row_size} and {merge}: build the store from the model's preprocessor_config.json")
+    try:
+        store.config.check_model(config.vision_config)
+    except FeatureError as exc:
+        raise EngineUnavailableError(f"the feature store does not fit {type(config).__name__}: {exc}") from None
 
 
 def _rope_index_fn(model: Any) -> Any:

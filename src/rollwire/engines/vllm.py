@@ -213,7 +213,7 @@ class VLLMEngine:
         """
         assert self.store is not None
         config = self.store.config
-        side = max(config.factor, math.ceil(math.sqrt(config.min_pixels) / config.factor) * config.factor)
+        side = config.unresized_side()
         probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
         buf = io.BytesIO()
         probe.save(buf, format="PNG")

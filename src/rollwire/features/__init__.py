@@ -1,0 +1,19 @@
+"""Image features: per-family image processors and the content-addressed feature store."""
+
+from rollwire.features.processor import ImageProcessor, PixelFormat
+from rollwire.features.qwen_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionConfig, process_image, smart_resize
+from rollwire.features.store import FeatureStore, ImageFeatures, StoreStats, compute_features
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "FeatureStore",
+    "ImageFeatures",
+    "ImageProcessor",
+    "PixelFormat",
+    "StoreStats",
+    "VisionConfig",
+    "compute_features",
+    "process_image",
+    "smart_resize",
+]

@@ -1,0 +1,54 @@
+"""What an image processor provides; the rest of rollwire treats its rows and grid as opaque.
+
+A processor turns an RGB image into uint8 patch rows (resized and patchified, neither rescaled
+nor normalised: what vLLM wants on the wire) and a grid `(t, h, w)` in patches; the image then
+takes `t*h*w // merge_size**2` placeholder tokens. It also says how its rows become the float
+pixels the HF processor returns by default, and which arrays the HF model's forward pass takes
+for a batch of images. Each family's processor is its own module (`qwen_vl`, ...); the
+content-addressed `FeatureStore` works with any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from rollwire.features.store import ImageFeatures
+
+# How pixels travel: uint8 patch rows (what vLLM 0.32 wants) or normalised floats.
+PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
+
+
+@runtime_checkable
+class ImageProcessor(Protocol):
+    @property
+    def merge_size(self) -> int:
+        """Patches per token side: an image takes prod(grid) // merge_size**2 tokens."""
+
+    @property
+    def row_size(self) -> int:
+        """uint8 values per patch row."""
+
+    def fingerprint(self) -> str:
+        """A short stable string over every setting that shapes the rows (part of each image id)."""
+
+    def process(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Read-only uint8 rows and grid of an RGB image, bit-exact with the HF processor's
+        un-rescaled, un-normalised output."""
+
+    def normalize(self, rows: np.ndarray) -> np.ndarray:
+        """float32 rows equal to the HF processor's default (rescaled, normalised) output."""
+
+    def model_inputs(self, features: Sequence[ImageFeatures]) -> dict[str, np.ndarray]:
+        """The image arrays the HF model's forward pass takes for these images, in order."""
+
+    def unresized_side(self) -> int:
+        """The side of a square image this processor keeps as it is (a probe that needs no resize)."""
+
+    def check_model(self, vision_config: Any) -> None:
+        """Raise `FeatureError` unless rows of this processor fit the model's vision tower."""

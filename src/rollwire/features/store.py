@@ -1,0 +1,234 @@
+"""The content-addressed feature store, the only place pixels live, and one image's features.
+
+Everything else refers to an image by its id: a hash of its RGB pixels, its size and the
+processor's fingerprint (the settings that shape its features). The store works with any
+`ImageProcessor`; it is bounded by bytes and safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from rollwire.errors import FeatureError, UnknownImageError
+from rollwire.features.processor import ImageProcessor
+from rollwire.images import DEFAULT_LIMITS, ImageLimits, image_hash, load_image, to_rgb
+from rollwire.messages import ImageSource
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FeatureStore", "ImageFeatures", "StoreStats", "compute_features"]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFeatures:
+    """One image's uint8 patch rows (read-only), its grid and its content id."""
+
+    id: str
+    pixel_values: np.ndarray
+    grid_thw: tuple[int, int, int]
+    merge_size: int
+
+    def __post_init__(self) -> None:
+        pv = self.pixel_values
+        grid = tuple(int(g) for g in self.grid_thw)
+        if not isinstance(pv, np.ndarray) or pv.dtype != np.uint8 or pv.ndim != 2:
+            raise FeatureError(f"image {self.id[:12]}: pixel_values must be a 2-D uint8 array")
+        if len(grid) != 3 or min(grid) <= 0 or pv.shape[0] != math.prod(grid):
+            raise FeatureError(
+                f"image {self.id[:12]}: grid {self.grid_thw} does not match {pv.shape[0]} rows")
+        m = self.merge_size
+        if m <= 0 or grid[1] % m or grid[2] % m:
+            raise FeatureError(f"image {self.id[:12]}: grid {grid} is not a multiple of merge size {m}")
+        if pv.flags.writeable:
+            pv = pv.view()
+            pv.flags.writeable = False
+        object.__setattr__(self, "pixel_values", pv)
+        object.__setattr__(self, "grid_thw", grid)
+
+    @property
+    def num_tokens(self) -> int:
+        """Image pad tokens this image takes in the prompt."""
+        return math.prod(self.grid_thw) // (self.merge_size * self.merge_size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pixel_values.nbytes)
+
+    def normalized(self, config: ImageProcessor, dtype: Any = np.float32) -> np.ndarray:
+        """Rescaled and normalised float rows, equal to the HF processor's default output."""
+        out_dtype = np.dtype(dtype)
+        if out_dtype.kind != "f":
+            raise FeatureError(
+                f"normalized() needs a float dtype, got {out_dtype} (for bfloat16 use normalized_torch)")
+        if self.pixel_values.shape[1] != config.row_size:
+            raise FeatureError(f"image {self.id[:12]}: rows have {self.pixel_values.shape[1]} values but the "
+                               f"processor makes {config.row_size}")
+        out = config.normalize(self.pixel_values)
+        return out if out_dtype == np.float32 else out.astype(out_dtype)
+
+    def normalized_torch(self, config: ImageProcessor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`normalized` as a torch tensor in `dtype` (e.g. torch.bfloat16); imports torch lazily."""
+        try:
+            import torch
+        except ImportError:
+            raise FeatureError("normalized_torch needs torch installed") from None
+        tensor = torch.from_numpy(self.normalized(config))
+        return tensor if dtype is None or dtype == torch.float32 else tensor.to(dtype)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageFeatures):
+            return NotImplemented
+        return (self.id == other.id and self.grid_thw == other.grid_thw
+                and self.merge_size == other.merge_size
+                and np.array_equal(self.pixel_values, other.pixel_values))
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+def compute_features(rgb_image: Image.Image, config: ImageProcessor) -> ImageFeatures:
+    """Hash and process an RGB image (no store involved)."""
+    image_id = image_hash(rgb_image, config.fingerprint())
+    rows, grid = config.process(rgb_image)
+    return ImageFeatures(image_id, rows, grid, config.merge_size)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    items: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    oversized: int  # processed items larger than max_bytes: returned, not stored
+
+
+@dataclass
+class _Pending:
+    done: threading.Event = field(default_factory=threading.Event)
+    result: ImageFeatures | None = None
+
+
+class FeatureStore:
+    """Content-addressed image features, bounded by bytes (LRU), safe to share between threads.
+
+    `get_or_process` decodes and hashes every time (that is how the id is known) and processes
+    only on a miss; concurrent requests for the same new image process it once (one miss, the
+    others count as hits). `get` and `put` do not count.
+    """
+
+    def __init__(self, config: ImageProcessor | None = None, *, max_bytes: int = 4 * 2**30,
+                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
+        if max_bytes < 0:
+            raise FeatureError(f"max_bytes must be >= 0, got {max_bytes}")
+        if config is None:
+            from rollwire.features.qwen_vl import VisionConfig
+
+            config = VisionConfig()
+        self.config: ImageProcessor = config
+        self.max_bytes = max_bytes
+        self.limits = limits
+        self._fingerprint = self.config.fingerprint()
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._pending: dict[str, _Pending] = {}
+        self._bytes = 0
+        self._hits = self._misses = self._evictions = self._oversized = 0
+
+    def get_or_process(self, source: ImageSource, *, limits: ImageLimits | None = None) -> ImageFeatures:
+        rgb = to_rgb(load_image(source, limits or self.limits))
+        image_id = image_hash(rgb, self._fingerprint)
+        while True:
+            with self._lock:
+                found = self._items.get(image_id)
+                if found is not None:
+                    self._items.move_to_end(image_id)
+                    self._hits += 1
+                    return found
+                pending = self._pending.get(image_id)
+                owner = pending is None
+                if pending is None:
+                    pending = self._pending[image_id] = _Pending()
+                    self._misses += 1
+            if owner:
+                break
+            pending.done.wait()
+            if pending.result is not None:  # oversized results are not stored but still shared
+                with self._lock:
+                    self._hits += 1
+                return pending.result
+            # the owner failed: try again (and fail the same way, with our own exception)
+        try:
+            rows, grid = self.config.process(rgb)
+            features = ImageFeatures(image_id, rows, grid, self.config.merge_size)
+            with self._lock:
+                self._insert(features)
+                pending.result = features
+        finally:
+            with self._lock:
+                self._pending.pop(image_id, None)
+            pending.done.set()
+        return features
+
+    def put(self, features: ImageFeatures) -> None:
+        """Store features computed elsewhere (e.g. received from a peer) under their id."""
+        config = self.config
+        if features.merge_size != config.merge_size or features.pixel_values.shape[1] != config.row_size:
+            raise FeatureError(f"image {features.id[:12]}: features do not match this store's processor")
+        with self._lock:
+            existing = self._items.get(features.id)
+            if existing is not None:
+                if existing.grid_thw != features.grid_thw:
+                    raise FeatureError(f"image {features.id[:12]}: id already stored with grid "
+                                       f"{existing.grid_thw}, got {features.grid_thw}")
+                self._items.move_to_end(features.id)
+                return
+            self._insert(features)
+
+    def get(self, image_id: str) -> ImageFeatures:
+        with self._lock:
+            found = self._items.get(image_id)
+            if found is None:
+                raise UnknownImageError(f"image {image_id!r} is not in the feature store")
+            self._items.move_to_end(image_id)
+            return found
+
+    def __contains__(self, image_id: object) -> bool:
+        with self._lock:
+            return image_id in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def clear(self) -> None:
+        """Drop every stored image (the counters stay)."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(items=len(self._items), bytes=self._bytes, max_bytes=self.max_bytes,
+                              hits=self._hits, misses=self._misses, evictions=self._evictions,
+                              oversized=self._oversized)
+
+    def _insert(self, features: ImageFeatures) -> None:  # caller holds the lock
+        if features.nbytes > self.max_bytes:
+            self._oversized += 1
+            return
+        self._items[features.id] = features
+        self._bytes += features.nbytes
+        while self._bytes > self.max_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            self._evictions += 1
