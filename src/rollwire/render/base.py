@@ -107,6 +107,12 @@ class TemplateRenderer:
         """(content, reasoning, tool calls, error) of a completion's text."""
         raise NotImplementedError
 
+    def close_turn(self, completion: Sequence[int], first_new: Message) -> tuple[list[int], list[Piece]] | None:
+        """What follows a sampled assistant turn before the next message: non-sampled ids (the turn
+        close, when the completion was cut before it) and template text; None declines the bridge
+        (a family whose template continues the turn differently says so here)."""
+        return ([] if completion and completion[-1] == self.turn_end_id else [self.turn_end_id]), [self.turn_separator]
+
     # --- shared --------------------------------------------------------------------------
 
     @property
@@ -162,11 +168,13 @@ class TemplateRenderer:
         vision = set(self.vision_token_ids)
         if any(t in vision for t in completion):
             return BridgeResult(None, "completion contains a vision token")
+        closing = self.close_turn(completion, msgs[0])
+        if closing is None:
+            return BridgeResult(None, f"the {self.family} template does not continue this turn by extension")
         em = Emitter(self.tokenizer, self._images, previous_prompt)
         em.tokens(assistant_index, completion, sampled=True)
-        if not completion or completion[-1] != self.turn_end_id:
-            em.tokens(assistant_index, [self.turn_end_id], sampled=False)
-        em.emit(assistant_index, [self.turn_separator])
+        em.tokens(assistant_index, closing[0], sampled=False)
+        em.emit(assistant_index, closing[1])
         first = assistant_index + 1
         self._emit_messages(em, msgs, first, prev_role="assistant", tools=None)
         if add_generation_prompt:
