@@ -171,6 +171,16 @@ class EngineTimeoutError(EngineError, TimeoutError):
     """The request's deadline passed (retries included)."""
 
 
+class CompletionError(EngineError, ValueError):
+    """A sampled completion is not something to continue or train on: an id outside the vocabulary,
+    a vision or template-structure token, a stop token before the end, a logprob that is not a
+    finite value <= 0. `position` is the completion index of the first offending token."""
+
+    def __init__(self, message: str, *, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
 class WireError(RollwireError, ValueError):
     """A wire payload could not be built, or a payload or response is malformed."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rollwire.errors import RenderError
 from rollwire.messages import ImagePart, Message, MessageLike, TextPart, ToolCall, parse_messages, parse_tools
-from rollwire.render.emit import Emitter, ImageTokens, Piece
+from rollwire.render.emit import Emitter, ImageTokens, Piece, Text
 from rollwire.render.tokens import TextTokenizer
 from rollwire.render.types import BridgeResult, ParsedResponse, RenderedTokens, ResponseStatus
 
@@ -59,8 +59,11 @@ class TemplateRenderer:
     turn_separator: ClassVar[str] = ""  # template text between a message's close and the next one
     stop_tokens: ClassVar[tuple[str, ...]] = ()  # optional ones are skipped when absent
     vision_tokens: ClassVar[tuple[str, ...]] = ()  # never sampled (banned) nor left in a completion
+    structure_tokens: ClassVar[tuple[str, ...]] = ()  # template markers a completion must not contain
     image_pad: ClassVar[str | None] = None  # the placeholder an image expands to (None: text only)
     add_vision_id = False
+    # Special-token text in message content stays text (False: control tokens, as HF templates do).
+    plain_content = True
 
     def __init__(
         self,
@@ -75,6 +78,8 @@ class TemplateRenderer:
         self.stop_token_ids: tuple[int, ...] = tuple(dict.fromkeys(t for t in stops if t is not None))
         self.vision_token_ids: tuple[int, ...] = tuple(
             t for t in (tokenizer.optional_token_id(s) for s in self.vision_tokens) if t is not None)
+        self.structure_token_ids: tuple[int, ...] = tuple(
+            t for t in (tokenizer.optional_token_id(s) for s in self.structure_tokens) if t is not None)
         self.feature_store = feature_store
         self.merge_size = feature_store.config.merge_size if feature_store is not None else 2
         self._images: ImageTokens | None = None
@@ -120,6 +125,10 @@ class TemplateRenderer:
         return self._images.pad_id if self._images else None
 
     @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
     def im_end_id(self) -> int:  # the ChatML name of the turn-close token, kept for callers
         return self.turn_end_id
 
@@ -133,7 +142,7 @@ class TemplateRenderer:
         msgs, tools = parse_messages(messages), parse_tools(tools)
         if not msgs:
             raise RenderError("cannot render an empty conversation")
-        em = Emitter(self.tokenizer, self._images)
+        em = Emitter(self.tokenizer, self._images, plain_content=self.plain_content)
         em.emit(-1, self.preamble(msgs, tools))
         self._emit_messages(em, msgs, 0, prev_role=None, tools=tools)
         if add_generation_prompt:
@@ -171,7 +180,7 @@ class TemplateRenderer:
         closing = self.close_turn(completion, msgs[0])
         if closing is None:
             return BridgeResult(None, f"the {self.family} template does not continue this turn by extension")
-        em = Emitter(self.tokenizer, self._images, previous_prompt)
+        em = Emitter(self.tokenizer, self._images, previous_prompt, plain_content=self.plain_content)
         em.tokens(assistant_index, completion, sampled=True)
         em.tokens(assistant_index, closing[0], sampled=False)
         em.emit(assistant_index, closing[1])
@@ -220,7 +229,7 @@ class TemplateRenderer:
         pieces: list[Piece] = []
         for part in message.parts:
             if isinstance(part, TextPart):
-                pieces.append(part.text)
+                pieces.append(Text(part.text))
             elif isinstance(part, ImagePart):
                 if self._images is None:
                     raise RenderError(f"the {self.family} renderer does not take images")

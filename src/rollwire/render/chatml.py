@@ -40,6 +40,7 @@ class ChatMLRenderer(TemplateRenderer):
     turn_separator: ClassVar[str] = "\n"
     stop_tokens: ClassVar[tuple[str, ...]] = (IM_END, ENDOFTEXT)
     vision_tokens: ClassVar[tuple[str, ...]] = VISION_TOKENS
+    structure_tokens: ClassVar[tuple[str, ...]] = (IM_START,)
 
     def generation_prompt(self) -> list[Piece]:
         return [f"{IM_START}assistant\n"]

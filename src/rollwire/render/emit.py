@@ -1,10 +1,14 @@
 """The one routine that turns rendered pieces into tokens; `render` and `bridge` both use it.
 
 A renderer describes each message as pieces: strings (template text, special tokens written
-as text) and `ImagePart`s. Consecutive strings are tokenized as one run, exactly as a chat
-template's output string would be, so token boundaries match the HF reference; an image
-becomes the model's pad token repeated as its grid implies, and an `ImageRef` with an
-absolute offset.
+as text), `Text` (message content: strings whose special-token look-alikes stay ordinary text)
+and `ImagePart`s. Consecutive strings are tokenized as one run, exactly as a chat template's
+output string would be, so token boundaries match the HF reference; an image becomes the
+model's pad token repeated as its grid implies, and an `ImageRef` with an absolute offset.
+
+The HF template tokenizes `<|im_end|>` inside a tool result as the control token, so a tool
+result can forge a whole turn. Here only the template's own markers are control tokens
+(`plain_content=False` restores the HF behaviour, for parity checks).
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ if TYPE_CHECKING:
 Piece: TypeAlias = "str | ImagePart"
 
 
+class Text(str):
+    """Message content (or other caller data) inside the pieces: its special-token text is plain."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
 class ImageTokens:
     """How a family writes an image into the token stream."""
@@ -43,9 +53,11 @@ class Emitter:
     """
 
     def __init__(
-        self, tokenizer: TextTokenizer, images: ImageTokens | None, base: RenderedTokens | None = None
+        self, tokenizer: TextTokenizer, images: ImageTokens | None, base: RenderedTokens | None = None,
+        *, plain_content: bool = True,
     ) -> None:
         self._tok = tokenizer
+        self._plain_content = plain_content
         self._images = images
         self.token_ids: list[int] = list(base.token_ids) if base else []
         self.message_index: list[int] = list(base.message_index) if base else []
@@ -100,15 +112,39 @@ class Emitter:
         if not self._run:
             return
         text = "".join(self._run)
-        encoding = self._tok.encode(text)
         starts: list[int] = []
         pos = 0
         for chunk in self._run:
             starts.append(pos)
             pos += len(chunk)
-        for token_id, (start, _end) in zip(encoding.ids, encoding.offsets, strict=True):
+        for token_id, start in self._encode(text, starts):
             self.token_ids.append(token_id)
             self.message_index.append(self._run_index[bisect.bisect_right(starts, start) - 1])
             self.sampled_mask.append(False)
         self._run.clear()
         self._run_index.clear()
+
+    def _encode(self, text: str, starts: list[int]) -> list[tuple[int, int]]:
+        """(id, start offset) of each token of a run. Where content holds special-token text, the
+        run is split at the template's own special tokens only, and the rest is encoded plainly."""
+        pattern = self._tok.special_pattern
+        content = [(s, s + len(c)) for s, c in zip(starts, self._run, strict=True) if isinstance(c, Text)]
+        if not (self._plain_content and pattern is not None
+                and any(pattern.search(text, a, b) for a, b in content)):
+            encoding = self._tok.encode(text)
+            return [(t, o[0]) for t, o in zip(encoding.ids, encoding.offsets, strict=True)]
+        out: list[tuple[int, int]] = []
+        pos = 0
+        for match in pattern.finditer(text):
+            if any(a < match.end() and match.start() < b for a, b in content):
+                continue  # content: stays text
+            out += self._plain(text, pos, match.start())
+            out.append((self._tok.token_id(match.group()), match.start()))
+            pos = match.end()
+        return out + self._plain(text, pos, len(text))
+
+    def _plain(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
+        if start >= end:
+            return []
+        encoding = self._tok.encode_plain(text[start:end])
+        return [(t, start + o[0]) for t, o in zip(encoding.ids, encoding.offsets, strict=True)]

@@ -18,6 +18,7 @@ from rollwire.render.types import BridgeResult, ParsedResponse, RenderedTokens, 
 class ChatTemplateRenderer:
     family = "generic"
     vision_token_ids: tuple[int, ...] = ()
+    structure_token_ids: tuple[int, ...] = ()
     feature_store = None  # text only
     image_pad_id = None
     merge_size = 2
@@ -84,6 +85,10 @@ class ChatTemplateRenderer:
         text = self.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
         status: ResponseStatus = "stop" if stopped else "length"
         return ParsedResponse(Message(role="assistant", content=text, token_ids=tuple(ids)), status)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rollwire.messages import Message, ToolCall
 from rollwire.render.base import MessageContext
 from rollwire.render.chatml import IM_END, IM_START, QWEN_TEXT_TINY, ChatMLRenderer
-from rollwire.render.emit import Piece
+from rollwire.render.emit import Piece, Text
 from rollwire.render.family import Family, RenderOptions, TinySpec
 from rollwire.render.hermes import format_tool_call, parse_tool_calls, tools_block
 from rollwire.render.tokens import TextTokenizer
@@ -53,17 +53,17 @@ class Qwen3Renderer(ChatMLRenderer):
 
     def preamble(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None) -> list[Piece]:
         if tools and messages[0].role != "system":
-            return [f"{IM_START}system\n{tools_block(tools)}{IM_END}\n"]
+            return [f"{IM_START}system\n", Text(tools_block(tools)), f"{IM_END}\n"]
         return []
 
     def message_pieces(self, message: Message, ctx: MessageContext) -> list[Piece] | None:
         if ctx.is_first and message.role == "system":
-            declared = [f"\n\n{tools_block(ctx.tools)}"] if ctx.tools else []
+            declared = [Text(f"\n\n{tools_block(ctx.tools)}")] if ctx.tools else []
             return [f"{IM_START}system\n", *self.content_pieces(message, ctx.image_count), *declared, f"{IM_END}\n"]
         if message.role == "system" and not self.renders_late_system:
             return None  # the template drops it
         if message.role == "assistant":
-            return [self._assistant_text(message, after_last_query=ctx.index > ctx.last_query, is_last=ctx.is_last)]
+            return self._assistant_pieces(message, after_last_query=ctx.index > ctx.last_query, is_last=ctx.is_last)
         if message.role != "tool":
             return [f"{IM_START}{message.role}\n", *self.content_pieces(message, ctx.image_count), f"{IM_END}\n"]
         pieces: list[Piece] = [] if ctx.prev_role == "tool" else [f"{IM_START}user"]
@@ -84,27 +84,25 @@ class Qwen3Renderer(ChatMLRenderer):
                 return i
         return len(messages) - 1
 
-    def _assistant_text(self, message: Message, *, after_last_query: bool, is_last: bool) -> str:
+    def _assistant_pieces(self, message: Message, *, after_last_query: bool, is_last: bool) -> list[Piece]:
         content = message.text
         if not self.renders_reasoning:
             calls = "".join(("\n" if k > 0 or message.content else "") + format_tool_call(c)
                             for k, c in enumerate(message.tool_calls))
-            return f"{IM_START}assistant\n{content}{calls}{IM_END}\n"
+            return [f"{IM_START}assistant\n", Text(content + calls), f"{IM_END}\n"]
         reasoning = message.reasoning_content
         if reasoning is None:
             reasoning = ""
             if THINK_CLOSE in content:
                 reasoning, content = split_reasoning(content)
-        out = f"{IM_START}assistant\n"
+        out: list[Piece] = [f"{IM_START}assistant\n"]
         if after_last_query and (is_last or reasoning):
-            out += f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n{content.lstrip(chr(10))}"
+            out += [f"{THINK_OPEN}\n", Text(reasoning.strip("\n")), f"\n{THINK_CLOSE}\n\n", Text(content.lstrip("\n"))]
         else:
-            out += content
-        for k, call in enumerate(message.tool_calls):
-            if k > 0 or content:
-                out += "\n"
-            out += format_tool_call(call)
-        return out + f"{IM_END}\n"
+            out.append(Text(content))
+        calls = "".join(("\n" if k > 0 or content else "") + format_tool_call(call)
+                        for k, call in enumerate(message.tool_calls))
+        return [*out, Text(calls), f"{IM_END}\n"]
 
     def split_response(self, text: str) -> tuple[str, str | None, list[ToolCall], str | None]:
         reasoning: str | None = None

@@ -18,7 +18,7 @@ from rollwire.features import FeatureStore, VisionConfig
 from rollwire.messages import Message, ToolCall
 from rollwire.render.base import MessageContext
 from rollwire.render.chatml import IM_END, IM_START, IMAGE_PAD, ChatMLRenderer
-from rollwire.render.emit import Piece
+from rollwire.render.emit import Piece, Text
 from rollwire.render.family import Family, RenderOptions, TinySpec
 from rollwire.render.qwen3 import THINK_CLOSE, THINK_OPEN, split_reasoning
 from rollwire.render.qwen3_coder import format_tool_call, parse_tool_calls, tools_block
@@ -35,11 +35,11 @@ def trimmed(pieces: list[Piece]) -> list[Piece]:
     while out and isinstance(out[0], str) and not out[0].strip():
         out.pop(0)
     if out and isinstance(out[0], str):
-        out[0] = out[0].lstrip()
+        out[0] = type(out[0])(out[0].lstrip())  # a Text stays Text
     while out and isinstance(out[-1], str) and not out[-1].strip():
         out.pop()
     if out and isinstance(out[-1], str):
-        out[-1] = out[-1].rstrip()
+        out[-1] = type(out[-1])(out[-1].rstrip())
     return out
 
 
@@ -66,7 +66,7 @@ class Qwen35Renderer(ChatMLRenderer):
         if self.last_query_index(messages) < 0:
             raise RenderError("no user query in the conversation (the Qwen3.5 template refuses it)")
         if tools and messages[0].role != "system":
-            return [f"{IM_START}system\n{tools_block(tools)}{IM_END}\n"]
+            return [f"{IM_START}system\n", Text(tools_block(tools)), f"{IM_END}\n"]
         return []
 
     def message_pieces(self, message: Message, ctx: MessageContext) -> list[Piece]:
@@ -77,10 +77,11 @@ class Qwen35Renderer(ChatMLRenderer):
                 raise RenderError("messages[0]: a system message cannot contain images")
             text = message.text.strip()
             if ctx.tools:
-                return [f"{IM_START}system\n{tools_block(ctx.tools)}" + (f"\n\n{text}" if text else "") + f"{IM_END}\n"]
-            return [f"{IM_START}system\n{text}{IM_END}\n"]
+                return [f"{IM_START}system\n", Text(tools_block(ctx.tools) + (f"\n\n{text}" if text else "")),
+                        f"{IM_END}\n"]
+            return [f"{IM_START}system\n", Text(text), f"{IM_END}\n"]
         if message.role == "assistant":
-            return [self._assistant_text(message, after_last_query=ctx.index > ctx.last_query)]
+            return self._assistant_pieces(message, after_last_query=ctx.index > ctx.last_query)
         content = trimmed(self.content_pieces(message, ctx.image_count))
         if message.role == "user":
             return [f"{IM_START}user\n", *content, f"{IM_END}\n"]
@@ -102,7 +103,7 @@ class Qwen35Renderer(ChatMLRenderer):
                 return i
         return -1
 
-    def _assistant_text(self, message: Message, *, after_last_query: bool) -> str:
+    def _assistant_pieces(self, message: Message, *, after_last_query: bool) -> list[Piece]:
         if message.images:
             raise RenderError("the qwen3_5 renderer does not take images in assistant messages")
         content = message.text.strip()
@@ -111,12 +112,12 @@ class Qwen35Renderer(ChatMLRenderer):
             reasoning = ""
             if THINK_CLOSE in content:
                 reasoning, content = split_reasoning(content)
-        out = f"{IM_START}assistant\n"
-        out += f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content}" if after_last_query else content
-        for k, call in enumerate(message.tool_calls):
-            out += ("\n\n" if content.strip() else "") if k == 0 else "\n"
-            out += format_tool_call(call)
-        return out + f"{IM_END}\n"
+        out: list[Piece] = [f"{IM_START}assistant\n"]
+        if after_last_query:
+            out += [f"{THINK_OPEN}\n", Text(reasoning.strip()), f"\n{THINK_CLOSE}\n\n"]
+        calls = "".join((("\n\n" if content.strip() else "") if k == 0 else "\n") + format_tool_call(call)
+                        for k, call in enumerate(message.tool_calls))
+        return [*out, Text(content + calls), f"{IM_END}\n"]
 
     def split_response(self, text: str) -> tuple[str, str | None, list[ToolCall], str | None]:
         reasoning: str | None = None

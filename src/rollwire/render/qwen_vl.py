@@ -16,7 +16,7 @@ from rollwire.features import FeatureStore, VisionConfig
 from rollwire.messages import Message, ToolCall
 from rollwire.render.base import MessageContext
 from rollwire.render.chatml import IM_END, IM_START, IMAGE_PAD, QWEN_TEXT_TINY, QWEN_VL_IDS, ChatMLRenderer
-from rollwire.render.emit import Piece
+from rollwire.render.emit import Piece, Text
 from rollwire.render.family import Family, RenderOptions, TinySpec
 from rollwire.render.hermes import TOOL_CALL_OPEN, format_tool_call, parse_tool_calls, tools_block
 from rollwire.render.tokens import TextTokenizer
@@ -48,16 +48,16 @@ class Qwen2VLRenderer(ChatMLRenderer):
     def preamble(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None) -> list[Piece]:
         if messages[0].role == "system":
             return []
-        return [self._system(DEFAULT_SYSTEM_PROMPT, tools)]
+        return self._system(DEFAULT_SYSTEM_PROMPT, tools)
 
     def message_pieces(self, message: Message, ctx: MessageContext) -> list[Piece]:
         if ctx.is_first and message.role == "system" and ctx.tools:
-            return [self._system(message.text, ctx.tools)]
+            return self._system(message.text, ctx.tools)
         pieces: list[Piece] = [f"{IM_START}{message.role}\n", *self.content_pieces(message, ctx.image_count)]
         if message.role == "assistant" and message.tool_calls and TOOL_CALL_OPEN not in message.text:
             # Calls given only as structured data (not in the text the model wrote): write them
             # as the model writes them, so they are not silently dropped.
-            pieces += [("\n" if message.text else "") + "\n".join(map(format_tool_call, message.tool_calls))]
+            pieces += [Text(("\n" if message.text else "") + "\n".join(map(format_tool_call, message.tool_calls)))]
         pieces.append(f"{IM_END}\n")
         return pieces
 
@@ -66,9 +66,9 @@ class Qwen2VLRenderer(ChatMLRenderer):
         return text, None, calls, error
 
     @staticmethod
-    def _system(text: str, tools: Sequence[Mapping[str, Any]] | None) -> str:
-        declared = f"\n\n{tools_block(tools)}" if tools else ""
-        return f"{IM_START}system\n{text}{declared}{IM_END}\n"
+    def _system(text: str, tools: Sequence[Mapping[str, Any]] | None) -> list[Piece]:
+        declared = [Text(f"\n\n{tools_block(tools)}")] if tools else []
+        return [f"{IM_START}system\n", Text(text), *declared, f"{IM_END}\n"]
 
 
 def _renderer(name: str) -> Any:

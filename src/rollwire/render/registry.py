@@ -8,11 +8,12 @@ A model type no family claims gets the generic chat-template renderer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rollwire.errors import RenderError, UnsupportedModelError
 from rollwire.features import FeatureStore
 from rollwire.images import ImageLimits
+from rollwire.render.base import TemplateRenderer
 from rollwire.render.family import Family, RenderOptions
 from rollwire.render.generic import ChatTemplateRenderer
 from rollwire.render.model_dir import ModelDir
@@ -76,6 +77,7 @@ def create_renderer(
     limits: ImageLimits | None = None,
     add_vision_id: bool = False,
     enable_thinking: bool = True,
+    content_special_tokens: Literal["text", "control"] = "text",
 ) -> Renderer:
     """A renderer for `model`: a model directory (path or `ModelDir`), or a HF / `tokenizers`
     tokenizer object (then `family=` is required).
@@ -83,8 +85,13 @@ def create_renderer(
     The family comes from the directory's config unless given. Vision families get a
     `FeatureStore` configured from the directory's `preprocessor_config.json` (or the family
     defaults) unless one is passed. `enable_thinking=False` turns reasoning off where a family
-    has the switch.
+    has the switch. Special-token text in message content is ordinary text unless
+    `content_special_tokens="control"` (the HF templates' behaviour; the generic renderer always
+    has it, since it tokenizes the template's output string).
     """
+    if content_special_tokens not in ("text", "control"):
+        raise UnsupportedModelError(
+            f"content_special_tokens must be 'text' or 'control', got {content_special_tokens!r}")
     if isinstance(model, (str, Path)):
         model = ModelDir.load(model)
     if not isinstance(model, ModelDir):
@@ -97,8 +104,11 @@ def create_renderer(
     if name == GENERIC:
         return ChatTemplateRenderer(_hf_tokenizer(model.path))
     options = RenderOptions(feature_store=feature_store, limits=limits, add_vision_id=add_vision_id,
-                            enable_thinking=enable_thinking)
-    return get_family(name).make_renderer(model, options)
+                            enable_thinking=enable_thinking, content_special_tokens=content_special_tokens)
+    renderer = get_family(name).make_renderer(model, options)
+    if isinstance(renderer, TemplateRenderer):
+        renderer.plain_content = content_special_tokens == "text"
+    return renderer
 
 
 def _hf_tokenizer(path: Path) -> Any:

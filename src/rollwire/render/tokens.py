@@ -1,7 +1,14 @@
-"""A thin, thread-safe view of a `tokenizers.Tokenizer`: encode with offsets, decode, look up ids."""
+"""A thin, thread-safe view of a `tokenizers.Tokenizer`: encode with offsets, decode, look up ids.
+
+`encode` splits the tokenizer's special tokens out of the text as control tokens (what a chat
+template's own markers need); `encode_plain` reads them as ordinary text (what message content
+needs, so a tool result cannot forge a turn).
+"""
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,13 @@ class TextTokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer) -> None:
         self.backend = backend
+        specials = sorted((t.content for t in backend.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        # Special tokens as a regex (longest first), or None when the tokenizer has none.
+        self.special_pattern: re.Pattern[str] | None = (
+            re.compile("|".join(map(re.escape, specials))) if specials else None)
+        self._plain: tokenizers.Tokenizer | None = None
+        self._plain_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> TextTokenizer:
@@ -36,6 +50,21 @@ class TextTokenizer:
 
     def encode(self, text: str) -> tokenizers.Encoding:
         return self.backend.encode(text, add_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids this tokenizer can decode, added tokens included."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode_plain(self, text: str) -> tokenizers.Encoding:
+        """Encode with special-token text as ordinary text (non-special added tokens still match)."""
+        if self._plain is None:
+            with self._plain_lock:
+                if self._plain is None:
+                    plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+                    plain.encode_special_tokens = True
+                    self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False)
 
     def encode_ids(self, text: str) -> list[int]:
         return list(self.encode(text).ids)

@@ -90,6 +90,12 @@ class Renderer(Protocol):
     family: str
     stop_token_ids: tuple[int, ...]
     vision_token_ids: tuple[int, ...]
+    # Template markers a completion must never contain (ChatML: <|im_start|>).
+    structure_token_ids: tuple[int, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can decode (a larger model embedding's padding rows are not among them)."""
 
     @property
     def feature_store(self) -> FeatureStore | None:

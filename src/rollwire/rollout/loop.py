@@ -19,9 +19,18 @@ from typing import Any
 import numpy as np
 
 from rollwire.engines.types import Engine, GenerateRequest, SamplingParams
-from rollwire.errors import EnvValueError, ImageError, MessageError, PromptTooLongError, RenderError, RollwireError
+from rollwire.errors import (
+    CompletionError,
+    EnvValueError,
+    ImageError,
+    MessageError,
+    PromptTooLongError,
+    RenderError,
+    RollwireError,
+)
 from rollwire.features import ImageFeatures
 from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages
+from rollwire.render.completion import validate_completion
 from rollwire.render.types import RenderedTokens, Renderer
 from rollwire.rollout.env import Environment
 from rollwire.rollout.types import AssistantRecord, ErrorKind, RolloutError, Step, ToolCallRecord, Trajectory
@@ -182,6 +191,12 @@ async def _turns(
             why = result.completions[0].finish_reason if result.completions else "no completion"
             return RolloutError(kind="engine_error", message=f"the engine returned {why}", step=turn)
         completion = result.completions[0]
+        try:
+            validate_completion(completion.token_ids, completion.logprobs, vocab_size=renderer.vocab_size,
+                                stop_token_ids=renderer.stop_token_ids,
+                                forbidden_token_ids=(*renderer.vision_token_ids, *renderer.structure_token_ids))
+        except CompletionError as exc:  # never continued from nor trained on
+            return _error("bad_completion", exc, turn)
         metrics["bytes_sent"] += result.bytes_sent
         metrics["image_bytes_sent"] += result.image_bytes_sent
         metrics["prompt_tokens"] += len(prompt.token_ids)
