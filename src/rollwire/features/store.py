@@ -7,9 +7,11 @@ processor's fingerprint (the settings that shape its features). The store works 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +145,7 @@ class FeatureStore:
         self._pending: dict[str, _Pending] = {}
         self._bytes = 0
         self._hits = self._misses = self._evictions = self._oversized = 0
+        self._pins: dict[str, int] = {}  # image id -> in-flight requests that need it
 
     def get_or_process(self, source: ImageSource, *, limits: ImageLimits | None = None) -> ImageFeatures:
         rgb = to_rgb(load_image(source, limits or self.limits))
@@ -222,13 +225,40 @@ class FeatureStore:
                               hits=self._hits, misses=self._misses, evictions=self._evictions,
                               oversized=self._oversized)
 
+    @contextlib.contextmanager
+    def pinned(self, image_ids: Iterable[str]) -> Iterator[None]:
+        """While the block runs, these images are never evicted (an in-flight request needs them);
+        the byte bound holds for the unpinned rest (pinned bytes may exceed it)."""
+        ids = list(image_ids)
+        with self._lock:
+            for image_id in ids:
+                self._pins[image_id] = self._pins.get(image_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for image_id in ids:
+                    left = self._pins[image_id] - 1
+                    if left:
+                        self._pins[image_id] = left
+                    else:
+                        del self._pins[image_id]
+                self._evict()
+
     def _insert(self, features: ImageFeatures) -> None:  # caller holds the lock
-        if features.nbytes > self.max_bytes:
+        if features.nbytes > self.max_bytes and features.id not in self._pins:
             self._oversized += 1
             return
         self._items[features.id] = features
         self._bytes += features.nbytes
-        while self._bytes > self.max_bytes:
-            _, evicted = self._items.popitem(last=False)
+        self._evict()
+
+    def _evict(self) -> None:  # caller holds the lock; oldest unpinned first
+        if self._bytes <= self.max_bytes:
+            return
+        for image_id in [k for k in self._items if k not in self._pins]:
+            if self._bytes <= self.max_bytes:
+                break
+            evicted = self._items.pop(image_id)
             self._bytes -= evicted.nbytes
             self._evictions += 1

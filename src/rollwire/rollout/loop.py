@@ -9,10 +9,11 @@ Errors end the rollout with the error recorded on it; what was done is kept.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from rollwire.errors import (
     PromptTooLongError,
     RenderError,
     RollwireError,
+    UnknownImageError,
 )
 from rollwire.features import ImageFeatures
 from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages
@@ -75,25 +77,43 @@ class _Images:
             self._ids.setdefault(id(part.image), ref.id)
             self.originals.setdefault(ref.id, part.image)
             if ref.id not in self.features and self._store is not None:
-                self.features[ref.id] = self._store.get(ref.id)
+                self.features[ref.id] = self._features(ref.id, part.image)
 
-    def restore(self) -> None:
-        """Put back any of the rollout's features the store evicted since."""
-        if self._store is not None:
-            for image_id, features in self.features.items():
+    def _features(self, image_id: str, image: Any) -> ImageFeatures:
+        """The stored features, or (a store under pressure evicted them, or they exceed its bound)
+        the same features computed again from the image."""
+        assert self._store is not None
+        try:
+            return self._store.get(image_id)
+        except UnknownImageError:
+            features = self._store.get_or_process(image)
+        if features.id != image_id:
+            raise RenderError(f"image {image_id[:12]} hashed to {features.id[:12]} when processed again")
+        return features
+
+    @contextlib.contextmanager
+    def pinned(self, prompt: RenderedTokens) -> Iterator[None]:
+        """Pin the prompt's images in the store for the block, putting back any it evicted since."""
+        if self._store is None:
+            yield
+            return
+        with self._store.pinned(prompt.image_ids):
+            for image_id in dict.fromkeys(prompt.image_ids):
                 if image_id not in self._store:
-                    self._store.put(features)
+                    self._store.put(self.features[image_id])
+            yield
 
     def id_for(self, image: Any) -> str | None:
         known = self._ids.get(id(image))
         if known is None and self._store is not None:  # never rendered (after the last turn)
             try:
-                known = self._store.get_or_process(image).id
+                features = self._store.get_or_process(image)
             except RollwireError:
                 return None
+            known = features.id
             self._ids[id(image)] = known
             self.originals.setdefault(known, image)
-            self.features.setdefault(known, self._store.get(known))
+            self.features.setdefault(known, features)
         return known
 
 
@@ -176,12 +196,12 @@ async def _turns(
             max_tokens=min(config.max_tokens, budget), temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, seed=None if sampling_seed is None else turn_seed(sampling_seed, turn),
             stop_token_ids=renderer.stop_token_ids, banned_token_ids=renderer.vision_token_ids)
-        images.restore()
         t0 = time.perf_counter()
         try:
-            result = await engine.generate(GenerateRequest(
-                prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling,
-                request_id=f"{traj.id}-{turn}"))
+            with images.pinned(prompt):  # the request's images stay in the store until it returns
+                result = await engine.generate(GenerateRequest(
+                    prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling,
+                    request_id=f"{traj.id}-{turn}"))
         except PromptTooLongError as exc:
             return _error("overlong_prompt", exc, turn)
         except Exception as exc:
