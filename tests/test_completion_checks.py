@@ -92,3 +92,20 @@ async def test_a_bad_completion_ends_the_rollout_and_is_never_used(renderer: Any
     assert [s.completion_ids for s in t.steps] == [first]  # the good turn is kept, the bad one is not recorded
     assert len(engine.prompts) == 2  # nothing was sent after the bad completion
     assert SampleBuilder.for_renderer(renderer).build(t) == []  # a failed rollout makes no sample
+
+
+@pytest.mark.parametrize("bad", [[True], [1.5], ["7"], [-1], [10**9], [None], "123", 42, [151669], {1, 2}, [[1]]])
+def test_public_entries_refuse_bad_token_ids(renderer: Any, bad: Any) -> None:
+    """`parse_response` and `bridge` take token ids from callers: anything but in-vocabulary ints
+    is a typed error, never a crash or a silent conversion."""
+    from rollwire.errors import RenderError
+
+    with pytest.raises(RenderError):
+        renderer.parse_response(bad)
+    prompt = renderer.render([{"role": "user", "content": "hi"}])
+    with pytest.raises(RenderError):
+        renderer.bridge(prompt, bad, [{"role": "user", "content": "again"}])
+    import numpy as np
+
+    ok = renderer.parse_response(np.array([*renderer.tokenizer.encode_ids("fine"), renderer.im_end_id]))
+    assert ok.status == "stop" and ok.message.content == "fine"

@@ -173,7 +173,7 @@ class TemplateRenderer:
         msgs = parse_messages(new_messages, start_index=assistant_index + 1, after_assistant=True)
         if any(m.role == "assistant" for m in msgs):
             return BridgeResult(None, "assistant message in the new messages")
-        completion = [int(t) for t in previous_completion_ids]
+        completion = self.tokenizer.check_ids(previous_completion_ids, "previous_completion_ids")
         vision = set(self.vision_token_ids)
         if any(t in vision for t in completion):
             return BridgeResult(None, "completion contains a vision token")
@@ -204,7 +204,7 @@ class TemplateRenderer:
                 em.emit(ctx.index, pieces)
 
     def parse_response(self, completion_ids: Sequence[int]) -> ParsedResponse:
-        ids = [int(t) for t in completion_ids]
+        ids = self.tokenizer.check_ids(completion_ids, "completion_ids")
         stopped = bool(ids) and ids[-1] in self.stop_token_ids
         body = ids[:-1] if stopped else ids
         status: ResponseStatus = "stop" if stopped else "length"

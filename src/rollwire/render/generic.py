@@ -80,7 +80,7 @@ class ChatTemplateRenderer:
         return BridgeResult(None, "generic chat template: extension is not supported")
 
     def parse_response(self, completion_ids: Sequence[int]) -> ParsedResponse:
-        ids = [int(t) for t in completion_ids]
+        ids = self.tokenizer.check_ids(completion_ids, "completion_ids")
         stopped = bool(ids) and ids[-1] in self.stop_token_ids
         text = self.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
         status: ResponseStatus = "stop" if stopped else "length"

@@ -7,9 +7,11 @@ needs, so a tool result cannot forge a turn).
 
 from __future__ import annotations
 
+import operator
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,25 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         """Ids this tokenizer can decode, added tokens included."""
         return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def check_ids(self, token_ids: Sequence[object], what: str) -> list[int]:
+        """`token_ids` as a list of ints in this tokenizer's vocabulary, or a `RenderError` naming
+        the first that is not (bools, floats, strings, negative or out-of-range ids)."""
+        if isinstance(token_ids, (str, bytes, Mapping, AbstractSet)) or not hasattr(token_ids, "__iter__"):
+            raise RenderError(f"{what} must be a sequence of token ids, got {type(token_ids).__name__}")
+        vocab = self.vocab_size
+        out: list[int] = []
+        for k, t in enumerate(token_ids):
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                value = operator.index(t)  # type: ignore[arg-type]
+            except TypeError:
+                raise RenderError(f"{what}[{k}] is {type(t).__name__} {t!r}, not a token id") from None
+            if not 0 <= value < vocab:
+                raise RenderError(f"{what}[{k}] = {value} is outside the vocabulary [0, {vocab})")
+            out.append(value)
+        return out
 
     def encode_plain(self, text: str) -> tokenizers.Encoding:
         """Encode with special-token text as ordinary text (non-special added tokens still match)."""
