@@ -545,8 +545,9 @@ class EngineServer:
                     self._hits += 1
                     return found
             raise _internal_error(f"image {k}: null kwargs_data but hash {mm_hash!r} is not cached")
+        assert self._store is not None
         try:
-            pixels, grid, dtype = decode_image_kwargs(item)
+            pixels, grid, dtype = decode_image_kwargs(item, self._store.config)
         except WireError as exc:
             raise _bad_request(f"image {k}: {exc}") from None
         if dtype != "uint8":

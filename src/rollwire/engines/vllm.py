@@ -228,7 +228,7 @@ class VLLMEngine:
                 "'uint8' (vLLM >= 0.2x default) or 'float32' (--no-mm-device-do-normalize)",
                 probe_answered=not (exc.status is None or 400 <= exc.status < 500)) from None
         try:
-            pixels, grid, dtype_name = decode_image_kwargs(answer["features"]["kwargs_data"]["image"][0])
+            pixels, grid, dtype_name = decode_image_kwargs(answer["features"]["kwargs_data"]["image"][0], config)
         except (KeyError, IndexError, TypeError, WireError) as exc:
             raise PixelFormatError(f"{self.base_url}'s render answer carries no readable pixels ({exc})") from None
         ours = compute_features(probe, config)

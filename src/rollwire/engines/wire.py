@@ -16,8 +16,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from rollwire.errors import WireError
-from rollwire.features import FeatureStore, ImageFeatures, PixelFormat
+from rollwire.errors import FeatureError, WireError
+from rollwire.features import FeatureStore, ImageFeatures, ImageProcessor, PixelFormat, VisionConfig, WireField
 from rollwire.render.types import ImageRef
 
 from .types import GenerateRequest, SamplingParams
@@ -47,17 +47,22 @@ def pixel_array(features: ImageFeatures, store: FeatureStore, pixel_format: Pixe
     return rounded, "bfloat16"
 
 
+def _layout(field: WireField, arr: np.ndarray) -> list[Any]:
+    if field.layout == "flat":
+        return ["flat", {"keep_on_cpu": field.keep_on_cpu, "slices": [[[0, int(arr.shape[0]), None]]], "dim": 0}]
+    return ["batched", {"keep_on_cpu": field.keep_on_cpu}]
+
+
 def encode_image_kwargs(features: ImageFeatures, store: FeatureStore, pixel_format: PixelFormat) -> str:
-    """One `kwargs_data` item: base64 of msgpack of the processor outputs for one image."""
+    """One `kwargs_data` item: base64 of msgpack of the processor outputs for one image, laid out
+    as the processor's `wire_fields` table says."""
+    processor = store.config
     pixels, dtype_name = pixel_array(features, store, pixel_format)
-    grid = np.asarray(features.grid_thw, dtype=np.int64)
-    payload = {
-        "pixel_values": {
-            "data": _array(pixels, dtype_name),
-            "field": ["flat", {"keep_on_cpu": False, "slices": [[[0, int(pixels.shape[0]), None]]], "dim": 0}],
-        },
-        "image_grid_thw": {"data": _array(grid, "int64"), "field": ["batched", {"keep_on_cpu": True}]},
-    }
+    others = processor.wire_arrays(features)
+    payload: dict[str, Any] = {}
+    for field in processor.wire_fields:
+        arr, name = (pixels, dtype_name) if field.pixels else (others[field.name], others[field.name].dtype.name)
+        payload[field.name] = {"data": _array(arr, name), "field": _layout(field, arr)}
     return base64.b64encode(msgspec.msgpack.encode(payload)).decode("ascii")
 
 
@@ -172,13 +177,17 @@ def _field_data(obj: dict[Any, Any], name: str) -> Any:
     return field["data"]
 
 
-def decode_image_kwargs(item: str) -> tuple[np.ndarray, tuple[int, int, int], str]:
-    """(pixel rows, grid_thw, dtype name) of one `kwargs_data` item; anything malformed is a WireError.
+def decode_image_kwargs(
+    item: str, processor: ImageProcessor | None = None,
+) -> tuple[np.ndarray, tuple[int, int, int], str]:
+    """(pixel rows, grid, dtype name) of one `kwargs_data` item laid out as `processor`'s
+    `wire_fields` say (default: Qwen-VL's); anything malformed is a WireError.
 
     Pixel rows are a view of the decoded bytes (bfloat16: widened to float32, one copy of twice
     the size), so the output is at most 2x the item's length; the msgpack nesting is bounded by
-    the recursion limit. The grid must be three positive int64 values whose product is the row count.
+    the recursion limit. The processor checks that the other arrays fit the pixels.
     """
+    processor = processor if processor is not None else VisionConfig()
     if not isinstance(item, (str, bytes)):
         raise WireError(f"kwargs_data item is a {type(item).__name__}, not a base64 string")
     try:
@@ -187,19 +196,19 @@ def decode_image_kwargs(item: str) -> tuple[np.ndarray, tuple[int, int, int], st
         raise WireError(f"kwargs_data item is not base64 msgpack: {exc}") from None
     except RecursionError:
         raise WireError("kwargs_data item is nested too deeply") from None
-    if not isinstance(obj, dict) or "pixel_values" not in obj or "image_grid_thw" not in obj:
-        raise WireError("kwargs_data item lacks pixel_values or image_grid_thw")
-    pixel_data = _field_data(obj, "pixel_values")
-    pixels = _decode_array(pixel_data, "pixel_values")
-    grid = _decode_array(_field_data(obj, "image_grid_thw"), "image_grid_thw")
-    dtype_name = str(pixel_data[0])
-    if pixels.ndim != 2 or grid.shape != (3,):
-        raise WireError(f"pixel_values must be 2-D and image_grid_thw 3 values, got {pixels.shape}, {grid.shape}")
-    if grid.dtype != np.int64:
-        raise WireError(f"image_grid_thw must be int64, got {grid.dtype}")
-    t, h, w = (int(v) for v in grid)
-    if min(t, h, w) <= 0:
-        raise WireError(f"image_grid_thw {[t, h, w]} must be positive")
-    if t * h * w != pixels.shape[0]:
-        raise WireError(f"grid {[t, h, w]} implies {t * h * w} rows, pixel_values has {pixels.shape[0]}")
-    return pixels, (t, h, w), dtype_name
+    fields = processor.wire_fields
+    missing = [f.name for f in fields if not isinstance(obj, dict) or f.name not in obj]
+    if missing:
+        raise WireError(f"kwargs_data item lacks {' or '.join(missing)}")
+    pixels, dtype_name = np.empty((0, 0), np.uint8), ""
+    arrays: dict[str, np.ndarray] = {}
+    for field in fields:
+        data = _field_data(obj, field.name)
+        arrays[field.name] = _decode_array(data, field.name)
+        if field.pixels:
+            pixels, dtype_name = arrays[field.name], str(data[0])
+    try:
+        grid = processor.from_wire(pixels, arrays)
+    except FeatureError as exc:
+        raise WireError(str(exc)) from None
+    return pixels, grid, dtype_name

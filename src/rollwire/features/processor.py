@@ -10,7 +10,8 @@ content-addressed `FeatureStore` works with any of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
@@ -22,6 +23,18 @@ if TYPE_CHECKING:
 
 # How pixels travel: uint8 patch rows (what vLLM 0.32 wants) or normalised floats.
 PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class WireField:
+    """One array of a vLLM `kwargs_data` item: its name, how vLLM splits it per item ("flat" along
+    dim 0, or "batched"), whether it stays on the CPU, and whether it carries the pixel values (sent
+    in the pixel format the server wants; the others go as the processor makes them)."""
+
+    name: str
+    layout: Literal["flat", "batched"]
+    keep_on_cpu: bool = False
+    pixels: bool = False
 
 
 @runtime_checkable
@@ -52,3 +65,14 @@ class ImageProcessor(Protocol):
 
     def check_model(self, vision_config: Any) -> None:
         """Raise `FeatureError` unless rows of this processor fit the model's vision tower."""
+
+    @property
+    def wire_fields(self) -> tuple[WireField, ...]:
+        """The arrays of one image's vLLM `kwargs_data` item (the model's multimodal field config)."""
+
+    def wire_arrays(self, features: ImageFeatures) -> dict[str, np.ndarray]:
+        """The item's non-pixel arrays for one image, by field name."""
+
+    def from_wire(self, pixels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+        """The grid of a received item (its non-pixel arrays by name); `FeatureError` when they do not
+        fit the pixels."""

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +22,17 @@ import numpy as np
 from PIL import Image
 
 from rollwire.errors import EmptyImageError, FeatureError, ImageError, ImageSizeUnsupportedError
+from rollwire.features.processor import WireField
 
 if TYPE_CHECKING:
     from rollwire.features.store import ImageFeatures
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "VisionConfig", "process_image", "smart_resize"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_VL_WIRE", "VisionConfig", "process_image", "smart_resize"]
+
+# vLLM's Qwen2-VL field factory (shared by Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.xV): pixel rows
+# flat, split per image by grid size; the grid batched, kept on the CPU.
+QWEN_VL_WIRE = (WireField("pixel_values", "flat", pixels=True),
+                WireField("image_grid_thw", "batched", keep_on_cpu=True))
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,6 +159,27 @@ class VisionConfig:
 
     def unresized_side(self) -> int:
         return max(self.factor, math.ceil(math.sqrt(self.min_pixels) / self.factor) * self.factor)
+
+    @property
+    def wire_fields(self) -> tuple[WireField, ...]:
+        return QWEN_VL_WIRE
+
+    def wire_arrays(self, features: ImageFeatures) -> dict[str, np.ndarray]:
+        return {"image_grid_thw": np.asarray(features.grid_thw, dtype=np.int64)}
+
+    def from_wire(self, pixels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+        grid = arrays["image_grid_thw"]
+        if pixels.ndim != 2 or grid.shape != (3,):
+            raise FeatureError(f"pixel_values must be 2-D and image_grid_thw 3 values, got {pixels.shape}, "
+                               f"{grid.shape}")
+        if grid.dtype != np.int64:
+            raise FeatureError(f"image_grid_thw must be int64, got {grid.dtype}")
+        t, h, w = (int(v) for v in grid)
+        if min(t, h, w) <= 0:
+            raise FeatureError(f"image_grid_thw {[t, h, w]} must be positive")
+        if t * h * w != pixels.shape[0]:  # Python ints: no overflow
+            raise FeatureError(f"grid {[t, h, w]} implies {t * h * w} rows, pixel_values has {pixels.shape[0]}")
+        return t, h, w
 
     def check_model(self, vision_config: Any) -> None:
         patch = int(vision_config.patch_size)

@@ -121,6 +121,10 @@ class TemplateRenderer:
     # --- shared --------------------------------------------------------------------------
 
     @property
+    def images(self) -> ImageTokens | None:
+        return self._images
+
+    @property
     def image_pad_id(self) -> int | None:
         return self._images.pad_id if self._images else None
 

@@ -24,7 +24,7 @@ from rollwire.render.tokens import TextTokenizer
 from rollwire.render.types import ImageRef, RenderedTokens
 
 if TYPE_CHECKING:
-    from rollwire.features import FeatureStore
+    from rollwire.features import FeatureStore, ImageProcessor
     from rollwire.images import ImageLimits
 
 Piece: TypeAlias = "str | ImagePart"
@@ -38,11 +38,16 @@ class Text(str):
 
 @dataclass(frozen=True, slots=True)
 class ImageTokens:
-    """How a family writes an image into the token stream."""
+    """A renderer's one image handle: the placeholder id, the store its features live in (and so
+    the processor that makes them), the image limits."""
 
     pad_id: int
     store: FeatureStore
     limits: ImageLimits | None = None
+
+    @property
+    def processor(self) -> ImageProcessor:
+        return self.store.config
 
 
 class Emitter:

@@ -20,6 +20,7 @@ class ChatTemplateRenderer:
     vision_token_ids: tuple[int, ...] = ()
     structure_token_ids: tuple[int, ...] = ()
     feature_store = None  # text only
+    images = None
     image_pad_id = None
     merge_size = 2
 

@@ -12,6 +12,7 @@ from rollwire.messages import Message, MessageLike
 
 if TYPE_CHECKING:
     from rollwire.features import FeatureStore
+    from rollwire.render.emit import ImageTokens
 
 
 class ImageRef(msgspec.Struct, frozen=True):
@@ -96,6 +97,10 @@ class Renderer(Protocol):
     @property
     def vocab_size(self) -> int:
         """Ids the tokenizer can decode (a larger model embedding's padding rows are not among them)."""
+
+    @property
+    def images(self) -> ImageTokens | None:
+        """The image handle (pad id, feature store, processor); None for text-only families."""
 
     @property
     def feature_store(self) -> FeatureStore | None:
