@@ -9,13 +9,15 @@ Errors end the rollout with the error recorded on it; what was done is kept.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +39,8 @@ from rollwire.render.types import RenderedTokens, Renderer
 from rollwire.rollout.env import Environment
 from rollwire.rollout.types import AssistantRecord, ErrorKind, RolloutError, Step, ToolCallRecord, Trajectory
 from rollwire.rollout.values import honest_value
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ async def _turns(
     reason: str | None = "first turn"
     try:
         t0 = time.perf_counter()
-        prompt = renderer.render(state.conversation, traj.tools)
+        prompt = await _off_loop(renderer.render, state.conversation, traj.tools)
         metrics["render_s"] += time.perf_counter() - t0
     except (RenderError, MessageError, ImageError) as exc:
         return _error("render_error", exc, 0)
@@ -221,7 +225,7 @@ async def _turns(
         metrics["image_bytes_sent"] += result.image_bytes_sent
         metrics["prompt_tokens"] += len(prompt.token_ids)
         metrics["completion_tokens"] += len(completion.token_ids)
-        parsed = renderer.parse_response(completion.token_ids)
+        parsed = await _off_loop(renderer.parse_response, completion.token_ids)
         traj.steps.append(Step(
             prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=list(completion.token_ids),
             completion_logprobs=completion.logprobs, finish_reason=completion.finish_reason,
@@ -260,7 +264,8 @@ async def _turns(
             return None
         t0 = time.perf_counter()
         try:
-            prompt, bridged, reason = _next_prompt(renderer, turns, state.conversation, traj.tools, metrics)
+            prompt, bridged, reason = await _off_loop(_next_prompt, renderer, turns, state.conversation,
+                                                      traj.tools, metrics)
         except (RenderError, MessageError, ImageError) as exc:
             return _error("render_error", exc, turn + 1)
         metrics["render_s"] += time.perf_counter() - t0
@@ -271,6 +276,12 @@ async def _turns(
 def turn_seed(rollout_seed: int, turn: int) -> int:
     """A distinct sampling seed per (rollout, turn), in vLLM's 32-bit range."""
     return int(np.random.SeedSequence([rollout_seed, turn]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` in a worker thread: rendering hashes, resizes and tokenizes (all release the GIL),
+    so the event loop stays free for the other rollouts and concurrent rollouts use every core."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
 
 def _next_prompt(
