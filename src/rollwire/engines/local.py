@@ -109,6 +109,7 @@ class LocalEngine:
         device: str = "cpu",
         dtype: str = "float32",
         max_batch_size: int = 8,
+        image_cache_bytes: int = 1 << 30,
     ) -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -140,6 +141,9 @@ class LocalEngine:
         self._keep_logits = "logits_to_keep" in params
         self._rope_index = _rope_index_fn(self._model) if self.is_vision else None
 
+        # Image kwargs by image id (worker thread only): normalised once per image, not per turn.
+        self._inputs_cache: collections.OrderedDict[str, dict[str, torch.Tensor]] = collections.OrderedDict()
+        self._inputs_cache_bytes, self._inputs_cached = image_cache_bytes, 0
         self._cond = threading.Condition()
         self._staged: list[_Job] = []  # submitted on a loop, released to the worker by _flush
         self._pending: collections.deque[_Job] = collections.deque()
@@ -350,12 +354,33 @@ class LocalEngine:
             kwargs["mm_token_type_ids"] = mm_types.to(self._device)
             features = [feat for job in jobs for feat in job.features]
             if features:
-                assert self.feature_store is not None
-                for name, array in self.feature_store.config.model_inputs(features).items():
-                    kwargs[name] = torch.from_numpy(array).to(self._device)
+                for name, tensor in self._image_inputs(features).items():
+                    kwargs[name] = tensor
         out = self._model(**kwargs)
         logits = out.logits[:, -1, :].float()
         return logits, kwargs[self._cache_kwarg], kwargs["attention_mask"], next_positions
+
+    def _image_inputs(self, features: list[ImageFeatures]) -> dict[str, torch.Tensor]:
+        """The model's image kwargs for these images, each image's made (normalised) once and kept
+        in a byte-bounded LRU, not again on every turn that carries it."""
+        assert self.feature_store is not None
+        parts: list[dict[str, torch.Tensor]] = []
+        for feat in features:
+            cached = self._inputs_cache.get(feat.id)
+            if cached is None:
+                arrays = self.feature_store.config.model_inputs([feat])
+                cached = {k: self._torch.from_numpy(v).to(self._device) for k, v in arrays.items()}
+                size = sum(t.numel() * t.element_size() for t in cached.values())
+                if size <= self._inputs_cache_bytes:
+                    self._inputs_cache[feat.id] = cached
+                    self._inputs_cached += size
+                    while self._inputs_cached > self._inputs_cache_bytes:
+                        _, old = self._inputs_cache.popitem(last=False)
+                        self._inputs_cached -= sum(t.numel() * t.element_size() for t in old.values())
+            else:
+                self._inputs_cache.move_to_end(feat.id)
+            parts.append(cached)
+        return {k: self._torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _prompt_positions(self, prompt: torch.Tensor, mm_types: torch.Tensor, job: _Job) -> tuple[torch.Tensor, int]:
         """(axes, len) positions of one unpadded prompt and the position of the token after it."""
@@ -390,8 +415,7 @@ class LocalEngine:
         if sp.temperature < GREEDY_TEMPERATURE:
             return int(torch.argmax(logits))
         values, ids = _top_k_top_p(torch, logits / sp.temperature, sp.top_k, sp.top_p)
-        probs = torch.softmax(values, dim=-1)
-        choice = int(torch.multinomial(probs, 1, generator=row.generator))
+        choice = _inverse_cdf(torch, values, row.generator)
         return choice if ids is None else int(ids[choice])
 
     def _finish_reason(self, row: _Row) -> tuple[FinishReason, int | None] | None:
@@ -470,6 +494,16 @@ def _top_k_top_p(torch: Any, logits: torch.Tensor, top_k: int,
         keep = int((mass_before < top_p).sum().clamp(min=1))
         values, ids = values[:keep], ids[:keep]
     return values, ids
+
+
+def _inverse_cdf(torch: Any, logits: torch.Tensor, generator: torch.Generator) -> int:
+    """Index drawn from softmax(logits) with one uniform: the first whose cumulative mass exceeds
+    u * total (float64 sums; zero-probability entries are never drawn). Exact in distribution, and
+    several times cheaper than `torch.multinomial` over a 150k-256k vocabulary."""
+    weights = torch.exp((logits - logits.max()).double())
+    cumulative = torch.cumsum(weights, dim=0)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=logits.device) * cumulative[-1]
+    return int(torch.searchsorted(cumulative, u, right=True).clamp(max=logits.shape[0] - 1))
 
 
 def _generator(torch: Any, device: torch.device, seed: int | None, index: int) -> torch.Generator:
