@@ -318,6 +318,8 @@ class Gemma4Renderer(TemplateRenderer):
         for call in caller.tool_calls:  # as the template resolves it (two missing ids match too)
             if call.id == message.tool_call_id:
                 name = call.name
+        if name is None and ctx.continuation and len({c.name for c in caller.tool_calls}) == 1:
+            name = caller.tool_calls[0].name  # the sampled calls' ids are rollwire's; one name is unambiguous
         if name is None:
             raise RenderError(f"messages[{ctx.index}]: tool_call_id {message.tool_call_id!r} names no call and the "
                               "message has no name (the template fails on it)")
