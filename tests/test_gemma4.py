@@ -5,6 +5,7 @@ the bridge keeps sampled tokens and equals the full render where the template al
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -182,3 +183,34 @@ def test_bridge_declines_where_the_template_does_not_extend(renderer: Any) -> No
     for completion, new in (([*call, 106], [{"role": "tool", "content": "ok"}]), ([*call, 50], msgs)):
         declined = renderer.bridge(prompt, completion, new)
         assert declined.tokens is None and "gemma4" in (declined.reason or "")
+
+
+async def test_local_engine_equals_one_full_forward_and_batches(tiny: Callable[[str], Path], renderer: Any) -> None:
+    """1-D positions (no M-RoPE), padded pixels with position ids from the processor: prefill + cached
+    decode equals one forward pass of a freshly loaded model; a left-padded batch equals each alone."""
+    from rollwire.engines.local import LocalEngine
+    from rollwire.engines.types import GenerateRequest, SamplingParams
+
+    d, store = tiny("gemma4"), renderer.feature_store
+    images = [{"type": "image", "image": im} for im in POOL[:2]]
+    prompts = [renderer.render([{"role": "user", "content": [images[0], {"type": "text", "text": "and"}, images[1]]}]),
+               renderer.render([{"role": "user", "content": "No image here."}])]
+    requests = [GenerateRequest(prompt_token_ids=p.token_ids, images=p.images,
+                                sampling=SamplingParams(max_tokens=5, temperature=0.0)) for p in prompts]
+    async with LocalEngine(d, feature_store=store) as engine:
+        together = await asyncio.gather(*(engine.generate(r) for r in requests))
+        alone = [await engine.generate(r) for r in requests]
+    for t, a in zip(together, alone, strict=True):
+        assert t.completions[0].token_ids == a.completions[0].token_ids
+        assert torch.allclose(torch.tensor(t.completions[0].logprobs), torch.tensor(a.completions[0].logprobs),
+                              atol=1e-4, rtol=0)
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(str(d), dtype=torch.float32).eval()
+    prompt, completion = prompts[0], alone[0].completions[0]
+    ids = torch.tensor([prompt.token_ids + completion.token_ids])
+    inputs = {k: torch.from_numpy(v) for k, v in store.config.model_inputs(
+        [store.get(r.id) for r in prompt.images]).items()}
+    with torch.inference_mode():
+        rows = model(input_ids=ids, mm_token_type_ids=(ids == 258880).long(), **inputs).logits[0].log_softmax(-1)
+    start = len(prompt.token_ids) - 1
+    want = rows[start : start + len(completion.token_ids)].gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(completion.logprobs), want, atol=1e-5, rtol=0)
