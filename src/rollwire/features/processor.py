@@ -39,6 +39,10 @@ class WireField:
 
 @runtime_checkable
 class ImageProcessor(Protocol):
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], *, where: str = ...) -> ImageProcessor:
+        """The processor a `preprocessor_config.json` describes (`FeatureError` naming `where` if not)."""
+
     @property
     def merge_size(self) -> int:
         """Patches per token side: an image takes prod(grid) // merge_size**2 tokens."""

@@ -33,7 +33,8 @@ class MessageContext:
     neighbours' roles (the sampled assistant turn counts as the previous message of the first
     new one in a continuation); `last_query` the index of the last user query of the messages
     being rendered; `continuation` is True when the messages follow a sampled assistant turn
-    (the bridge); `image_count` the images emitted before this message.
+    (the bridge); `image_count` the images emitted before this message; `caller` the last assistant
+    message before this one (in a bridge, the sampled turn read back), whose calls a tool message answers.
     """
 
     index: int
@@ -44,6 +45,7 @@ class MessageContext:
     continuation: bool
     image_count: int
     tools: Sequence[Mapping[str, Any]] | None
+    caller: Message | None = None
 
     @property
     def is_first(self) -> bool:
@@ -100,6 +102,10 @@ class TemplateRenderer:
     def generation_prompt(self) -> list[Piece]:
         raise NotImplementedError
 
+    def generation_prompt_after(self, last: Message) -> list[Piece]:
+        """The generation prompt after the last message; templates that continue a turn override this."""
+        return self.generation_prompt()
+
     def image_pieces(self, part: ImagePart, number: int) -> list[Piece]:
         """How the template writes the `number`-th image (from 1) of the conversation."""
         return [part]
@@ -150,7 +156,7 @@ class TemplateRenderer:
         em.emit(-1, self.preamble(msgs, tools))
         self._emit_messages(em, msgs, 0, prev_role=None, tools=tools)
         if add_generation_prompt:
-            em.emit(len(msgs), self.generation_prompt())
+            em.emit(len(msgs), self.generation_prompt_after(msgs[-1]))
         return em.finish(len(msgs))
 
     def bridge(
@@ -189,20 +195,22 @@ class TemplateRenderer:
         em.tokens(assistant_index, closing[0], sampled=False)
         em.emit(assistant_index, closing[1])
         first = assistant_index + 1
-        self._emit_messages(em, msgs, first, prev_role="assistant", tools=None)
+        sampled = self.parse_response(completion).message if any(m.role == "tool" for m in msgs) else None
+        self._emit_messages(em, msgs, first, prev_role="assistant", tools=None, caller=sampled)
         if add_generation_prompt:
-            em.emit(first + len(msgs), self.generation_prompt())
+            em.emit(first + len(msgs), self.generation_prompt_after(msgs[-1]))
         return BridgeResult(em.finish(first + len(msgs)))
 
     def _emit_messages(self, em: Emitter, msgs: Sequence[Message], first: int, *, prev_role: str | None,
-                       tools: Sequence[Mapping[str, Any]] | None) -> None:
+                       tools: Sequence[Mapping[str, Any]] | None, caller: Message | None = None) -> None:
         last_query = first + self.last_query_index(msgs)
         for k, message in enumerate(msgs):
+            caller = msgs[k - 1] if k and msgs[k - 1].role == "assistant" else caller
             ctx = MessageContext(
                 index=first + k, prev_role=msgs[k - 1].role if k else prev_role,
                 next_role=msgs[k + 1].role if k + 1 < len(msgs) else None, last_query=last_query,
                 is_last=k == len(msgs) - 1, continuation=prev_role is not None,
-                image_count=em.image_count, tools=tools)
+                image_count=em.image_count, tools=tools, caller=caller)
             pieces = self.message_pieces(message, ctx)
             if pieces is not None:
                 em.emit(ctx.index, pieces)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from rollwire.features import FeatureStore, VisionConfig
+    from rollwire.features import FeatureStore, ImageProcessor
     from rollwire.images import ImageLimits
     from rollwire.render.model_dir import ModelDir
     from rollwire.render.types import Renderer
@@ -31,7 +31,7 @@ class RenderOptions:
     # "control": they are control tokens, as the HF chat templates tokenize them (for parity checks).
     content_special_tokens: Literal["text", "control"] = "text"
 
-    def store_for(self, model: ModelDir, default: Callable[[], VisionConfig]) -> FeatureStore:
+    def store_for(self, model: ModelDir, default: Callable[[], ImageProcessor]) -> FeatureStore:
         """The caller's feature store, else a new one with the folder's (or the default) settings."""
         from rollwire.features import FeatureStore
 
@@ -67,7 +67,7 @@ class Family:
     # (None: AutoModelForCausalLM)
     model_types: Mapping[str, str | None]
     make_renderer: Callable[[ModelDir, RenderOptions], Renderer]
-    vision: Callable[[], VisionConfig] | None = None  # processor defaults when the folder has no config
+    vision: Callable[[], ImageProcessor] | None = None  # processor defaults when the folder has no config
     tiny: TinySpec | None = None
 
     @property
@@ -75,10 +75,10 @@ class Family:
         return self.vision is not None
 
 
-def vision_config(model: ModelDir, default: Callable[[], VisionConfig]) -> VisionConfig:
-    """The folder's image-processor settings (`preprocessor_config.json`), else the family's defaults."""
-    from rollwire.features import VisionConfig
-
+def vision_config(model: ModelDir, default: Callable[[], ImageProcessor]) -> ImageProcessor:
+    """The folder's image-processor settings (`preprocessor_config.json`, read by the family's
+    processor class), else the family's defaults."""
+    processor = default()
     if model.preprocessor is None:
-        return default()
-    return VisionConfig.from_dict(model.preprocessor, where=str(model.path / "preprocessor_config.json"))
+        return processor
+    return type(processor).from_dict(model.preprocessor, where=str(model.path / "preprocessor_config.json"))

@@ -15,6 +15,7 @@ from rollwire.features import FeatureStore
 from rollwire.images import ImageLimits
 from rollwire.render.base import TemplateRenderer
 from rollwire.render.family import Family, RenderOptions
+from rollwire.render.gemma4 import GEMMA4
 from rollwire.render.generic import ChatTemplateRenderer
 from rollwire.render.model_dir import ModelDir
 from rollwire.render.qwen3 import QWEN3
@@ -120,5 +121,5 @@ def _hf_tokenizer(path: Path) -> Any:
 
 
 # The built-in families, one line each.
-for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3, QWEN3_5):
+for _family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3, QWEN3_5, GEMMA4):
     register_family(_family)
