@@ -408,3 +408,28 @@ def test_builder_options(qwen2: Run, tiny: Callable[[str], Path]) -> None:
     assert not sample.mm_token_type_ids.any() and sample.num_loss_tokens == 1
     with pytest.raises(SampleError, match="has images"):
         SampleBuilder.for_renderer(text).build(qwen2.linear)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "qwen2_vl"])
+def test_processor_declared_inputs_reproduce_the_engine_logprobs(runs: Callable[[str], Run], family: str) -> None:
+    """`model_inputs=True` gives each sample the image arrays its family's processor declares
+    (Gemma 4: padded pixel_values + image_position_ids), and a forward pass with exactly those
+    reproduces the rollout's logprobs."""
+    run = runs(family)
+    builder = SampleBuilder.for_renderer(run.renderer, tensors="torch", model_inputs=True)
+    samples = [*builder.build(run.linear), *builder.build(run.branched)]
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(run.model_dir), dtype=torch.float32).eval()
+    diffs = []
+    for sample in samples:
+        assert sample.image_inputs, "every sample of these rollouts has images"
+        ids = sample.input_ids[None]
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           mm_token_type_ids=sample.mm_token_type_ids[None],
+                           **sample.image_inputs).logits[0].float().log_softmax(-1)
+        t = sample.loss_mask.nonzero()[:, 0]
+        diffs.append(float((logits[t - 1, sample.input_ids[t]] - sample.old_logprobs[t]).abs().max()))
+    FIGURES[f"training {family}: processor-declared inputs, max |logprob diff|"] = [f"{d:.2e}" for d in diffs]
+    assert max(diffs) < 1e-3, diffs
+    if family == "gemma4":
+        assert set(samples[0].image_inputs) == {"pixel_values", "image_position_ids"}

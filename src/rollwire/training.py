@@ -10,8 +10,8 @@ image occurrence, and every sample passes `validate_placeholders` before it is r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, get_args
 
 import numpy as np
@@ -47,6 +47,10 @@ class Sample:
     images: tuple[ImageRef, ...]  # the occurrences' ranges in input_ids
     step_indices: tuple[int, ...]  # the trajectory steps merged into this sample
     trajectory_id: str
+    # With `SampleBuilder(model_inputs=True)`: the image arrays the model's forward pass takes, as
+    # the family's processor declares them (Qwen-VL: pixel_values + image_grid_thw; Gemma 4: padded
+    # pixel_values + image_position_ids), float32. Empty otherwise, and without images.
+    image_inputs: Mapping[str, Array] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -74,6 +78,7 @@ class SampleBuilder:
         pixel_format: PixelFormat = "float32",
         tensors: TensorKind = "numpy",
         include_failed: bool = False,
+        model_inputs: bool = False,
     ) -> None:
         if pixel_format not in get_args(PixelFormat):
             raise SampleError(f"pixel_format must be one of {get_args(PixelFormat)}, got {pixel_format!r}")
@@ -92,13 +97,16 @@ class SampleBuilder:
         self.pixel_format: PixelFormat = pixel_format
         self.tensors: TensorKind = tensors
         self.include_failed = include_failed
+        self.model_inputs = model_inputs
 
     @classmethod
     def for_renderer(cls, renderer: Renderer, *, pixel_format: PixelFormat = "float32",
-                     tensors: TensorKind = "numpy", include_failed: bool = False) -> SampleBuilder:
+                     tensors: TensorKind = "numpy", include_failed: bool = False,
+                     model_inputs: bool = False) -> SampleBuilder:
         """A builder using the renderer's feature store, image pad id and merge size."""
         return cls(renderer.feature_store, image_pad_id=renderer.image_pad_id, merge_size=renderer.merge_size,
-                   pixel_format=pixel_format, tensors=tensors, include_failed=include_failed)
+                   pixel_format=pixel_format, tensors=tensors, include_failed=include_failed,
+                   model_inputs=model_inputs)
 
     def build(self, trajectory: Trajectory) -> list[Sample]:
         """The trajectory's samples in step order; raises `SampleError` / `PlaceholderError`.
@@ -156,10 +164,16 @@ class SampleBuilder:
             if isinstance(pixels, np.ndarray):
                 pixels = torch.from_numpy(pixels)
         input_ids_out, loss_out, old_out, mm_out, grid_out = arrays
+        image_inputs: dict[str, Array] = {}
+        if self.model_inputs and features:
+            assert self.features is not None
+            image_inputs = dict(self.features.config.model_inputs(features))
+            if self.tensors == "torch":
+                image_inputs = {k: _import_torch().from_numpy(v) for k, v in image_inputs.items()}
         return Sample(
             input_ids=input_ids_out, loss_mask=loss_out, old_logprobs=old_out, mm_token_type_ids=mm_out,
             pixel_values=pixels, image_grid_thw=grid_out, image_ids=tuple(ref.id for ref in refs),
-            images=refs, step_indices=merged, trajectory_id=trajectory_id,
+            images=refs, step_indices=merged, trajectory_id=trajectory_id, image_inputs=image_inputs,
         )
 
     def _features(self, step_index: int, input_ids: np.ndarray, refs: tuple[ImageRef, ...]) -> list[ImageFeatures]:

