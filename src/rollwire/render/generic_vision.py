@@ -150,7 +150,7 @@ class GenericVisionRenderer:
     # --- helpers ------------------------------------------------------------------------------
 
     def _text(self, msgs: Sequence[Message], tools: Any, add_generation_prompt: bool) -> str:
-        dicts = [message_to_dict(m, image_repr=lambda _part: {"type": "image"}) for m in msgs]
+        dicts = [_template_dict(m) for m in msgs]
         try:
             text = self.processor.apply_chat_template(dicts, tools=tools, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,
@@ -219,6 +219,16 @@ def generic_renderer(model: ModelDir, *, feature_store: FeatureStore | None = No
     text = ChatTemplateRenderer(AutoTokenizer.from_pretrained(str(model.path)))
     text.image_refusal = f"the generic chat-template renderer does not take images: {reason}"
     return text
+
+
+def _template_dict(message: Message) -> dict[str, Any]:
+    """The message as HF chat templates take it: images as `{"type": "image"}`, tool-call
+    arguments as a mapping (transformers' documented convention; OpenAI's JSON text is parsed)."""
+    out = message_to_dict(message, image_repr=lambda _part: {"type": "image"})
+    if message.tool_calls:
+        out["tool_calls"] = [{**d, "function": {**d["function"], "arguments": c.arguments_dict()}}
+                             for d, c in zip(out["tool_calls"], message.tool_calls, strict=True)]
+    return out
 
 
 def _vision_ids(processor: Any, tokenizer: TextTokenizer) -> tuple[int, ...]:
