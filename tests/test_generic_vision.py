@@ -20,8 +20,15 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
-from rollwire.errors import ImageError, ImageRejectedError, PlaceholderError, RenderError, UnsupportedProcessorError
-from rollwire.features import FeatureStore, VisionConfig
+from rollwire.errors import (
+    FeatureError,
+    ImageError,
+    ImageRejectedError,
+    PlaceholderError,
+    RenderError,
+    UnsupportedProcessorError,
+)
+from rollwire.features import FeatureStore, VisionConfig, compute_features
 from rollwire.features.hf import HFImageProcessor
 from rollwire.render import ImageRef, create_renderer, validate_placeholders
 from rollwire.render.generic import ChatTemplateRenderer
@@ -277,8 +284,16 @@ def test_the_image_processor_adapter_matches_rollwires_own_qwen_processor(generi
         want_rows, want_grid = own.process(img(w, h, 30 + seed))
         assert grid == want_grid and np.array_equal(rows, want_rows) and not rows.flags.writeable
         assert np.array_equal(adapter.normalize(rows), own.normalize(want_rows))
+        arrays = adapter.wire_arrays(compute_features(img(w, h, 30 + seed).convert("RGB"), adapter))
+        assert adapter.from_wire(rows, arrays) == grid
+    with pytest.raises(FeatureError, match="does not fit"):
+        adapter.from_wire(rows[:-4], arrays)
     again = HFImageProcessor.from_pretrained(generic_dir("qwen2_vl"))
     assert again.fingerprint() == adapter.fingerprint()
+    cfg = json.loads((generic_dir("qwen2_vl") / "preprocessor_config.json").read_text())
+    assert HFImageProcessor.from_dict(cfg).fingerprint() == adapter.fingerprint()
+    with pytest.raises(UnsupportedProcessorError, match="cannot build NoSuchProcessor"):
+        HFImageProcessor.from_dict({**cfg, "image_processor_type": "NoSuchProcessor"})
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     smaller = HFImageProcessor(Qwen2VLImageProcessorPil.from_pretrained(str(generic_dir("qwen2_vl")),

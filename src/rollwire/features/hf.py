@@ -14,13 +14,14 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from rollwire.errors import FeatureError, ImageRejectedError, RollwireError, UnsupportedProcessorError
+from rollwire.features.processor import WireField
 
 if TYPE_CHECKING:
     from rollwire.features.store import ImageFeatures
@@ -30,6 +31,9 @@ __all__ = ["HFImageProcessor"]
 GRID_KEY = "image_grid_thw"
 _PROBE_COLOURS = (11, 97, 203)  # one constant per channel, far apart: resampling keeps them within ±3
 _MAX_PROBE_STEPS = 64
+# The vLLM layout of grid-based processors (rows flat, split per image by grid size; the grid
+# batched on the CPU): what the rows and `image_grid_thw` this adapter requires travel as.
+GRID_WIRE = (WireField("pixel_values", "flat", pixels=True), WireField(GRID_KEY, "batched", keep_on_cpu=True))
 
 
 class HFImageProcessor:
@@ -65,6 +69,25 @@ class HFImageProcessor:
             raise UnsupportedProcessorError(f"cannot load the image processor of {model_dir}: {exc}") from None
         return cls(processor)
 
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], *, where: str = "preprocessor config") -> HFImageProcessor:
+        """The processor `cfg["image_processor_type"]` names (its PIL class where there is one),
+        built from the rest of `cfg`."""
+        name = cfg.get("image_processor_type")
+        if not isinstance(name, str) or not name:
+            raise UnsupportedProcessorError(f"{where}: no image_processor_type")
+        try:
+            from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+
+            found = [get_image_processor_class_from_name(n) for n in (name.removesuffix("Pil") + "Pil", name)]
+            klass = next(k for k in found if k is not None)
+            processor = klass.from_dict({k: v for k, v in cfg.items() if k != "image_processor_type"})
+        except RollwireError:
+            raise
+        except Exception as exc:  # StopIteration: transformers knows neither class
+            raise UnsupportedProcessorError(f"{where}: cannot build {name} ({type(exc).__name__}: {exc})") from None
+        return cls(processor)
+
     # --- the ImageProcessor protocol ------------------------------------------------------------
 
     @property
@@ -96,6 +119,23 @@ class HFImageProcessor:
     def model_inputs(self, features: Sequence[ImageFeatures]) -> dict[str, np.ndarray]:
         return {"pixel_values": np.concatenate([self.normalize(f.pixel_values) for f in features]),
                 GRID_KEY: np.array([f.grid_thw for f in features], dtype=np.int64).reshape(-1, 3)}
+
+    @property
+    def wire_fields(self) -> tuple[WireField, ...]:
+        return GRID_WIRE
+
+    def wire_arrays(self, features: ImageFeatures) -> dict[str, np.ndarray]:
+        return {GRID_KEY: np.asarray(features.grid_thw, dtype=np.int64)}
+
+    def from_wire(self, pixels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+        grid = np.asarray(arrays[GRID_KEY])
+        if pixels.ndim != 2 or grid.shape != (3,) or grid.dtype != np.int64:
+            raise FeatureError(f"{self.name}: pixel_values must be 2-D and {GRID_KEY} 3 int64 values, got "
+                               f"{pixels.shape}, {grid.dtype} {grid.shape}")
+        t, h, w = (int(v) for v in grid)
+        if min(t, h, w) <= 0 or t * h * w != pixels.shape[0] or pixels.shape[1] != self.row_size:
+            raise FeatureError(f"{self.name}: grid {[t, h, w]} does not fit pixel_values {pixels.shape}")
+        return t, h, w
 
     def unresized_side(self) -> int:
         """The smallest multiple of patch * merge whose square image processes the same with and

@@ -21,6 +21,7 @@ from rollwire.features import FeatureStore, ImageFeatures
 from rollwire.features.hf import HFImageProcessor
 from rollwire.images import ImageLimits
 from rollwire.messages import ImagePart, Message, MessageLike, message_to_dict, parse_messages, parse_tools
+from rollwire.render.emit import ImageTokens
 from rollwire.render.generic import ChatTemplateRenderer
 from rollwire.render.hermes import parse_tool_calls
 from rollwire.render.model_dir import ModelDir
@@ -38,6 +39,7 @@ class GenericVisionRenderer:
     """Renders through an HF processor (`ProcessorMixin`: tokenizer, image processor, image token)."""
 
     family = "generic"
+    structure_token_ids: tuple[int, ...] = ()  # the template's markers are not known as data
 
     def __init__(self, processor: Any, *, feature_store: FeatureStore | None = None,
                  limits: ImageLimits | None = None, eos_token_ids: Sequence[int] = (),
@@ -61,6 +63,7 @@ class GenericVisionRenderer:
                               f"{adapter.name} ({adapter.fingerprint()})")
         self._store = feature_store
         self.limits = limits
+        self._images = ImageTokens(self._pad_id, feature_store, limits)
         self.template_kwargs = template_kwargs
         eos = getattr(self.hf_tokenizer, "eos_token_id", None)
         stops = ([int(eos)] if eos is not None else []) + [int(t) for t in eos_token_ids]
@@ -68,6 +71,14 @@ class GenericVisionRenderer:
         self.vision_token_ids: tuple[int, ...] = _vision_ids(processor, self.tokenizer)
         bos = getattr(self.hf_tokenizer, "bos_token", None)
         self._bos: str | None = bos if isinstance(bos, str) and bos else None
+
+    @property
+    def images(self) -> ImageTokens:
+        return self._images
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
 
     @property
     def feature_store(self) -> FeatureStore:
