@@ -95,11 +95,20 @@ class ImageSizeUnsupportedError(ImageError):
     """The model's image processor cannot take an image of this size or aspect ratio."""
 
 
+class ImageRejectedError(ImageError):
+    """A Hugging Face image processor (the generic vision path) raised on this image."""
+
+
 # --- features, rendering, placeholders ------------------------------------------------------
 
 
 class FeatureError(RollwireError):
     """Image features are missing or inconsistent."""
+
+
+class UnsupportedProcessorError(FeatureError):
+    """A Hugging Face image processor cannot be adapted: its un-normalised output is not uint8
+    rows with a per-image grid, or its normalisation cannot be reproduced from those rows."""
 
 
 class UnknownImageError(FeatureError, KeyError):

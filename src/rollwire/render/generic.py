@@ -23,6 +23,7 @@ class ChatTemplateRenderer:
     images = None
     image_pad_id = None
     merge_size = 2
+    image_refusal = "the generic chat-template renderer does not take images"
 
     def __init__(self, hf_tokenizer: Any, **template_kwargs: Any) -> None:
         if not getattr(hf_tokenizer, "chat_template", None):
@@ -50,7 +51,7 @@ class ChatTemplateRenderer:
     ) -> RenderedTokens:
         msgs, tools = parse_messages(messages), parse_tools(tools)
         if any(m.images for m in msgs):
-            raise RenderError("the generic chat-template renderer does not take images")
+            raise RenderError(self.image_refusal)
         text = self._text(msgs, tools, add_generation_prompt)
         # Message boundaries: where each prefix's rendering ends, when it is a prefix of the whole.
         bounds: list[int] = []

@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from rollwire.errors import RenderError, UnsupportedModelError
+from rollwire.errors import UnsupportedModelError
 from rollwire.features import FeatureStore
 from rollwire.images import ImageLimits
 from rollwire.render.base import TemplateRenderer
 from rollwire.render.family import Family, RenderOptions
 from rollwire.render.gemma4 import GEMMA4
 from rollwire.render.generic import ChatTemplateRenderer
+from rollwire.render.generic_vision import generic_renderer
 from rollwire.render.model_dir import ModelDir
 from rollwire.render.qwen3 import QWEN3
 from rollwire.render.qwen3_5 import QWEN3_5
@@ -103,21 +104,13 @@ def create_renderer(
         model = ModelDir.from_tokenizer(TextTokenizer.from_hf(model), model_type=family)
     name = family if family is not None else detect_family(model)
     if name == GENERIC:
-        return ChatTemplateRenderer(_hf_tokenizer(model.path))
+        return generic_renderer(model, feature_store=feature_store, limits=limits)
     options = RenderOptions(feature_store=feature_store, limits=limits, add_vision_id=add_vision_id,
                             enable_thinking=enable_thinking, content_special_tokens=content_special_tokens)
     renderer = get_family(name).make_renderer(model, options)
     if isinstance(renderer, TemplateRenderer):
         renderer.plain_content = content_special_tokens == "text"
     return renderer
-
-
-def _hf_tokenizer(path: Path) -> Any:
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:  # pragma: no cover - transformers is a core dependency
-        raise RenderError("the generic renderer needs transformers") from exc
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 # The built-in families, one line each.
