@@ -339,3 +339,33 @@ def test_a_directory_without_an_adaptable_processor_stays_text_only(
         r.render([{"role": "user", "content": [{"type": "image", "image": img(56, 56, 21)}]}])
     with pytest.raises(RenderError, match="feature store's processor"):
         GenericVisionRenderer(renderer("qwen2_vl").processor, feature_store=FeatureStore(VisionConfig()))
+
+
+def test_the_local_engine_runs_a_model_outside_the_table(generic_dir: Callable[[str], Path],
+                                                        renderer: Callable[[str], Any],
+                                                        tiny: Callable[[str], Path]) -> None:
+    """The embedded engine takes the class from `architectures` when no family names it: the
+    generic path's prompt gives the same greedy ids and logprobs as the family path on the same
+    weights."""
+    import asyncio
+
+    from rollwire.engines.local import LocalEngine
+    from rollwire.engines.types import GenerateRequest, SamplingParams
+
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img(64, 48, 5)},
+                                         {"type": "text", "text": "What is it?"}]}]
+    generic = renderer("qwen2_vl")
+    family = create_renderer(tiny("qwen2_vl"))
+
+    async def run(model_dir: Path, r: Any) -> Any:
+        prompt = r.render(msgs)
+        async with LocalEngine(model_dir, feature_store=r.feature_store) as engine:
+            result = await engine.generate(GenerateRequest(prompt_token_ids=prompt.token_ids, images=prompt.images,
+                                                           sampling=SamplingParams(max_tokens=4, temperature=0.0)))
+        return prompt.token_ids, result.completions[0]
+
+    ids_g, out_g = asyncio.run(run(generic_dir("qwen2_vl"), generic))
+    ids_f, out_f = asyncio.run(run(tiny("qwen2_vl"), family))
+    assert ids_g == ids_f
+    assert out_g.token_ids == out_f.token_ids
+    assert max(abs(a - b) for a, b in zip(out_g.logprobs, out_f.logprobs, strict=True)) < 1e-5

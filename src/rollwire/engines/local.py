@@ -522,14 +522,19 @@ def _import_backend() -> tuple[Any, Any]:
 
 
 def _model_class(transformers: Any, model: ModelDir) -> tuple[bool, Any]:
-    """(is_vision, transformers class) of the directory, from its family's record."""
+    """(is_vision, transformers class) of the directory: from its family's record, or for a vision
+    model no family claims (the generic path) from `config.json`'s `architectures`."""
     family = family_of(model)
     name = family.model_types.get(model.model_type) if family is not None else None
     if name is None:
-        if "vision_config" in model.config or (family is not None and family.is_vision):
-            raise EngineUnavailableError(f"model type {model.model_type!r} is a vision model the local engine "
-                                         "cannot position (no family names its transformers class)")
-        return False, transformers.AutoModelForCausalLM
+        is_vision = "vision_config" in model.config or (family is not None and family.is_vision)
+        if not is_vision:
+            return False, transformers.AutoModelForCausalLM
+        architectures = model.config.get("architectures")
+        name = architectures[0] if family is None and isinstance(architectures, list) and architectures else None
+        if not isinstance(name, str):
+            raise EngineUnavailableError(f"model type {model.model_type!r} is a vision model whose transformers "
+                                         "class neither a family record nor config.json's architectures names")
     cls = getattr(transformers, name, None)
     if cls is None:
         raise EngineUnavailableError(f"transformers {transformers.__version__} has no {name}: upgrade it")
