@@ -564,15 +564,16 @@ def _is_complete(path: Path) -> bool:
 
 
 def ensure_tiny_model(family: str = "qwen2_vl", *, cache_dir: Path | None = None) -> Path:
-    """`<cache>/tiny-models/<family>-v<N>`, built (seed 0, defaults) on first use.
+    """`<cache>/tiny-models/<family>-v<N>` (`-v<N>r<R>` for a family's revision R), built (seed 0,
+    defaults) on first use.
 
     The build goes into a temporary sibling directory that is renamed into place when complete,
     so a reader never sees a half-built model; when two processes race, the loser discards its
     copy and uses the winner's.
     """
-    _spec(family)
+    revision = _spec(family).revision
     cache = cache_dir if cache_dir is not None else default_cache_dir()
-    target = cache / "tiny-models" / f"{family}-v{TINY_MODEL_VERSION}"
+    target = cache / "tiny-models" / (f"{family}-v{TINY_MODEL_VERSION}" + (f"r{revision}" if revision else ""))
     if _is_complete(target):
         return target
     try:
@@ -582,7 +583,8 @@ def ensure_tiny_model(family: str = "qwen2_vl", *, cache_dir: Path | None = None
         raise ModelBuildError(f"cannot create the tiny-model cache under {target.parent}: {exc}") from exc
     try:
         build_tiny_model(family, tmp, cache_dir=cache)
-        marker = {"family": family, "version": TINY_MODEL_VERSION, "seed": 0, "built_at": time.time()}
+        marker = {"family": family, "version": TINY_MODEL_VERSION, "revision": revision, "seed": 0,
+                  "built_at": time.time()}
         (tmp / MARKER_NAME).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         _apply_umask(tmp)
         _move_into_place(tmp, target)

@@ -52,8 +52,8 @@ class Server:
     pid: int
 
 
-def start_server(model_dir: Path, family: str, port: int = PORT) -> int:
-    env = {**os.environ, "VLLM_EXTRA_ARGS": "--dtype float32"}
+def start_server(model_dir: Path, family: str, port: int = PORT, dtype: str = "float32", extra_args: str = "") -> int:
+    env = {**os.environ, "VLLM_EXTRA_ARGS": f"--dtype {dtype} {extra_args}".strip()}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_server.sh"), str(model_dir), str(port), family],
                          capture_output=True, text=True, env=env, check=False, timeout=400)
     if out.returncode != 0:

@@ -47,7 +47,8 @@ class TinySpec:
     `config_class` and `model_class` name transformers classes; `config` is the tiny config's
     keyword arguments; `tokenizer` and `chat_template` name sources known to `rollwire.tiny_model`
     (`chat_template="tokenizer"` keeps the tokenizer's own, None writes none); `image_processor`
-    holds the keyword arguments of the processor config it writes.
+    holds the keyword arguments of the processor config it writes. `revision` is bumped when the
+    family's tiny model changes, so a cached copy built from the old spec is not reused.
     """
 
     config_class: str
@@ -56,6 +57,7 @@ class TinySpec:
     tokenizer: str = "qwen"
     chat_template: str | None = None
     image_processor: Mapping[str, Any] | None = None
+    revision: int = 0
 
 
 @dataclass(frozen=True)

@@ -134,12 +134,15 @@ def _renderer(model: ModelDir, options: RenderOptions) -> Qwen35Renderer:
 
 
 # Tiny model: Qwen3.5's hybrid stack (one Gated-DeltaNet and one full-attention layer), real vocabulary.
+# Revision 1 is what vLLM 0.32's CPU build can run: its Gated-DeltaNet kernels take linear head dims
+# of 64 or 128 only (16 and 32 fail at the first request), and vLLM ties lm_head by the *text*
+# config's tie_word_embeddings (false would leave lm_head unloaded: NaN logits).
 _TEXT: Mapping[str, Any] = {
     "vocab_size": 248320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "layer_types": ["linear_attention", "full_attention"], "num_attention_heads": 2, "num_key_value_heads": 1,
-    "head_dim": 32, "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
+    "head_dim": 32, "linear_key_head_dim": 64, "linear_value_head_dim": 64, "linear_num_key_heads": 2,
     "linear_num_value_heads": 2, "linear_conv_kernel_dim": 4, "max_position_embeddings": 32768,
-    "bos_token_id": 248044, "eos_token_id": 248046, "pad_token_id": 248044,
+    "bos_token_id": 248044, "eos_token_id": 248046, "pad_token_id": 248044, "tie_word_embeddings": True,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
 }
@@ -157,5 +160,6 @@ QWEN3_5 = Family(
                 "vision_end_token_id": 248054, "tie_word_embeddings": True},
         tokenizer="qwen3_5", chat_template="qwen3_5",
         image_processor={"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-                         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
+                         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+        revision=1),
 )
