@@ -6,12 +6,16 @@ after every kill, resume it, and compare the finished run with a clean uninterru
                                  [--max-turns T] [--max-tokens K] [--concurrency C]
 
 A clean run (same settings, same run seed) goes first: it is the reference and it times the
-command (startup, seconds per rollout). Then one run directory is launched, killed, checked and
-relaunched until N kills were delivered; each kill moment is uniform over that attempt's
-expected duration (startup + the rollouts still to do), drawn from `--seed`, so some land during
-model load or before the first write. After every attempt the directory must hold only whole
-committed rows (each trajectory, features blob and original image reads back), keep every row
-committed before byte for byte, and nothing outside it may change. The last attempt runs to the
+command (seconds to the first row, seconds per rollout). Then one run directory is launched,
+killed, checked and relaunched until N kills were delivered; each kill moment is uniform over that
+attempt's expected duration (time to its first row, as measured so far, + the rollouts still to
+do), drawn from `--seed`, so some land during model load or before the first write, some while
+rows are written, some after the last row (a resume with nothing left to do is killed too). A
+quarter of the kills (also chosen by the seed) instead strike the moment the attempt's first
+shard record starts, between its blobs and its committing row.
+After every attempt the directory must hold only whole committed rows (each trajectory, features
+blob and original image reads back), keep every row committed before byte for byte, and nothing
+outside it (the sandbox's HOME, TMPDIR and working folder, the model cache) may change. The last attempt runs to the
 end and must exit 0 with exactly P*G successful rollouts whose deterministic fields (ids, seeds,
 messages, prompt and completion token ids, images, blobs) equal the clean run's; logprobs may
 differ by float noise from batching and are compared to a tolerance. Exit 1 on any violation.
@@ -27,6 +31,7 @@ import random
 import re
 import signal
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +51,7 @@ import msgspec  # noqa: E402
 from rollwire.errors import RollwireError  # noqa: E402
 from rollwire.store import ROWS, RunReader  # noqa: E402
 
+FIRST_WRITE_SHARE = 0.25  # kills aimed at the first write of an attempt (the rest: uniform in time)
 LOGPROB_TOLERANCE = 1e-4  # batching changes float sums by ~1e-6; a different token is far off
 _FRAME_BYTES = 16  # store._FRAME: magic, payload length, crc32
 _RUN_FILE = re.compile(r"(run\.json|rollouts\.jsonl|\.lock|shards/shard-[0-9]{5,9}\.bin"
@@ -93,11 +99,15 @@ class Attempt:
     problems: list[str] = field(default_factory=list)
 
     opened: bool = False  # the run directory had its rows file when the process was dead
+    first_row: float | None = None  # seconds from launch to its first committed row
+    at_first_write: bool = False  # killed as soon as its first shard record started (else at kill_at)
 
     @property
     def phase(self) -> str:
         if not self.killed:
             return "-"
+        if self.at_first_write:
+            return f"first write (+{self.rows_after - self.rows_before})"
         if self.rows_after > self.rows_before:
             return f"writing (+{self.rows_after - self.rows_before})"
         return "startup (no row yet)" if self.opened else "before the run dir was opened"
@@ -313,6 +323,13 @@ def _launch(settings: Settings, out: Path, env: dict[str, str], cwd: Path, log_t
         return subprocess.Popen(settings.argv(out), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _rows_size(run: Path) -> int:
+    try:
+        return os.stat(run / ROWS).st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _last_summary(log: Path) -> str:
     found = _SUMMARY.findall(log.read_text(errors="replace"))
     return "{} / {} / {} / {}".format(*found[-1]) if found else ""
@@ -343,11 +360,11 @@ def soak(kills: int, seed: int, out: Path, settings: Settings, *, cache: Path | 
             first_row = time.monotonic() - start
         time.sleep(0.05)
     clean_seconds = time.monotonic() - start
-    if proc.returncode != 0:
+    if proc.returncode != 0 or first_row is None:
         raise SystemExit(f"the clean run failed (exit {proc.returncode}): see {out / 'logs' / 'clean.log'}")
-    per_rollout = (clean_seconds - (first_row or 0.0)) / max(1, settings.total - 1)
-    startup = max(0.5, (first_row or clean_seconds) - per_rollout)
-    log(f"clean run: {clean_seconds:.1f} s ({startup:.1f} s startup, {per_rollout:.2f} s per rollout)")
+    per_rollout = (clean_seconds - first_row) / max(1, settings.total - 1)
+    first_rows = [first_row]  # the machine's load changes: each attempt that writes adds its own
+    log(f"clean run: {clean_seconds:.1f} s ({first_row:.1f} s to the first row, {per_rollout:.2f} s per rollout)")
 
     outside = [out, cache]
     skip = [run, out / "clean", out / "logs"]
@@ -356,8 +373,12 @@ def soak(kills: int, seed: int, out: Path, settings: Settings, *, cache: Path | 
     previous = b""
     while sum(a.killed for a in attempts) < kills and len(attempts) < 3 * kills + 3:
         remaining = settings.total - len(previous.splitlines())
-        attempts.append(_attempt(len(attempts) + 1, rng.uniform(0.0, startup + per_rollout * max(0, remaining)),
-                                 settings, run, env, out, previous))
+        expected = statistics.median(first_rows) + per_rollout * max(0, remaining - 1)
+        kill_at, at_first_write = rng.uniform(0.0, expected), rng.random() < FIRST_WRITE_SHARE
+        attempts.append(_attempt(len(attempts) + 1, expected * 1.5 if at_first_write else kill_at, settings, run,
+                                 env, out, previous, at_first_write=at_first_write))
+        if attempts[-1].first_row is not None:
+            first_rows.append(attempts[-1].first_row)
         previous = _committed(run)[0]
         after = _snapshot(outside, skip)
         attempts[-1].problems += _diff(before, after)
@@ -381,20 +402,31 @@ def soak(kills: int, seed: int, out: Path, settings: Settings, *, cache: Path | 
     return SoakReport(settings, seed, clean_seconds, attempts, comparison, problems + differences)
 
 
+def _shards(run: Path) -> list[tuple[str, int]]:
+    try:
+        return sorted((e.name, e.stat().st_size) for e in os.scandir(run / "shards"))
+    except FileNotFoundError:
+        return []
+
+
 def _attempt(number: int, kill_at: float | None, settings: Settings, run: Path, env: dict[str, str], out: Path,
-             previous: bytes) -> Attempt:
-    """Launch once; SIGKILL at `kill_at` seconds unless it exits first; then check the directory."""
-    attempt = Attempt(number, kill_at, rows_before=len(previous.splitlines()))
+             previous: bytes, *, at_first_write: bool = False) -> Attempt:
+    """Launch once; SIGKILL at `kill_at` seconds (or, `at_first_write`, as soon as a shard record
+    starts: between its blobs and its row) unless it exits first; then check the directory."""
+    attempt = Attempt(number, kill_at, rows_before=len(previous.splitlines()), at_first_write=at_first_write)
     log = out / "logs" / f"attempt-{number:03d}.log"
     start = time.monotonic()
     proc = _launch(settings, run, env, out / "work", log)
     deadline = None if kill_at is None else start + kill_at
+    size, shards = _rows_size(run), _shards(run)
     while proc.poll() is None:
-        if deadline is not None and time.monotonic() >= deadline:
+        if attempt.first_row is None and _rows_size(run) > size:
+            attempt.first_row = time.monotonic() - start
+        if deadline is not None and (time.monotonic() >= deadline or (at_first_write and _shards(run) != shards)):
             proc.send_signal(signal.SIGKILL)
             attempt.killed = True
             break
-        time.sleep(0.005)
+        time.sleep(0.001 if at_first_write else 0.005)
     attempt.returncode = proc.wait()
     attempt.seconds = time.monotonic() - start
     if attempt.killed and attempt.returncode != -signal.SIGKILL:  # it exited just before the signal
