@@ -15,7 +15,7 @@ quarter of the kills (also chosen by the seed) instead strike the moment the att
 shard record starts, between its blobs and its committing row.
 After every attempt the directory must hold only whole committed rows (each trajectory, features
 blob and original image reads back), keep every row committed before byte for byte, and nothing
-outside it (the sandbox's HOME, TMPDIR and working folder, the model cache) may change. The last attempt runs to the
+outside it (the sandbox's HOME, TMPDIR and working folder, the model directory) may change. The last attempt runs to the
 end and must exit 0 with exactly P*G successful rollouts whose deterministic fields (ids, seeds,
 messages, prompt and completion token ids, images, blobs) equal the clean run's; logprobs may
 differ by float noise from batching and are compared to a tolerance. Exit 1 on any violation.
@@ -64,7 +64,7 @@ _SUMMARY = re.compile(r"(\d+) / (\d+) / (\d+) / (\d+)")
 class Settings:
     """The `rollwire rollout` command every attempt (and the clean run) uses."""
 
-    prompts: int = 16
+    prompts: int = 32
     group: int = 2
     max_turns: int = 2
     max_tokens: int = 4
@@ -93,6 +93,7 @@ class Attempt:
     returncode: int | None = None
     rows_before: int = 0  # committed rows when it was launched
     rows_after: int = 0  # ...and once it was dead
+    total: int = 0  # rollouts the run has in all
     lost: int = 0  # rows committed before the launch that are gone or changed
     leftovers: str = ""  # uncommitted debris the kill left (allowed): torn row, shard tail, orphans
     summary: str = ""  # "done / failed / unwritten / resumed" when it finished
@@ -100,12 +101,15 @@ class Attempt:
 
     opened: bool = False  # the run directory had its rows file when the process was dead
     first_row: float | None = None  # seconds from launch to its first committed row
+    last_row: float | None = None  # ...and to its last
     at_first_write: bool = False  # killed as soon as its first shard record started (else at kill_at)
 
     @property
     def phase(self) -> str:
         if not self.killed:
             return "-"
+        if self.rows_before == self.total:
+            return "resume of a finished run"
         if self.at_first_write:
             return f"first write (+{self.rows_after - self.rows_before})"
         if self.rows_after > self.rows_before:
@@ -363,22 +367,28 @@ def soak(kills: int, seed: int, out: Path, settings: Settings, *, cache: Path | 
     if proc.returncode != 0 or first_row is None:
         raise SystemExit(f"the clean run failed (exit {proc.returncode}): see {out / 'logs' / 'clean.log'}")
     per_rollout = (clean_seconds - first_row) / max(1, settings.total - 1)
-    first_rows = [first_row]  # the machine's load changes: each attempt that writes adds its own
+    first_rows, per_rollouts = [first_row], [per_rollout]  # the load changes: each attempt that writes adds its own
     log(f"clean run: {clean_seconds:.1f} s ({first_row:.1f} s to the first row, {per_rollout:.2f} s per rollout)")
 
-    outside = [out, cache]
+    from rollwire.tiny_model import ensure_tiny_model
+
+    # the model the CLI runs (its default); not the whole cache, which other processes may add models to
+    outside = [out, ensure_tiny_model("qwen2_vl", cache_dir=cache)]
     skip = [run, out / "clean", out / "logs"]
     before = _snapshot(outside, skip)
     attempts: list[Attempt] = []
     previous = b""
     while sum(a.killed for a in attempts) < kills and len(attempts) < 3 * kills + 3:
         remaining = settings.total - len(previous.splitlines())
-        expected = statistics.median(first_rows) + per_rollout * max(0, remaining - 1)
+        expected = statistics.median(first_rows) + statistics.median(per_rollouts) * max(0, remaining - 1)
         kill_at, at_first_write = rng.uniform(0.0, expected), rng.random() < FIRST_WRITE_SHARE
         attempts.append(_attempt(len(attempts) + 1, expected * 1.5 if at_first_write else kill_at, settings, run,
                                  env, out, previous, at_first_write=at_first_write))
-        if attempts[-1].first_row is not None:
-            first_rows.append(attempts[-1].first_row)
+        a = attempts[-1]
+        if a.first_row is not None and a.last_row is not None:
+            first_rows.append(a.first_row)
+            if a.rows_after - a.rows_before >= 3:
+                per_rollouts.append((a.last_row - a.first_row) / (a.rows_after - a.rows_before - 1))
         previous = _committed(run)[0]
         after = _snapshot(outside, skip)
         attempts[-1].problems += _diff(before, after)
@@ -413,15 +423,18 @@ def _attempt(number: int, kill_at: float | None, settings: Settings, run: Path, 
              previous: bytes, *, at_first_write: bool = False) -> Attempt:
     """Launch once; SIGKILL at `kill_at` seconds (or, `at_first_write`, as soon as a shard record
     starts: between its blobs and its row) unless it exits first; then check the directory."""
-    attempt = Attempt(number, kill_at, rows_before=len(previous.splitlines()), at_first_write=at_first_write)
+    attempt = Attempt(number, kill_at, rows_before=len(previous.splitlines()), total=settings.total,
+                      at_first_write=at_first_write)
     log = out / "logs" / f"attempt-{number:03d}.log"
     start = time.monotonic()
     proc = _launch(settings, run, env, out / "work", log)
     deadline = None if kill_at is None else start + kill_at
     size, shards = _rows_size(run), _shards(run)
     while proc.poll() is None:
-        if attempt.first_row is None and _rows_size(run) > size:
-            attempt.first_row = time.monotonic() - start
+        if (now := _rows_size(run)) > size:
+            attempt.last_row = time.monotonic() - start
+            attempt.first_row = attempt.last_row if attempt.first_row is None else attempt.first_row
+            size = now
         if deadline is not None and (time.monotonic() >= deadline or (at_first_write and _shards(run) != shards)):
             proc.send_signal(signal.SIGKILL)
             attempt.killed = True

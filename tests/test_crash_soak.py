@@ -62,7 +62,8 @@ def test_the_checks_see_a_lost_row_a_bad_record_a_changed_rollout_and_a_write_ou
     run = shutil.copytree(out / "run", tmp_path / "run")
     committed = (run / ROWS).read_bytes()
     lines = committed.splitlines(keepends=True)
-    assert cs.check_run(run, committed)[1:] == (0, "", [])
+    _, lost, _, problems = cs.check_run(run, committed)  # leftovers (a shard tail a kill left) are allowed
+    assert lost == 0 and problems == []
 
     (run / ROWS).write_bytes(b"".join(lines[1:]))  # a committed row disappeared
     assert cs.check_run(run, committed)[1] == 1
