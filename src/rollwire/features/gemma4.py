@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from rollwire.errors import EmptyImageError, FeatureError, ImageError, ImageSizeUnsupportedError
-from rollwire.features.processor import WireField
+from rollwire.features.processor import WireField, config_from
 
 if TYPE_CHECKING:
     from rollwire.features.store import ImageFeatures
@@ -101,15 +101,8 @@ class Gemma4Vision:
         for flag in ("do_resize", "do_convert_rgb", "do_rescale"):
             if cfg.get(flag, True) is not True:
                 raise FeatureError(f"{where}: {flag}={cfg[flag]!r} is not supported (rollwire needs it true)")
-        kwargs: dict[str, Any] = {}
-        for key in ("patch_size", "pooling_kernel_size", "max_soft_tokens", "rescale_factor", "do_normalize",
-                    "image_mean", "image_std", "resample"):
-            if cfg.get(key) is not None:
-                kwargs[key] = cfg[key]
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise FeatureError(f"{where}: invalid value: {exc}") from None
+        return config_from(cls, cfg, ("patch_size", "pooling_kernel_size", "max_soft_tokens", "rescale_factor",
+                                      "do_normalize", "image_mean", "image_std", "resample"), where)
 
     @property
     def max_patches(self) -> int:

@@ -10,9 +10,9 @@ content-addressed `FeatureStore` works with any of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from rollwire.features.store import ImageFeatures
+
+C = TypeVar("C")
 
 # How pixels travel: uint8 patch rows (what vLLM 0.32 wants) or normalised floats.
 PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
@@ -80,3 +82,15 @@ class ImageProcessor(Protocol):
     def from_wire(self, pixels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
         """The grid of a received item (its non-pixel arrays by name); `FeatureError` when they do not
         fit the pixels."""
+
+
+def config_from(cls: Callable[..., C], cfg: Mapping[str, Any], keys: Sequence[str], where: str,
+                **fixed: Any) -> C:
+    """`cls(**fixed, **{k: cfg[k] for the keys cfg sets})`, a bad value named as a `FeatureError`."""
+    from rollwire.errors import FeatureError
+
+    kwargs = {**fixed, **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise FeatureError(f"{where}: invalid value: {exc}") from None

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from rollwire.errors import EmptyImageError, FeatureError, ImageError, ImageSizeUnsupportedError
-from rollwire.features.processor import WireField
+from rollwire.features.processor import WireField, config_from
 
 if TYPE_CHECKING:
     from rollwire.features.store import ImageFeatures
@@ -113,15 +113,9 @@ class VisionConfig:
         if not size.get("shortest_edge") or not size.get("longest_edge"):
             raise FeatureError(f"{where}: size needs 'shortest_edge' and 'longest_edge' (or min_pixels and "
                                f"max_pixels), got {cfg.get('size')!r}; the HF processor rejects it too")
-        kwargs: dict[str, Any] = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
-        for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
-                    "rescale_factor", "resample"):
-            if cfg.get(key) is not None:
-                kwargs[key] = cfg[key]
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise FeatureError(f"{where}: invalid value: {exc}") from None
+        return config_from(cls, cfg, ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                                      "rescale_factor", "resample"), where,
+                           min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
 
     @property
     def factor(self) -> int:
