@@ -224,8 +224,8 @@ class VLLMEngine:
             answer = await self._post_json(RENDER_PATH, {"model": self.model, "messages": messages})
         except ServerError as exc:  # no render endpoint to ask (or it is down)
             raise PixelFormatError(
-                f"cannot ask {self.base_url} which pixel format it expects ({exc}); pass pixel_format="
-                "'uint8' (vLLM >= 0.2x default) or 'float32' (--no-mm-device-do-normalize)",
+                f"cannot ask {self.base_url} which pixel format it expects ({exc}){server_hint(exc.status)}; "
+                "pass pixel_format='uint8' (vLLM >= 0.2x default) or 'float32' (--no-mm-device-do-normalize)",
                 probe_answered=not (exc.status is None or 400 <= exc.status < 500)) from None
         try:
             pixels, grid, dtype_name = decode_image_kwargs(answer["features"]["kwargs_data"]["image"][0], config)
@@ -323,7 +323,8 @@ class VLLMEngine:
                 by_id = set()
                 continue
             if status is not None and 400 <= status < 500 and status != 429:
-                raise InvalidRequestError(f"{self.base_url} refused the request ({status}): {error}")
+                raise InvalidRequestError(f"{self.base_url} refused the request ({status}): {error}"
+                                          f"{server_hint(status)}")
             first_failure = first_failure if first_failure is not None else time.monotonic()
             wait = self.retry.next_delay(attempt, first_failure)
             if wait is None:
@@ -519,3 +520,14 @@ __all__ = [
     "parse_choices",
     "parse_logprobs",
 ]
+
+
+def server_hint(status: int | None) -> str:
+    """What to change on the server for the statuses a misconfigured vLLM answers."""
+    if status == 403:
+        return (" - vLLM answers 403 on the token-in/token-out endpoints unless it is started with "
+                "--enable-scale-out")
+    if status == 404:
+        return (" - the server has no such endpoint: rollwire needs vLLM >= 0.30 (POST /inference/v1/generate, "
+                "not served by the opt-in Rust frontend: unset VLLM_USE_RUST_FRONTEND)")
+    return ""
