@@ -758,3 +758,22 @@ async def test_the_runner_reaches_the_engine_before_the_first_rollout(renderer: 
     assert seen == []  # no rollout was attempted (none recorded as failed)
     await engine.close()
 
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_on_reopen(run_copy: Path, renderer: Any) -> None:
+    """A writer killed mid-write leaves `.<name>.<pid>.<tid>.tmp`; the next writer (holding the lock)
+    removes those, and nothing else."""
+    blob_dir = next(p for p in sorted((run_copy / "blobs").iterdir()) if p.is_dir())
+    leftovers = [blob_dir / ".abc.png.123.456.tmp", run_copy / ".run.json.1.2.tmp"]
+    keep = [blob_dir / "notes.tmp", blob_dir / ".abc.png.tmp"]
+    outside = run_copy.parent / "outside.txt"
+    outside.write_text("x")
+    link = blob_dir / ".link.png.7.8.tmp"
+    link.symlink_to(outside)
+    for p in [*leftovers, *keep]:
+        p.write_bytes(b"partial")
+    rows_before = list(RunReader(run_copy).rows())
+    RunWriter(run_copy, renderer.feature_store).close()
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in keep) and link.is_symlink() and outside.read_text() == "x"
+    assert list(RunReader(run_copy).rows()) == rows_before

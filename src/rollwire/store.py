@@ -119,6 +119,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink(missing_ok=True)
 
 
+_TEMP = re.compile(r"\.[^/]+\.\d+\.\d+\.tmp")  # what _atomic_write names its temporary files
+
+
+def _remove_leftover_temps(root: Path) -> None:
+    """Temporary files of a writer that was killed mid-write (this writer holds the run's lock, so
+    no other writer is using them); only regular files named as `_atomic_write` names them."""
+    for folder in (root, root / "blobs", *sorted((root / "blobs").glob("??"))):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _TEMP.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
 def _lexists(path: Path) -> bool:
     """Whether something is at `path`; a symlink there (planted to redirect writes) is refused."""
     try:
@@ -211,6 +226,7 @@ class RunWriter:
         try:
             self.manifest = _settle_manifest(self.root, manifest)
             self.done_ids, self._committed = _repair_rows(self.root / ROWS)
+            _remove_leftover_temps(self.root)
             self._rows_fd = _open_regular(self.root / ROWS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "write")
         except BaseException:
             os.close(self._lock_fd)
