@@ -803,9 +803,12 @@ def serve_forever(
                           max_model_len=max_model_len, max_batch_size=max_batch_size, device=device, dtype=dtype,
                           connection_timeout=connection_timeout)
     stopping = threading.Event()
-    previous = None
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        # SIGINT too: a server started as a background job inherits SIGINT ignored, and Ctrl-C / kill -INT
+        # must still stop it.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stopping.set())
     try:
         server.start()
         if on_ready is not None:
@@ -818,5 +821,5 @@ def serve_forever(
                 pass
     finally:
         server.stop()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
