@@ -370,13 +370,13 @@ class LocalEngine:
             if cached is None:
                 arrays = self.feature_store.config.model_inputs([feat])
                 cached = {k: self._torch.from_numpy(v).to(self._device) for k, v in arrays.items()}
-                size = sum(t.numel() * t.element_size() for t in cached.values())
+                size = _nbytes(cached)
                 if size <= self._inputs_cache_bytes:
                     self._inputs_cache[feat.id] = cached
                     self._inputs_cached += size
                     while self._inputs_cached > self._inputs_cache_bytes:
                         _, old = self._inputs_cache.popitem(last=False)
-                        self._inputs_cached -= sum(t.numel() * t.element_size() for t in old.values())
+                        self._inputs_cached -= _nbytes(old)
             else:
                 self._inputs_cache.move_to_end(feat.id)
             parts.append(cached)
@@ -494,6 +494,10 @@ def _top_k_top_p(torch: Any, logits: torch.Tensor, top_k: int,
         keep = int((mass_before < top_p).sum().clamp(min=1))
         values, ids = values[:keep], ids[:keep]
     return values, ids
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _inverse_cdf(torch: Any, logits: torch.Tensor, generator: torch.Generator) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rollwire.features import FeatureStore, ImageProcessor
@@ -27,9 +27,6 @@ class RenderOptions:
     limits: ImageLimits | None = None
     add_vision_id: bool = False
     enable_thinking: bool = True
-    # "text": special-token look-alikes in message content are ordinary text (the default);
-    # "control": they are control tokens, as the HF chat templates tokenize them (for parity checks).
-    content_special_tokens: Literal["text", "control"] = "text"
 
     def store_for(self, model: ModelDir, default: Callable[[], ImageProcessor]) -> FeatureStore:
         """The caller's feature store, else a new one with the folder's (or the default) settings."""

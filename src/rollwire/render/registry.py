@@ -106,7 +106,7 @@ def create_renderer(
     if name == GENERIC:
         return generic_renderer(model, feature_store=feature_store, limits=limits)
     options = RenderOptions(feature_store=feature_store, limits=limits, add_vision_id=add_vision_id,
-                            enable_thinking=enable_thinking, content_special_tokens=content_special_tokens)
+                            enable_thinking=enable_thinking)
     renderer = get_family(name).make_renderer(model, options)
     if isinstance(renderer, TemplateRenderer):
         renderer.plain_content = content_special_tokens == "text"
