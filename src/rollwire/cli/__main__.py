@@ -1,0 +1,3 @@
+from rollwire.cli import main
+
+main()
