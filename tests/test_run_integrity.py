@@ -116,7 +116,7 @@ BAD_TEXT = {"lone high surrogate": "\ud800", "lone low surrogate": "x\udc80y", "
 def _check_written(result: Any, renderer: Any, run_dir: Path) -> dict[str, Any]:
     """The rollout is written and reads back with its error; nothing crashes on the way."""
     with RunWriter(run_dir, renderer.feature_store) as writer:
-        writer.write(result.trajectory, result.originals, result.features)
+        writer.write(result.trajectory, result.originals)
     (row,) = RunReader(run_dir).rows()
     assert RunReader(run_dir).trajectory(row).id == result.trajectory.id
     return row
@@ -261,7 +261,7 @@ def base_run(renderer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
             await run_rollouts(RunConfig(env="shapes", n_prompts=2, rollout=RolloutConfig(max_turns=1, max_tokens=4),
                                          env_kwargs={"turns": 1}),
                                renderer, Answer(renderer), progress=False,
-                               on_result=lambda r: writer.write(r.trajectory, r.originals, r.features))
+                               on_result=lambda r: writer.write(r.trajectory, r.originals))
 
     asyncio.run(go())
     return run_dir
@@ -446,7 +446,7 @@ async def test_the_writer_refuses_symlinked_blobs(renderer: Any, tmp_path: Path,
         (outside / "f").write_bytes(b"precious")
         link.symlink_to(outside / "f")
     with RunWriter(run_dir, renderer.feature_store) as writer, pytest.raises(StoreError, match="symlink"):
-        writer.write(r.trajectory, r.originals, r.features)
+        writer.write(r.trajectory, r.originals)
     assert sorted(p.name for p in outside.iterdir()) == ([] if entry.count("/") < 2 else ["f"])
     assert not (run_dir / ROWS).read_bytes()  # nothing committed
 
@@ -537,7 +537,7 @@ async def test_a_full_disk_gives_honest_counts_and_a_clean_resumable_directory(
             nonlocal seen
             seen += 1
             state["full"] = seen in (2, 3, 5)  # the disk fills and frees between rollouts
-            writer.write(r.trajectory, r.originals, r.features)
+            writer.write(r.trajectory, r.originals)
 
         summary = await run_rollouts(config, renderer, Answer(renderer), on_result=write, progress=False)
     state["full"] = False
@@ -547,7 +547,7 @@ async def test_a_full_disk_gives_honest_counts_and_a_clean_resumable_directory(
     assert len(rows) == 3 and all(RunReader(tmp_path).trajectory(r).error is None for r in rows)
     with RunWriter(tmp_path, renderer.feature_store) as writer:  # the disk was freed: resume writes the rest
         summary = await run_rollouts(config, renderer, Answer(renderer), skip_ids=set(writer.done_ids),
-                                     on_result=lambda r: writer.write(r.trajectory, r.originals, r.features),
+                                     on_result=lambda r: writer.write(r.trajectory, r.originals),
                                      progress=False)
     assert (summary.skipped, summary.done, summary.unwritten) == (3, 3, 0)
     reader = RunReader(tmp_path)
@@ -581,7 +581,7 @@ async def test_resume_retries_failed_rollouts_and_readers_return_the_newest_row(
     async def run() -> Any:
         with RunWriter(tmp_path, renderer.feature_store) as writer:
             return await run_rollouts(config, renderer, Answer(renderer), skip_ids=set(writer.done_ids),
-                                      on_result=lambda r: writer.write(r.trajectory, r.originals, r.features),
+                                      on_result=lambda r: writer.write(r.trajectory, r.originals),
                                       progress=False)
 
     FlakyEnv.broken = True

@@ -118,6 +118,11 @@ class UnknownImageError(FeatureError, KeyError):
         return str(self.args[0]) if self.args else "unknown image id"
 
 
+class ImageReloadError(FeatureError):
+    """An evicted image, recomputed from its archived original, got another id than it had
+    (the archive was changed or is not lossless): its features are not trusted."""
+
+
 class RenderError(RollwireError):
     """A conversation cannot be rendered by this renderer."""
 

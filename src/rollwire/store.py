@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rollwire.errors import ManifestMismatchError, RollwireError, StoreError
+from rollwire.errors import ManifestMismatchError, RollwireError, StoreError, UnknownImageError
 from rollwire.features import FeatureStore, ImageFeatures
-from rollwire.images import load_image, to_rgb
+from rollwire.images import ImageLimits, load_image, to_rgb
+from rollwire.messages import ImageSource
 from rollwire.rollout.types import Trajectory
 from rollwire.transport.codec import decode, encode
 from rollwire.transport.packing import pack, unpack
@@ -53,6 +54,9 @@ _SHARD_NAME = re.compile(r"shard-[0-9]{5,9}\.bin")
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})  # PNG holds these exactly
 _TIFF_MODES = frozenset({"PA", "CMYK", "YCbCr", "LAB", "I", "I;16B", "F"})  # ...and TIFF these
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+# Archived originals passed the rollout's image limits when first seen; a lossless copy can be
+# larger encoded, so only PIL's own bomb guard applies when one is read back.
+_ARCHIVE_LIMITS = ImageLimits(max_encoded_bytes=2**40, max_pixels=2**40)
 
 
 def _os_error(exc: OSError, what: str) -> StoreError:
@@ -246,8 +250,9 @@ class RunWriter:
     ) -> None:
         """Blobs, then the shard record, then the row: the row commits the rollout.
 
-        `features` (the rollout's own, see `RolloutResult.features`) are used before the
-        feature store, which may have evicted them. A rollout already committed without error is
+        Images archived while the rollout ran (`archive_image`) are on disk already; others are
+        written from `originals` and from `features` or the feature store (recomputed from the
+        original when the store evicted them). A rollout already committed without error is
         skipped; a failed one is written again and its newer row supersedes the old one.
         """
         with self._lock:
@@ -258,10 +263,7 @@ class RunWriter:
             row = trajectory_row(trajectory)
             honest_json(row)  # a row that cannot be written is refused before anything is
             for image_id in trajectory.image_ids:
-                feats = (features or {}).get(image_id)
-                if feats is not None and image_id not in self.features:
-                    self.features.put(feats)
-                self._write_blobs(image_id, (originals or {}).get(image_id), feats)
+                self._write_blobs(image_id, (originals or {}).get(image_id), (features or {}).get(image_id))
             try:
                 record = pack([trajectory], self.features, include_pixels=False)
             except StoreError:
@@ -274,6 +276,20 @@ class RunWriter:
             self._commit(line)
             if trajectory.error is None:
                 self.done_ids.add(trajectory.id)
+
+    def archive_image(self, image_id: str, image: ImageSource, features: ImageFeatures) -> str:
+        """Write an image's original and features now (a rollout saw it first; see
+        `rollwire.rollout.ImageArchive`), unless they are on disk; the path of the original.
+        Safe to call from many threads while rollouts run: blobs are written atomically."""
+        if self._rows_fd < 0:
+            raise StoreError(f"{self.root} is closed")
+        if features.id != image_id:
+            raise StoreError(f"features of image {features.id[:12]} handed in to archive {image_id[:12]}")
+        return str(self._write_blobs(image_id, image, features))
+
+    def restore_image(self, image_id: str) -> Image.Image:
+        """An archived original, decoded (to recompute the features of an evicted image)."""
+        return _read_original(self.root, image_id)
 
     def _commit(self, line: bytes) -> None:
         """Append one row; on failure cut the file back so no partial row is left behind."""
@@ -289,16 +305,32 @@ class RunWriter:
             raise _os_error(exc, f"write {self.root / ROWS}") from None
         self._committed += len(line)
 
-    def _write_blobs(self, image_id: str, original: Any, features: ImageFeatures | None) -> None:
+    def _write_blobs(self, image_id: str, original: Any, features: ImageFeatures | None) -> Path | None:
+        """Write what is missing of an image's blobs; the original's path (None: not archived)."""
         folder = _real_dir(_real_dir(self.root / "blobs") / _blob_dir(self.root, image_id).name)
         feats = folder / f"{image_id}.features"
+        archived = next((p for p in (folder / f"{image_id}.{ext}" for ext in ("png", "tiff")) if _lexists(p)), None)
         if not _lexists(feats):
-            _atomic_write(feats, encode_features(features or self.features.get(image_id)))
-        if original is None or any(_lexists(folder / f"{image_id}.{ext}") for ext in ("png", "tiff")):
-            return
-        image = original if isinstance(original, Image.Image) else load_image(original)
+            _atomic_write(feats, encode_features(features or self._features_of(image_id, original)))
+        if archived is not None or original is None:
+            return archived
+        image = original if isinstance(original, Image.Image) else load_image(original, _ARCHIVE_LIMITS)
         ext, data = archive_image(image)
         _atomic_write(folder / f"{image_id}.{ext}", data)
+        return folder / f"{image_id}.{ext}"
+
+    def _features_of(self, image_id: str, original: Any) -> ImageFeatures:
+        """The store's features, or (it evicted them) the same features recomputed from the original."""
+        try:
+            return self.features.get(image_id)
+        except UnknownImageError:
+            if original is None:
+                raise StoreError(f"image {image_id[:12]}: its features were evicted from the feature store and "
+                                 "no original was handed in to recompute them") from None
+        features = self.features.get_or_process(original, limits=_ARCHIVE_LIMITS)
+        if features.id != image_id:
+            raise StoreError(f"image {image_id[:12]}: its original hashes to {features.id[:12]}")
+        return features
 
     def _append(self, record: bytes) -> tuple[str, int]:
         if self._shard is None or self._shard_size >= self.shard_bytes:
@@ -543,12 +575,16 @@ class RunReader:
 
     def image(self, image_id: str) -> Image.Image:
         """The archived original (PNG, or TIFF for modes PNG cannot hold)."""
-        folder = _blob_dir(self.root, image_id)
-        for ext in ("png", "tiff"):
-            path = folder / f"{image_id}.{ext}"
-            if os.path.lexists(path):
-                try:
-                    return load_image(_read_rows(path))
-                except RollwireError as exc:
-                    raise StoreError(f"original image {image_id}: {exc}") from None
-        raise StoreError(f"original image {image_id} is not archived")
+        return _read_original(self.root, image_id)
+
+
+def _read_original(root: Path, image_id: str) -> Image.Image:
+    folder = _blob_dir(root, image_id)
+    for ext in ("png", "tiff"):
+        path = folder / f"{image_id}.{ext}"
+        if os.path.lexists(path):
+            try:
+                return load_image(_read_rows(path), _ARCHIVE_LIMITS)
+            except RollwireError as exc:
+                raise StoreError(f"original image {image_id}: {exc}") from None
+    raise StoreError(f"original image {image_id} is not archived")

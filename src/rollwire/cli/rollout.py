@@ -110,8 +110,8 @@ async def _run(config: Any, renderer: Any, store: Any, model_dir: Path, server: 
             if engine is None:  # the embedded engine loads only once the run directory is accepted
                 engine = make_engine(renderer, model_dir, server, served_name, retry_deadline)
             return await run_rollouts(
-                config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
-                on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals, r.features))
+                config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress, archive=writer,
+                on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals))
     finally:
         if engine is not None:
             await engine.close()

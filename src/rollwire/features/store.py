@@ -3,6 +3,10 @@
 Everything else refers to an image by its id: a hash of its RGB pixels, its size and the
 processor's fingerprint (the settings that shape its features). The store works with any
 `ImageProcessor`; it is bounded by bytes and safe to share between threads.
+
+An in-flight request pins its images: they are not evicted while it runs, and one that was
+evicted before the pin is recomputed on `get` from the source the pin names (its archived
+original), so callers never keep features of their own to put back.
 """
 
 from __future__ import annotations
@@ -11,14 +15,14 @@ import contextlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from rollwire.errors import FeatureError, UnknownImageError
+from rollwire.errors import FeatureError, ImageReloadError, UnknownImageError
 from rollwire.features.processor import ImageProcessor
 from rollwire.images import DEFAULT_LIMITS, ImageLimits, image_hash, load_image, to_rgb
 from rollwire.messages import ImageSource
@@ -103,6 +107,11 @@ def compute_features(rgb_image: Image.Image, config: ImageProcessor) -> ImageFea
     return ImageFeatures(image_id, rows, grid, config.merge_size)
 
 
+Reload = Callable[[str], ImageSource]  # image id -> its source, to recompute evicted features from
+# Reloaded images passed the caller's limits when first seen; only PIL's own bomb guard applies again.
+_RELOAD_LIMITS = ImageLimits(max_encoded_bytes=2**40, max_pixels=2**40)
+
+
 @dataclass(frozen=True)
 class StoreStats:
     items: int
@@ -112,6 +121,7 @@ class StoreStats:
     misses: int
     evictions: int
     oversized: int  # processed items larger than max_bytes: returned, not stored
+    reloaded: int = 0  # evicted pinned images recomputed from their pin's source
 
 
 @dataclass
@@ -144,8 +154,9 @@ class FeatureStore:
         self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
         self._bytes = 0
-        self._hits = self._misses = self._evictions = self._oversized = 0
+        self._hits = self._misses = self._evictions = self._oversized = self._reloaded = 0
         self._pins: dict[str, int] = {}  # image id -> in-flight requests that need it
+        self._reloads: dict[str, list[Reload]] = {}  # image id -> where pinners can reload it from
 
     def get_or_process(self, source: ImageSource, *, limits: ImageLimits | None = None) -> ImageFeatures:
         rgb = to_rgb(load_image(source, limits or self.limits))
@@ -182,6 +193,10 @@ class FeatureStore:
             pending.done.set()
         return features
 
+    def image_id(self, source: ImageSource, *, limits: ImageLimits | None = None) -> str:
+        """The id `get_or_process` would give `source` (decoded and hashed, not processed)."""
+        return image_hash(to_rgb(load_image(source, limits or self.limits)), self._fingerprint)
+
     def put(self, features: ImageFeatures) -> None:
         """Store features computed elsewhere (e.g. received from a peer) under their id."""
         config = self.config
@@ -198,16 +213,33 @@ class FeatureStore:
             self._insert(features)
 
     def get(self, image_id: str) -> ImageFeatures:
+        """The stored features; a pinned image that was evicted is recomputed from its pin's source."""
         with self._lock:
             found = self._items.get(image_id)
-            if found is None:
-                raise UnknownImageError(f"image {image_id!r} is not in the feature store")
-            self._items.move_to_end(image_id)
-            return found
+            if found is not None:
+                self._items.move_to_end(image_id)
+                return found
+            reloads = self._reloads.get(image_id)
+            reload = reloads[-1] if reloads else None
+        if reload is None:
+            raise UnknownImageError(f"image {image_id!r} is not in the feature store")
+        return self._reload(image_id, reload)
+
+    def _reload(self, image_id: str, reload: Reload) -> ImageFeatures:
+        source = reload(image_id)
+        # The image passed the caller's limits when it was first seen; its archived copy is as large.
+        features = self.get_or_process(source, limits=_RELOAD_LIMITS)
+        if features.id != image_id:
+            raise ImageReloadError(f"image {image_id[:12]} was evicted and, recomputed from its archived "
+                                   f"original, hashed to {features.id[:12]}: the archive does not hold it")
+        with self._lock:
+            self._reloaded += 1
+        return features
 
     def __contains__(self, image_id: object) -> bool:
+        """Whether `get` can return it: stored, or pinned with a source to recompute it from."""
         with self._lock:
-            return image_id in self._items
+            return image_id in self._items or bool(self._reloads.get(image_id))  # type: ignore[call-overload]
 
     def __len__(self) -> int:
         with self._lock:
@@ -223,16 +255,24 @@ class FeatureStore:
         with self._lock:
             return StoreStats(items=len(self._items), bytes=self._bytes, max_bytes=self.max_bytes,
                               hits=self._hits, misses=self._misses, evictions=self._evictions,
-                              oversized=self._oversized)
+                              oversized=self._oversized, reloaded=self._reloaded)
 
     @contextlib.contextmanager
-    def pinned(self, image_ids: Iterable[str]) -> Iterator[None]:
+    def pinned(self, image_ids: Iterable[str], *, reload: Reload | None = None) -> Iterator[None]:
         """While the block runs, these images are never evicted (an in-flight request needs them);
-        the byte bound holds for the unpinned rest (pinned bytes may exceed it)."""
-        ids = list(image_ids)
+        the byte bound holds for the unpinned rest (pinned bytes may exceed it).
+
+        `reload(image_id)` returns the image's source (e.g. its archived original): a pinned image
+        the store had evicted before the pin is recomputed from it when `get` asks for it (and
+        must hash to the same id, else `ImageReloadError`). Pinning never loads anything itself:
+        an image sent by id alone never needs its pixels in memory.
+        """
+        ids = list(dict.fromkeys(image_ids))
         with self._lock:
             for image_id in ids:
                 self._pins[image_id] = self._pins.get(image_id, 0) + 1
+                if reload is not None:
+                    self._reloads.setdefault(image_id, []).append(reload)
         try:
             yield
         finally:
@@ -243,6 +283,11 @@ class FeatureStore:
                         self._pins[image_id] = left
                     else:
                         del self._pins[image_id]
+                    if reload is not None:
+                        reloads = self._reloads[image_id]
+                        reloads.remove(reload)
+                        if not reloads:
+                            del self._reloads[image_id]
                 self._evict()
 
     def _insert(self, features: ImageFeatures) -> None:  # caller holds the lock

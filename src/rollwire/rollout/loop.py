@@ -10,12 +10,11 @@ Errors end the rollout with the error recorded on it; what was done is kept.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,14 +28,13 @@ from rollwire.errors import (
     MessageError,
     PromptTooLongError,
     RenderError,
-    RollwireError,
-    UnknownImageError,
+    StoreError,
 )
-from rollwire.features import ImageFeatures
 from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages
 from rollwire.render.completion import validate_completion
 from rollwire.render.types import RenderedTokens, Renderer
 from rollwire.rollout.env import Environment
+from rollwire.rollout.images import ImageArchive, RolloutImages
 from rollwire.rollout.types import AssistantRecord, ErrorKind, RolloutError, Step, ToolCallRecord, Trajectory
 from rollwire.rollout.values import honest_value
 
@@ -56,69 +54,9 @@ class RolloutConfig:
 @dataclass
 class RolloutResult:
     trajectory: Trajectory
-    # Image sources by id (the environment's objects, not copies), for the store to archive.
+    # Without an image archive only: image sources by id (the environment's objects, not copies),
+    # for the caller to archive. With one, every image is archived already and this is empty.
     originals: dict[str, Any] = field(default_factory=dict)
-    # The features of every image the trajectory refers to (the store's objects, not copies).
-    features: dict[str, ImageFeatures] = field(default_factory=dict)
-
-
-class _Images:
-    """Which id each image object of the conversation got, and the sources to archive."""
-
-    def __init__(self, renderer: Renderer) -> None:
-        self.originals: dict[str, Any] = {}
-        # The rollout's features, held until it is written: the store is an LRU and may evict them.
-        self.features: dict[str, ImageFeatures] = {}
-        self._ids: dict[int, str] = {}  # id() of an image object alive in the conversation -> image id
-        self._store = renderer.feature_store
-
-    def note(self, conversation: Sequence[Message], prompt: RenderedTokens) -> None:
-        """Image parts and the prompt's refs come in the same order."""
-        parts = [p for m in conversation for p in m.images]
-        if len(parts) != len(prompt.images):
-            raise RenderError(f"{len(parts)} images in the conversation but {len(prompt.images)} in the prompt")
-        for part, ref in zip(parts, prompt.images, strict=True):
-            self._ids.setdefault(id(part.image), ref.id)
-            self.originals.setdefault(ref.id, part.image)
-            if ref.id not in self.features and self._store is not None:
-                self.features[ref.id] = self._features(ref.id, part.image)
-
-    def _features(self, image_id: str, image: Any) -> ImageFeatures:
-        """The stored features, or (a store under pressure evicted them, or they exceed its bound)
-        the same features computed again from the image."""
-        assert self._store is not None
-        try:
-            return self._store.get(image_id)
-        except UnknownImageError:
-            features = self._store.get_or_process(image)
-        if features.id != image_id:
-            raise RenderError(f"image {image_id[:12]} hashed to {features.id[:12]} when processed again")
-        return features
-
-    @contextlib.contextmanager
-    def pinned(self, prompt: RenderedTokens) -> Iterator[None]:
-        """Pin the prompt's images in the store for the block, putting back any it evicted since."""
-        if self._store is None:
-            yield
-            return
-        with self._store.pinned(prompt.image_ids):
-            for image_id in dict.fromkeys(prompt.image_ids):
-                if image_id not in self._store:
-                    self._store.put(self.features[image_id])
-            yield
-
-    def id_for(self, image: Any) -> str | None:
-        known = self._ids.get(id(image))
-        if known is None and self._store is not None:  # never rendered (after the last turn)
-            try:
-                features = self._store.get_or_process(image)
-            except RollwireError:
-                return None
-            known = features.id
-            self._ids[id(image)] = known
-            self.originals.setdefault(known, image)
-            self.features.setdefault(known, features)
-        return known
 
 
 @dataclass
@@ -141,9 +79,13 @@ async def run_rollout(
     prompt_index: int = 0,
     sample_index: int = 0,
     sampling_seed: int | None = None,
+    archive: ImageArchive | None = None,
 ) -> RolloutResult:
+    """One rollout; errors end it with the error recorded on it. With `archive` (a run's blob store)
+    the rollout holds image ids only: each image is archived when first seen (see `rollout.images`)."""
     state = _State(Trajectory(id=trajectory_id, env=env.name, prompt_index=prompt_index,
-                              sample_index=sample_index, seed=seed), _Images(renderer))
+                              sample_index=sample_index, seed=seed),
+                   RolloutImages(renderer.feature_store, archive))
     try:
         error = await _turns(state, env, renderer, engine, config, sampling_seed)
     except Exception as exc:  # a bug anywhere in one rollout must not take down the others
@@ -154,7 +96,7 @@ async def run_rollout(
 @dataclass
 class _State:
     traj: Trajectory
-    images: _Images
+    images: RolloutImages
     conversation: list[Message] = field(default_factory=list)
     metrics: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -191,7 +133,6 @@ async def _turns(
         return _error("render_error", exc, 0)
 
     for turn in range(config.max_turns):
-        images.note(state.conversation, prompt)
         budget = config.max_total_tokens - len(prompt.token_ids)
         if budget <= 0:
             traj.finish = "token_budget"
@@ -203,6 +144,12 @@ async def _turns(
         t0 = time.perf_counter()
         try:
             with images.pinned(prompt):  # the request's images stay in the store until it returns
+                try:
+                    state.conversation = await _off_loop(images.note, state.conversation, prompt)
+                except StoreError as exc:  # the run directory cannot take the image: nothing to continue
+                    return _error("store_error", exc, turn)
+                except (RenderError, ImageError) as exc:
+                    return _error("render_error", exc, turn)
                 result = await engine.generate(GenerateRequest(
                     prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling,
                     request_id=f"{traj.id}-{turn}"))
@@ -264,8 +211,8 @@ async def _turns(
             return None
         t0 = time.perf_counter()
         try:
-            prompt, bridged, reason = await _off_loop(_next_prompt, renderer, turns, state.conversation,
-                                                      traj.tools, metrics)
+            prompt, bridged, reason, state.conversation = await _off_loop(
+                _next_prompt, renderer, images, turns, state.conversation, traj.tools, metrics)
         except (RenderError, MessageError, ImageError) as exc:
             return _error("render_error", exc, turn + 1)
         metrics["render_s"] += time.perf_counter() - t0
@@ -285,11 +232,15 @@ async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
 
 
 def _next_prompt(
-    renderer: Renderer, turns: Sequence[_Turn], conversation: list[Message],
+    renderer: Renderer, images: RolloutImages, turns: Sequence[_Turn], conversation: list[Message],
     tools: Sequence[Mapping[str, Any]] | None, metrics: defaultdict[str, float],
-) -> tuple[RenderedTokens, bool, str | None]:
-    """Bridge from the latest turn whose conversation is a prefix of this one, else render."""
+) -> tuple[RenderedTokens, bool, str | None, list[Message]]:
+    """Bridge from the latest turn whose conversation is a prefix of this one, else render; and the
+    conversation (a rewritten history's images this rollout archived become archived parts again)."""
     base = next((t for t in reversed(turns) if _is_prefix(t.conversation, conversation)), None)
+    if base is None:
+        conversation = images.adopt(conversation)
+        base = next((t for t in reversed(turns) if _is_prefix(t.conversation, conversation)), None)
     if base is None:
         reason = "history rewritten"
     else:
@@ -297,10 +248,10 @@ def _next_prompt(
         result = renderer.bridge(base.prompt, base.completion_ids, conversation[len(base.conversation):])
         if result.tokens is not None:
             metrics["bridge_successes"] += 1
-            return result.tokens, True, None
+            return result.tokens, True, None, conversation
         reason = result.reason or "bridge declined"
     metrics[f"full_render:{reason}"] += 1
-    return renderer.render(conversation, tools), False, reason
+    return renderer.render(images.materialize(conversation), tools), False, reason, conversation
 
 
 def _is_prefix(prefix: Sequence[Message], conversation: Sequence[Message]) -> bool:
@@ -372,9 +323,9 @@ def _finish(state: _State, error: RolloutError | None) -> RolloutResult:
         if traj.error is None:
             traj.error, traj.finish = _error("internal_error", exc, len(traj.steps)), "error"
     traj.metrics = {k: float(v) for k, v in state.metrics.items()}
-    return RolloutResult(traj, state.images.originals, state.images.features)
+    return RolloutResult(traj, state.images.originals)
 
 
-def _message_json(message: Message, images: _Images) -> dict[str, Any]:
+def _message_json(message: Message, images: RolloutImages) -> dict[str, Any]:
     """OpenAI-format JSON of a message with each image replaced by its id."""
     return message_to_dict(message, image_repr=lambda part: {"type": "image", "image_id": images.id_for(part.image)})

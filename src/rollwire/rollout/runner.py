@@ -22,6 +22,7 @@ from rollwire.engines.types import Engine
 from rollwire.errors import RolloutConfigError
 from rollwire.render.types import Renderer
 from rollwire.rollout.env import make_env
+from rollwire.rollout.images import ImageArchive
 from rollwire.rollout.loop import RolloutConfig, RolloutResult, run_rollout
 
 
@@ -184,8 +185,10 @@ async def run_rollouts(
     on_result: OnResult | None = None,
     skip_ids: Collection[str] = (),
     progress: bool = True,
+    archive: ImageArchive | None = None,
 ) -> RunSummary:
-    """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends."""
+    """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends.
+    `archive` (the run's `RunWriter`) takes each image when first seen, so rollouts hold ids only."""
     connect = getattr(engine, "connect", None)
     if connect is not None:  # reach the engine once: an unreachable one fails here, not in every rollout
         await connect()
@@ -206,7 +209,7 @@ async def run_rollouts(
             result = await run_rollout(
                 make_env(config.env, **config.env_kwargs), renderer, engine, config.rollout,
                 seed=env_seed(config, i), trajectory_id=trajectory_id(config, i, j), prompt_index=i,
-                sample_index=j, sampling_seed=sampling_seed(config, i, j))
+                sample_index=j, sampling_seed=sampling_seed(config, i, j), archive=archive)
         kept = True
         if on_result is not None:
             try:

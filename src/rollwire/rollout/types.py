@@ -14,7 +14,7 @@ import msgspec
 from rollwire.render.types import ImageRef
 
 ErrorKind: TypeAlias = Literal["overlong_prompt", "engine_error", "bad_completion", "env_error", "render_error",
-                               "internal_error"]
+                               "store_error", "internal_error"]
 Finish: TypeAlias = Literal["done", "max_turns", "token_budget", "error"]
 
 
