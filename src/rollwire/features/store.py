@@ -219,14 +219,16 @@ class FeatureStore:
             if found is not None:
                 self._items.move_to_end(image_id)
                 return found
-            reloads = self._reloads.get(image_id)
-            reload = reloads[-1] if reloads else None
-        if reload is None:
-            raise UnknownImageError(f"image {image_id!r} is not in the feature store")
-        return self._reload(image_id, reload)
+            reloads = list(self._reloads.get(image_id, ()))
+        for reload in reversed(reloads):  # newest pin first; a pinner that cannot say yet is skipped
+            try:
+                source = reload(image_id)
+            except UnknownImageError:
+                continue
+            return self._reload(image_id, source)
+        raise UnknownImageError(f"image {image_id!r} is not in the feature store")
 
-    def _reload(self, image_id: str, reload: Reload) -> ImageFeatures:
-        source = reload(image_id)
+    def _reload(self, image_id: str, source: ImageSource) -> ImageFeatures:
         # The image passed the caller's limits when it was first seen; its archived copy is as large.
         features = self.get_or_process(source, limits=_RELOAD_LIMITS)
         if features.id != image_id:
@@ -262,9 +264,10 @@ class FeatureStore:
         """While the block runs, these images are never evicted (an in-flight request needs them);
         the byte bound holds for the unpinned rest (pinned bytes may exceed it).
 
-        `reload(image_id)` returns the image's source (e.g. its archived original): a pinned image
-        the store had evicted before the pin is recomputed from it when `get` asks for it (and
-        must hash to the same id, else `ImageReloadError`). Pinning never loads anything itself:
+        `reload(image_id)` returns the image's source (e.g. its archived original), or raises
+        `UnknownImageError` when it cannot (yet): a pinned image the store had evicted is recomputed
+        from the newest pin's source that answers when `get` asks for it (and must hash to the
+        same id, else `ImageReloadError`). Pinning never loads anything itself:
         an image sent by id alone never needs its pixels in memory.
         """
         ids = list(dict.fromkeys(image_ids))

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from rollwire.errors import RenderError, RollwireError
+from rollwire.errors import RenderError, RollwireError, UnknownImageError
 from rollwire.features import FeatureStore, ImageFeatures
 from rollwire.messages import ImagePart, ImageSource, Message
 from rollwire.render.types import RenderedTokens
@@ -67,6 +67,7 @@ class RolloutImages:
         # Without an archive: image id -> the original (the environment's object, not a copy).
         self.originals: dict[str, Any] = {}
         self._archived: dict[str, ArchivedImage] = {}
+        self._archiving: dict[str, Any] = {}  # image id -> its original while it is being archived
         self._ids: dict[int, tuple[Any, str]] = {}  # id() of a held original -> (it, its image id)
 
     def note(self, conversation: Sequence[Message], prompt: RenderedTokens) -> list[Message]:
@@ -87,9 +88,13 @@ class RolloutImages:
                 continue
             archived = self._archived.get(ref.id)
             if archived is None:
-                features = self._features(ref.id, part.image)
-                path = self.archive.archive_image(ref.id, part.image, features)
-                archived = self._archived[ref.id] = ArchivedImage(ref.id, path)
+                self._archiving[ref.id] = part.image
+                try:
+                    features = self._features(ref.id, part.image)
+                    path = self.archive.archive_image(ref.id, part.image, features)
+                    archived = self._archived[ref.id] = ArchivedImage(ref.id, path)
+                finally:
+                    del self._archiving[ref.id]
             swap[id(part)] = archived
         return _replace_parts(conversation, swap) if swap else list(conversation)
 
@@ -109,14 +114,15 @@ class RolloutImages:
         return features
 
     def reload(self, image_id: str) -> ImageSource:
-        """The source to recompute an evicted image from (the feature store's pin calls it)."""
+        """The source to recompute an evicted image from (the feature store's pin calls it);
+        `UnknownImageError` for an image this rollout has not seen (yet)."""
         if image_id in self._archived:
             assert self.archive is not None
             return self.archive.restore_image(image_id)
         try:
-            return self.originals[image_id]
+            return self.originals[image_id] if image_id in self.originals else self._archiving[image_id]
         except KeyError:
-            raise RenderError(f"image {image_id[:12]} is neither archived nor held by this rollout") from None
+            raise UnknownImageError(f"image {image_id[:12]} is neither archived nor held by this rollout") from None
 
     @contextlib.contextmanager
     def pinned(self, prompt: RenderedTokens) -> Iterator[None]:

@@ -115,6 +115,7 @@ async def _turns(
         problems: list[str] = []
         traj.tools = _take(list(obs.tools), "tools", problems) if obs.tools else None
         traj.env_info = _take_info(obs.info, "env_info", problems)
+        del obs  # its images live on in the conversation only (archived there after the first turn)
         _check_messages(state.conversation, 0, problems)
         metrics["env_s"] += time.perf_counter() - t0
         if problems:
@@ -191,6 +192,8 @@ async def _turns(
             reward = _reward(env_step.reward, turn, problems)
             new_history = _parse(env_step.history) if env_step.history is not None else None
             new = _parse(env_step.messages, after=state.conversation) if new_history is None else []
+            done = env_step.done
+            del env_step
         except Exception as exc:
             return _error("env_error", exc, turn + 1)
         metrics["env_s"] += time.perf_counter() - t0
@@ -206,7 +209,7 @@ async def _turns(
             state.conversation = [*state.conversation, *new]
         if problems:
             return _error("env_error", EnvValueError(problems), turn + 1)
-        if env_step.done:
+        if done:
             traj.finish = "done"
             return None
         t0 = time.perf_counter()
