@@ -99,7 +99,7 @@ async def test_nothing_leaves_before_the_checks(tiny: Callable[[str], Path]) -> 
     with pytest.raises(PromptTooLongError):
         await engine.generate(GenerateRequest(prompt_token_ids=prompt.token_ids, images=prompt.images,
                                               sampling=SamplingParams(max_tokens=64)))
-    assert calls == ["/v1/models"] and engine.stats.bytes_sent == 0
+    assert calls == ["/v1/models", "/metrics"] and engine.stats.bytes_sent == 0  # setup reads only
     await engine.close()
     with pytest.raises(EngineClosedError):
         await engine.generate(GenerateRequest(prompt_token_ids=[1], sampling=SamplingParams(max_tokens=1)))

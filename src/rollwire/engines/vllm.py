@@ -5,10 +5,11 @@ long placeholder kills a vLLM 0.32 server, a wrong one silently changes the outp
 fits `max_model_len`, and pixels are in the format the server was found to expect (a float
 tensor where uint8 is expected is accepted with HTTP 200 and gives different tokens).
 
-Images the server already holds go by id only (a null `kwargs_data` item). vLLM answers a
-cache miss (eviction, restart) with a bare HTTP 500 that does not name the hash, so a 500 on
-a request that relied on the server's cache is answered by re-sending every image in full once,
-before the ordinary retry policy applies.
+Images the server holds go by id only (a null `kwargs_data` item); which ones it holds, per
+server epoch, and the deduplication of images in flight are `engines/held.py`'s. vLLM answers a
+cache miss with a bare HTTP 500 that does not name the hash, so a 500 on a request that relied
+on the server's cache is answered by re-sending its images in full once, before the ordinary
+retry policy applies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import io
 import math
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from rollwire.features import FeatureStore, compute_features
 from rollwire.render.placeholders import validate_placeholders
 from rollwire.render.types import Renderer
 
+from .held import DEFAULT_SERVER_CACHE_BYTES, HeldImages, data_parallel_engines, weight_versions
 from .types import Completion, FinishReason, GenerateRequest, GenerateResult, Timings
 from .wire import GENERATE_PATH, RENDER_PATH, PixelFormat, decode_image_kwargs, features_payload, generate_body
 
@@ -102,14 +103,14 @@ class VLLMEngine:
         model: str | None = None,
         pixel_format: PixelFormat | Literal["auto"] = "auto",
         verify_pixel_format: bool = True,
-        images_by_id: bool = True,
+        images_by_id: bool | Literal["auto"] = "auto",
         stop_token_ids: Sequence[int] = (),
         banned_token_ids: Sequence[int] = (),
         max_in_flight: int = 32,
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
         retry: RetryPolicy | None = None,
-        known_images: int = 65536,
+        server_cache_bytes: int = DEFAULT_SERVER_CACHE_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -129,8 +130,8 @@ class VLLMEngine:
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._ready_lock = asyncio.Lock()
         self._ready = False
-        self._server_has: OrderedDict[str, None] = OrderedDict()  # ids the server was sent, LRU
-        self._known_images = known_images
+        # Images the server holds, per epoch ("auto": by id unless the server has no image cache).
+        self.held = HeldImages(enabled=images_by_id is not False, max_bytes=server_cache_bytes)
         self._closed = False
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -180,7 +181,26 @@ class VLLMEngine:
             self.max_model_len = int(limit) if isinstance(limit, int) else None
             if self.store is not None and (self.pixel_format is None or self.verify_pixel_format):
                 await self._settle_pixel_format()
+            if self.images_by_id == "auto" and self.held.enabled:
+                await self._check_image_cache()
             self._ready = True
+
+    async def _check_image_cache(self) -> None:
+        """Id-only sending needs the server's image cache, which vLLM has only without data-parallel
+        internal load balancing; /metrics names one `engine` per data-parallel rank it serves."""
+        try:
+            response = await self._client.get("/metrics")
+        except httpx.RequestError:
+            return
+        engines = data_parallel_engines(response.text) if response.status_code == 200 else 1
+        if engines > 1:
+            self.held.disable(f"{self.base_url} serves {engines} data-parallel engines behind its own load "
+                              "balancer: vLLM keeps no image cache there, every image goes with its pixels")
+
+    def new_epoch(self, reason: str) -> None:
+        """The server holds no image any more (a weight update paused it, it slept or restarted):
+        the next requests carry their pixels. Weight-update hooks call this."""
+        self.held.new_epoch(reason)
 
     async def server_version(self) -> str | None:
         """The server's `/version` (vLLM has one), for a run manifest; None when it has none."""
@@ -291,7 +311,27 @@ class VLLMEngine:
     async def _generate(self, request: GenerateRequest) -> GenerateResult:
         assert self.model is not None
         start = time.perf_counter()
-        by_id = self._held_ids(request)
+        plan = await self.held.plan(ref.id for ref in request.images)
+        ok, versions, aborted = False, list[str](), False
+        try:
+            completions, versions, sent, image_bytes, misses, by_id = await self._exchange(request, set(plan.by_id))
+            ok = True
+            aborted = any(c.finish_reason == "abort" for c in completions)
+        finally:
+            self.held.settle(plan, ok=ok, sizes=self._held_sizes(request), weight_versions=versions,
+                             aborted=aborted)
+        self.stats.requests += 1
+        held = sum(1 for ref in request.images if ref.id in by_id)
+        self.stats.images_by_id += held
+        self.stats.images_sent += len(request.images) - held
+        return GenerateResult(completions=completions, timings=Timings(total_s=time.perf_counter() - start),
+                              bytes_sent=sent, image_bytes_sent=image_bytes, cache_misses=misses)
+
+    async def _exchange(self, request: GenerateRequest, by_id: set[str],
+                        ) -> tuple[list[Completion], list[str], int, int, int, set[str]]:
+        """Send (and re-send) until a parsed 200: (completions, the weight versions it names, bytes,
+        image bytes, cache misses, the ids that went alone)."""
+        assert self.model is not None
         sent = image_bytes = misses = 0
         attempt = 0
         first_failure: float | None = None
@@ -308,18 +348,19 @@ class VLLMEngine:
             self.stats.bytes_sent += len(body)
             self.stats.image_bytes_sent += nbytes
             status, payload, error = await self._send(body)
+            if status is None:
+                self.held.unreachable()
             if status == 200 and payload is not None:
                 try:
                     completions = parse_choices(payload, n=request.sampling.n, logprobs=request.sampling.logprobs)
-                    break
+                    return completions, weight_versions(payload), sent, image_bytes, misses, by_id
                 except WireError as exc:  # a malformed 200 (a proxy, a dying server): try again
                     error = f"answered 200 with a malformed body: {exc}"
             if status == 500 and by_id:
-                # vLLM's answer to an id-only image it no longer holds: forget what we assumed, re-send.
+                # vLLM's answer to an id-only image it no longer holds: forget them, re-send in full.
                 self.stats.cache_misses += 1
                 misses += 1
-                for image_id in by_id:
-                    self._server_has.pop(image_id, None)
+                self.held.evicted(by_id)
                 by_id = set()
                 continue
             if status is not None and 400 <= status < 500 and status != 429:
@@ -333,31 +374,16 @@ class VLLMEngine:
             await asyncio.sleep(wait)
             attempt += 1
             self.stats.retries += 1
-        self.stats.requests += 1
-        occurrences = len(request.images)
-        held = sum(1 for ref in request.images if ref.id in by_id)
-        self.stats.images_by_id += held
-        self.stats.images_sent += occurrences - held
-        for ref in request.images:
-            self._remember(ref.id)
-        return GenerateResult(completions=completions, timings=Timings(total_s=time.perf_counter() - start),
-                              bytes_sent=sent, image_bytes_sent=image_bytes,
-                              cache_misses=misses)
 
-    def _held_ids(self, request: GenerateRequest) -> set[str]:
-        if not self.images_by_id:
-            return set()
-        return {ref.id for ref in request.images if ref.id in self._server_has}
-
-    def _remember(self, image_id: str) -> None:
-        self._server_has[image_id] = None
-        self._server_has.move_to_end(image_id)
-        while len(self._server_has) > self._known_images:
-            self._server_has.popitem(last=False)
+    def _held_sizes(self, request: GenerateRequest) -> dict[str, int]:
+        """Bytes the server's cache keeps per image (its pixels as sent), for the held set's bound."""
+        itemsize = 1 if self.pixel_format in (None, "uint8") else (2 if self.pixel_format == "bfloat16" else 4)
+        row = self.store.config.row_size if self.store is not None else 0
+        return {ref.id: math.prod(ref.grid_thw) * row * itemsize for ref in request.images}
 
     def forget_server_cache(self) -> None:
-        """Assume the server holds no image (e.g. after it was restarted)."""
-        self._server_has.clear()
+        """Assume the server holds no image (e.g. after it was restarted): `new_epoch`."""
+        self.new_epoch("forget_server_cache() was called")
 
     async def _send(self, body: bytes) -> tuple[int | None, Any, str]:
         """(status, JSON body, error text); status None for a connection-level failure."""
