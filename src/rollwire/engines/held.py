@@ -63,7 +63,7 @@ class HeldImages:
         self.stats = HeldStats()
         self._held: OrderedDict[str, int] = OrderedDict()  # id -> bytes the server keeps for it, LRU
         self._bytes = 0
-        self._retired: set[str] = set()  # weight versions of earlier epochs
+        self._retired: set[str] = set()  # weight versions a change left behind
         self._claims: dict[str, asyncio.Future[None]] = {}  # id -> the carrier's completion
         self._unreachable = False  # a request could not reach the server since the last answer
 
@@ -83,6 +83,7 @@ class HeldImages:
         self.epoch += 1
         self.stats.epochs += 1
         self.stats.last_reason = reason
+        self.weight_version = None  # learnt again from the next answer
         self._forget_all()
 
     def _forget_all(self) -> None:
@@ -155,18 +156,17 @@ class HeldImages:
             return False
         if not versions:
             return True
-        if self.weight_version is None and not self._retired:
+        if any(v in self._retired for v in versions):
+            return False  # sampled (in part) by weights from before a wipe: a late answer
+        if self.weight_version is None:  # the first version this epoch sees
             self.weight_version = versions[0]
         if all(v == self.weight_version for v in versions):
             return True
-        new = versions[-1]
-        if new != self.weight_version and new not in self._retired:
-            old = self.weight_version
-            if old is not None:
-                self._retired.add(old)
-            self.weight_version = new
-            self.new_epoch(f"weight version {old!r} -> {new!r} (vLLM wipes its image cache on a weight update)")
-        return False  # spans a change, or a late answer from older weights: sent before the wipe
+        old, new = self.weight_version, versions[-1]
+        self._retired.add(old)
+        self.new_epoch(f"weight version {old!r} -> {new!r} (vLLM wipes its image cache on a weight update)")
+        self.weight_version = new
+        return False  # it spans the change: what it carried went before the wipe
 
     def _hold(self, image_id: str, size: int) -> None:
         old = self._held.pop(image_id, None)
