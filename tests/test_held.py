@@ -142,6 +142,7 @@ class FakeVLLM:
         self.down = False
         self.delay_s = 0.0
         self.pixels_received: list[str] = []
+        self.requests: list[int] = []  # n of each generate request answered
 
     def update_weights(self, version: str) -> None:
         self.cache.clear()  # pause (clear_cache=True) ... resume
@@ -166,9 +167,10 @@ class FakeVLLM:
                 if self.engines == 1:
                     self.cache.add(mm_hash)
         n = body["sampling_params"]["n"]
-        return httpx.Response(200, json={"choices": [
-            {"index": k, "token_ids": [11, 12], "finish_reason": "length",
-             "logprobs": {"content": [{"token_id": 11, "logprob": -1.0}, {"token_id": 12, "logprob": -2.0}]},
+        self.requests.append(n)
+        return httpx.Response(200, json={"choices": [  # choice k samples [11, 12 + k]
+            {"index": k, "token_ids": [11, 12 + k], "finish_reason": "length",
+             "logprobs": {"content": [{"token_id": 11, "logprob": -1.0}, {"token_id": 12 + k, "logprob": -2.0}]},
              "weight_versions": [{"version": self.version, "start": 0, "end": 2}]} for k in range(n)]})
 
 

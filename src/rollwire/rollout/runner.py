@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rollwire import __version__
+from rollwire.engines.group import GroupedEngine
 from rollwire.engines.types import Engine
 from rollwire.errors import RolloutConfigError
 from rollwire.render.types import Renderer
@@ -186,9 +187,13 @@ async def run_rollouts(
     skip_ids: Collection[str] = (),
     progress: bool = True,
     archive: ImageArchive | None = None,
+    group_requests: bool = False,
 ) -> RunSummary:
     """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends.
-    `archive` (the run's `RunWriter`) takes each image when first seen, so rollouts hold ids only."""
+    `archive` (the run's `RunWriter`) takes each image when first seen, so rollouts hold ids only;
+    `group_requests` sends a group's shared first prompt as one `n = group` request (`GroupedEngine`)."""
+    if group_requests and config.group > 1:
+        engine = GroupedEngine(engine, group=config.group)
     connect = getattr(engine, "connect", None)
     if connect is not None:  # reach the engine once: an unreachable one fails here, not in every rollout
         await connect()

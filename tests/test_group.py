@@ -1,0 +1,81 @@
+"""A GRPO group's shared first prompt as one `n = G` request (GroupedEngine), against the fake vLLM
+of test_held and through the runner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from rollwire.engines.group import GroupedEngine
+from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, Timings
+from rollwire.render import create_renderer
+from rollwire.rollout import RolloutConfig, RunConfig, run_rollouts
+from test_held import FakeVLLM, client, group_request
+
+
+@pytest.fixture(scope="module")
+def renderer(tiny: Callable[[str], Path]) -> Any:
+    return create_renderer(tiny("qwen2_vl"))
+
+
+def seeded(request: GenerateRequest, seed: int) -> GenerateRequest:
+    return msgspec.structs.replace(request, sampling=msgspec.structs.replace(request.sampling, seed=seed))
+
+
+async def test_a_group_of_16_goes_as_one_request_and_each_member_gets_its_own(renderer: Any) -> None:
+    server = FakeVLLM()
+    request = group_request(renderer, 7)
+    async with client(renderer, FakeVLLM()) as alone:
+        one = (await alone.generate(request)).image_bytes_sent
+    grouped = GroupedEngine(client(renderer, server), group=16, window_s=5.0)  # full before the window ends
+    results = await asyncio.gather(*(grouped.generate(seeded(request, k)) for k in range(16)))
+    await grouped.close()
+    assert server.requests == [16] and grouped.stats.coalesced == 15
+    assert sorted(r.completions[0].token_ids[1] for r in results) == list(range(12, 28))  # one each
+    assert sum(r.image_bytes_sent for r in results) == one  # the image went once, counted once
+
+
+async def test_different_prompts_are_not_coalesced_and_a_partial_group_goes_after_the_window(renderer: Any) -> None:
+    server = FakeVLLM()
+    a, b = group_request(renderer, 8), group_request(renderer, 9)
+    grouped = GroupedEngine(client(renderer, server), group=4, window_s=0.02)
+    results = await asyncio.gather(grouped.generate(seeded(a, 1)), grouped.generate(seeded(b, 2)),
+                                   grouped.generate(seeded(a, 3)))
+    await grouped.close()
+    assert sorted(server.requests) == [1, 2] and len(results) == 3
+    assert [len(r.completions) for r in results] == [1, 1, 1]
+
+
+class CountingEngine:
+    """Answers n different completions per request and records each request's n and length."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+        self.seen: list[tuple[int, int]] = []
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self.seen.append((request.sampling.n, len(request.prompt_token_ids)))
+        out = []
+        for k in range(request.sampling.n):
+            ids = [*self.renderer.tokenizer.encode_ids(str(k)), self.renderer.im_end_id]
+            out.append(Completion(token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop"))
+        return GenerateResult(completions=out, timings=Timings(total_s=0.0))
+
+    async def close(self) -> None:
+        pass
+
+
+def test_the_runner_sends_first_turns_of_a_group_as_one_request(renderer: Any) -> None:
+    engine = CountingEngine(renderer)
+    config = RunConfig(env="shapes", n_prompts=2, group=4, concurrency=8,
+                       rollout=RolloutConfig(max_turns=2, max_tokens=4))
+    summary = asyncio.run(run_rollouts(config, renderer, engine, progress=False, group_requests=True))
+    assert summary.done == 8 and summary.failed == 0
+    firsts = [n for n, _ in engine.seen if n > 1]
+    # Each prompt's 4 first turns went as one; the members' answers differ, so later turns go one by one.
+    assert firsts == [4, 4] and sum(n for n, _ in engine.seen) == summary.turns
