@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import make_image
 from rollwire.render import create_renderer, validate_placeholders
-from rollwire.tiny_model import _GEMMA4_GGUF, _GEMMA4_SDIST, _pypi_file
+from rollwire.tiny_sources import _GEMMA4_GGUF, _GEMMA4_SDIST, _pypi_file
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
