@@ -4,9 +4,9 @@ Everything else refers to an image by its id: a hash of its RGB pixels, its size
 processor's fingerprint (the settings that shape its features). The store works with any
 `ImageProcessor`; it is bounded by bytes and safe to share between threads.
 
-An in-flight request pins its images: they are not evicted while it runs, and one that was
-evicted before the pin is recomputed on `get` from the source the pin names (its archived
-original), so callers never keep features of their own to put back.
+An in-flight request pins the images it must send (they are not evicted while it runs) and makes
+the others reloadable: one the store evicted is recomputed on `get` from the source the request
+names (its archived original), so callers never keep features of their own to put back.
 """
 
 from __future__ import annotations
@@ -262,36 +262,48 @@ class FeatureStore:
     @contextlib.contextmanager
     def pinned(self, image_ids: Iterable[str], *, reload: Reload | None = None) -> Iterator[None]:
         """While the block runs, these images are never evicted (an in-flight request needs them);
-        the byte bound holds for the unpinned rest (pinned bytes may exceed it).
+        the byte bound holds for the unpinned rest (pinned bytes may exceed it). With `reload`,
+        they are also `reloadable` (an image evicted before the pin is recomputed when asked for)."""
+        ids = list(dict.fromkeys(image_ids))
+        with contextlib.ExitStack() as stack:
+            if reload is not None:
+                stack.enter_context(self.reloadable(ids, reload))
+            with self._lock:
+                for image_id in ids:
+                    self._pins[image_id] = self._pins.get(image_id, 0) + 1
+            try:
+                yield
+            finally:
+                with self._lock:
+                    for image_id in ids:
+                        left = self._pins[image_id] - 1
+                        if left:
+                            self._pins[image_id] = left
+                        else:
+                            del self._pins[image_id]
+                    self._evict()
 
-        `reload(image_id)` returns the image's source (e.g. its archived original), or raises
-        `UnknownImageError` when it cannot (yet): a pinned image the store had evicted is recomputed
-        from the newest pin's source that answers when `get` asks for it (and must hash to the
-        same id, else `ImageReloadError`). Pinning never loads anything itself:
-        an image sent by id alone never needs its pixels in memory.
+    @contextlib.contextmanager
+    def reloadable(self, image_ids: Iterable[str], reload: Reload) -> Iterator[None]:
+        """While the block runs, `get` recomputes any of these images the store evicted from
+        `reload(image_id)`, its source (e.g. its archived original; `UnknownImageError` when the
+        caller cannot say yet, and the next newest registration is asked). The recomputed image
+        must hash to the same id, else `ImageReloadError`. Nothing is loaded up front: an image a
+        request sends by id alone never needs its pixels in memory.
         """
         ids = list(dict.fromkeys(image_ids))
         with self._lock:
             for image_id in ids:
-                self._pins[image_id] = self._pins.get(image_id, 0) + 1
-                if reload is not None:
-                    self._reloads.setdefault(image_id, []).append(reload)
+                self._reloads.setdefault(image_id, []).append(reload)
         try:
             yield
         finally:
             with self._lock:
                 for image_id in ids:
-                    left = self._pins[image_id] - 1
-                    if left:
-                        self._pins[image_id] = left
-                    else:
-                        del self._pins[image_id]
-                    if reload is not None:
-                        reloads = self._reloads[image_id]
-                        reloads.remove(reload)
-                        if not reloads:
-                            del self._reloads[image_id]
-                self._evict()
+                    reloads = self._reloads[image_id]
+                    reloads.remove(reload)
+                    if not reloads:
+                        del self._reloads[image_id]
 
     def _insert(self, features: ImageFeatures) -> None:  # caller holds the lock
         if features.nbytes > self.max_bytes and features.id not in self._pins:

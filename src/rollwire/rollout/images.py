@@ -3,8 +3,9 @@
 With an `ImageArchive` (a run's blob store: `rollwire.store.RunWriter`), the rollout keeps no image
 of its own: once an image of the conversation has an id it is archived (original + features) and
 its part in the conversation becomes an `ArchivedImage` (an id and a path). Pixels then live only in
-the bounded feature store; a request pins its images there, and one the store evicted is recomputed
-from the archive when an engine needs it (the recomputed id must equal the original one). Without
+the bounded feature store; a request pins its new images there (the others are reloadable), and
+one the store evicted is recomputed from the archive when an engine needs it (the recomputed id
+must equal the original one). Without
 an archive (library use, no run directory) the rollout holds the originals it was given instead,
 and hands them to the caller in `RolloutResult.originals`.
 """
@@ -126,11 +127,14 @@ class RolloutImages:
 
     @contextlib.contextmanager
     def pinned(self, prompt: RenderedTokens) -> Iterator[None]:
-        """Pin the prompt's images for the block: kept in the store, reloaded if it evicted them."""
+        """For the block (archiving and sending this turn): the prompt's images this rollout has
+        not archived yet (just rendered, to be sent) stay in the store; all of them are reloadable,
+        so an earlier image the server holds costs no memory, and one an engine needs is recomputed."""
         if self.store is None:
             yield
             return
-        with self.store.pinned(prompt.image_ids, reload=self.reload):
+        new = [i for i in prompt.image_ids if i not in self._archived]
+        with self.store.pinned(new), self.store.reloadable(prompt.image_ids, self.reload):
             yield
 
     def materialize(self, conversation: Sequence[Message]) -> list[Message]:
