@@ -320,3 +320,21 @@ def test_missing_torch_raises_a_rollwire_error(tiny: Callable[[str], Path]) -> N
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
     assert "pip install 'rollwire[local]'" in out.stdout
+
+
+async def test_the_image_input_cache_stays_within_its_bytes(setups: Callable[[str], Setup]) -> None:
+    """The engine's normalised image tensors are a second copy beside the feature store: bounded by
+    `image_cache_bytes`, however many images pass through, and without changing any output."""
+    s = setups("qwen2_vl")
+    assert s.store is not None
+    one_image = s.store.get_or_process(make_image(180, 120, seed=10)).pixel_values.size * 4  # float32 rows
+    bound = one_image + 1  # room for one image's tensors: the others are used and dropped
+    small = LocalEngine(s.model_dir, feature_store=s.store, image_cache_bytes=bound)
+    try:
+        for seed in range(3):
+            images = (make_image(180, 120, seed=10 + seed), make_image(100, 140, seed=20 + seed))
+            req = request(s.renderer.render(two_image_conversation(images)), temperature=0.0)
+            assert (await one(small, req)).token_ids == (await one(s.engine, req)).token_ids
+            assert small._inputs_cached <= bound and len(small._inputs_cache) == 1
+    finally:
+        await small.close()
