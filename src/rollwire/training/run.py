@@ -25,7 +25,7 @@ def samples_from_run(
     *,
     model_dir: str | Path | None = None,
     renderer: Renderer | None = None,
-    mrope: bool = False,
+    mrope: bool | RopeIndex = False,
     pixel_format: PixelFormat = "float32",
     tensors: TensorKind = "numpy",
     include_failed: bool = False,
@@ -34,7 +34,8 @@ def samples_from_run(
     """Every rollout's samples, in the run's row order (failed rollouts left out unless asked).
 
     The model directory is `model_dir`, else the one `run.json` recorded; `mrope=True` adds M-RoPE
-    `position_ids` from that model's `get_rope_index` (Qwen-VL families; needs torch).
+    `position_ids` from that model's `get_rope_index` (Qwen-VL families; needs torch); a `RopeIndex`
+    is used as given.
     """
     reader = run_dir if isinstance(run_dir, RunReader) else RunReader(run_dir)
     manifest = reader.manifest() or {}
@@ -44,8 +45,8 @@ def samples_from_run(
         if where is None:
             raise SampleError(f"{reader.root}: run.json names no model directory; pass model_dir= or renderer=")
         renderer = create_renderer(where)
-    rope_index = None
-    if mrope:
+    rope_index = mrope if isinstance(mrope, RopeIndex) else None
+    if mrope is True:
         if where is None:
             raise SampleError("mrope=True needs the model directory (model_dir=, or a run.json that names it)")
         rope_index = RopeIndex.from_model_dir(where)
