@@ -1,6 +1,6 @@
 """One real multi-turn run shared by the sample and adapter tests: the `shapes` environment (a new
-picture and question each turn) on the embedded engine with the tiny random-weight qwen2_vl model,
-written to a run directory as `rollwire rollout` writes one, and read back."""
+picture and question each turn; 2 prompts x 2 samples x 3 turns) on the embedded engine with the
+tiny random-weight qwen2_vl model, written to a run directory as `rollwire rollout` writes one."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from rollwire.rollout.types import Trajectory
 from rollwire.store import RunReader, RunWriter
 from rollwire.training import RopeIndex, Sample, SampleBuilder, samples_from_run
 
-N_PROMPTS, GROUP, TURNS, MAX_TOKENS = 2, 3, 3, 5
+N_PROMPTS, GROUP, TURNS, MAX_TOKENS = 2, 2, 3, 5
 
 
 @dataclasses.dataclass
