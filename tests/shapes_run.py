@@ -1,6 +1,6 @@
 """One real multi-turn run shared by the sample and adapter tests: the `shapes` environment (a new
 picture and question each turn; 2 prompts x 2 samples x 3 turns) on the embedded engine with the
-tiny random-weight qwen2_vl model, written to a run directory as `rollwire rollout` writes one."""
+tiny random-weight qwen2_vl model, written to a run directory by `run_to_dir`, as `rollwire rollout` writes one."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from rollwire.engines.local import LocalEngine
 from rollwire.render import create_renderer
-from rollwire.rollout import RolloutConfig, RunConfig, run_rollouts
-from rollwire.rollout.runner import run_manifest
+from rollwire.rollout import RolloutConfig, RunConfig, run_to_dir
 from rollwire.rollout.types import Trajectory
-from rollwire.store import RunReader, RunWriter
+from rollwire.store import RunReader
 from rollwire.training import RopeIndex, Sample, SampleBuilder, samples_from_run
 
 N_PROMPTS, GROUP, TURNS, MAX_TOKENS = 2, 2, 3, 5
@@ -61,18 +59,8 @@ def shapes_run(tiny: Callable[[str], Path], tmp_path_factory: pytest.TempPathFac
     config = RunConfig(env="shapes", n_prompts=N_PROMPTS, group=GROUP, concurrency=6, seed=0,
                        rollout=RolloutConfig(max_turns=TURNS, max_tokens=MAX_TOKENS, temperature=1.0))
 
-    async def go() -> None:
-        engine = LocalEngine(model_dir, feature_store=renderer.feature_store)  # type: ignore[attr-defined]
-        try:
-            manifest = run_manifest(config, model_dir=model_dir, family=renderer.family)
-            with RunWriter(run_dir, renderer.feature_store, manifest=manifest) as writer:  # type: ignore[arg-type]
-                summary = await run_rollouts(config, renderer, engine, progress=False,
-                                             on_result=lambda r: writer.write(r.trajectory, r.originals, r.features))
-            assert summary.ok and summary.done == N_PROMPTS * GROUP
-        finally:
-            await engine.close()
-
-    asyncio.run(go())
+    summary = asyncio.run(run_to_dir(config, run_dir, model=model_dir, renderer=renderer))  # the embedded engine
+    assert summary.ok and summary.done == N_PROMPTS * GROUP
     reader = RunReader(run_dir)
     return Run(model_dir, run_dir, reader, renderer, {t.id: t for t in reader.trajectories()})
 
