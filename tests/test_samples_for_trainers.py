@@ -95,6 +95,8 @@ def test_policy_version_is_the_oldest_trained_steps(shapes_run: Run) -> None:
     bad = [msgspec.structs.replace(versioned[0], policy_version="v1"), *versioned[1:]]  # type: ignore[arg-type]
     with pytest.raises(SampleError, match="policy_version must be an int"):
         builder.build(msgspec.structs.replace(trajectory, steps=bad))
+    with pytest.raises(SampleError, match="temperature"):
+        SampleBuilder.for_renderer(shapes_run.renderer, temperature=float("nan"))
 
 
 # --- GRPO -----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ ids (from the runner's trajectory ids), the sampling temperature, the policy ver
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, get_args
@@ -130,6 +131,9 @@ class SampleBuilder:
         self.tensors: TensorKind = tensors
         self.include_failed = include_failed
         self.model_inputs = model_inputs
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                        or not math.isfinite(temperature) or temperature < 0):
+            raise SampleError(f"temperature must be a finite number >= 0 or None, got {temperature!r}")
         self.temperature = None if temperature is None else float(temperature)
         self.rope_index = rope_index
 
