@@ -37,7 +37,7 @@ def view(
     console.print(f"{out}: {stats.shown} of {stats.rollouts} rollouts, {stats.turns} turns, {stats.images} images "
                   f"({stats.missing_images} not archived), {stats.bytes / 1e6:.2f} MB"
                   + ("" if stats.tokenizer else "; no tokenizer found, tokens shown as ids"),
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 def _num(value: Any) -> str:
@@ -104,6 +104,6 @@ def inspect(
             console.print(histogram_table("turns per rollout", list(per), list(per.values())))
         if wandb:
             url = log_summary(summary, project=wandb_project, name=Path(run_dir).resolve().name)
-            console.print(f"logged to wandb {url}", highlight=False, markup=False)
+            console.print(f"logged to wandb {url}", highlight=False, markup=False, soft_wrap=True)
     except RollwireError as exc:
         raise fail(exc) from exc

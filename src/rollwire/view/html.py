@@ -159,8 +159,9 @@ def render_page(run_dir: str | Path, *, rollout: str | None = None, max_rollouts
         html, n = _rollout_html(reader, row, thumbs, decode, specials)
         sections.append(html)
         turns += n
-    note = "" if len(shown) == len(rows) else (f'<p class="meta">showing {len(shown)} of {len(rows)} rollouts '
-                                               "(--rollout ID shows one, --max-rollouts more)</p>")
+    note = "" if len(shown) == len(rows) or rollout is not None else (
+        f'<p class="meta">showing {len(shown)} of {len(rows)} rollouts (--rollout ID shows one, '
+        "--max-rollouts more)</p>")
     if decode is None:
         note += '<p class="meta">no tokenizer found (pass --model): sampled tokens are shown as ids</p>'
     images = {k: v for k, v in thumbs.urls.items() if v is not None}

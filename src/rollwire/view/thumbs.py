@@ -1,9 +1,9 @@
 """Thumbnails of a run's archived images as data: URLs, so a page embeds them without a network.
 
 Each image is shrunk to at most `max_side` pixels a side (never enlarged) and encoded once: JPEG
-for opaque images, PNG when there is transparency. A page therefore grows with the number of
-*unique* images times a bounded thumbnail, however large the originals (a 1024² image gives a
-~10-30 KB thumbnail at 256 px).
+for opaque images, lossy WebP (which keeps the alpha channel, at a third of PNG's size) when there
+is transparency. A page therefore grows with the number of *unique* images times a bounded
+thumbnail, however large the originals (1024² noise, the worst case: 18 KB JPEG, 46 KB WebP).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def thumbnail(image: Image.Image, max_side: int = MAX_SIDE) -> tuple[str, bytes,
     small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     if alpha:
-        small.save(buf, format="PNG", optimize=True)
-        return "image/png", buf.getvalue(), small.size
+        small.save(buf, format="WEBP", quality=JPEG_QUALITY, alpha_quality=50, method=4)
+        return "image/webp", buf.getvalue(), small.size
     small.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return "image/jpeg", buf.getvalue(), small.size
 
