@@ -197,6 +197,7 @@ def test_inspect_command(view_runs: dict[str, Path], tmp_path: Path) -> None:  #
     assert re.search(r"rollouts total / done / failed\s*│\s*4 / 2 / 2", result.output)
     assert re.search(r"errors: env_error\s*│\s*2", result.output)
     assert re.search(r"images unique / referenced\s*│\s*5 / 14", result.output)
+    assert re.search(r"│ 1\.5 +│ 2 +│ █+ *│", result.output)  # the reward histogram: one bin, both done rollouts
     assert json.loads((run / SUMMARY).read_text())["rollouts"]["failed"] == 2
     as_json = CliRunner().invoke(app, ["inspect", str(run), "--json", "--no-write"])
     assert json.loads(as_json.output)["errors"] == {"env_error": 2}
@@ -216,3 +217,12 @@ def test_wandb_without_wandb_is_a_typed_error(view_runs: dict[str, Path], tmp_pa
     result = CliRunner().invoke(app, ["inspect", str(run), "--wandb"])
     assert result.exit_code == 2 and "MissingExtraError" in result.output and "rollwire[wandb]" in result.output
     assert not (run / SUMMARY).exists()  # nothing done before the missing extra was found
+
+
+def test_histogram_bins() -> None:
+    from rollwire.view.summary import histogram
+
+    assert histogram([]) == {"edges": [], "counts": []}
+    assert histogram([2.0, 2.0]) == {"edges": [2.0, 2.0], "counts": [2]}
+    got = histogram([0.0, 0.0, 0.25, 1.0], bins=4)
+    assert got["edges"] == [0.0, 0.25, 0.5, 0.75, 1.0] and got["counts"] == [2, 1, 0, 1]  # the last bin is closed

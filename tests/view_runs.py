@@ -96,10 +96,17 @@ async def _library_run(out: Path, model_dir: Path, config: RunConfig) -> None:
             await engine.close()
 
 
+_BUILT: dict[str, Path] = {}  # the runs, made once even though two test modules import the fixture
+
+
 @pytest.fixture(scope="session")
 def view_runs(tmp_path_factory: pytest.TempPathFactory, tiny: Callable[[str], Path]) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("view-runs")
-    model_dir = tiny("qwen2_vl")
+    if not _BUILT:
+        _BUILT.update(_build(tmp_path_factory.mktemp("view-runs"), tiny("qwen2_vl")))
+    return dict(_BUILT)
+
+
+def _build(root: Path, model_dir: Path) -> dict[str, Path]:
     shapes = root / "shapes"
     result = CliRunner().invoke(app, ["rollout", "--env", "shapes", "-n", "2", "--group", "2", "--out", str(shapes),
                                       "--model", str(model_dir), "--no-progress", "--max-tokens", "12"])

@@ -98,8 +98,8 @@ def inspect(
             console.print(summary_table(summary))
             hist = summary["rewards"]["histogram"]
             if hist["counts"]:
-                console.print(histogram_table("reward per rollout (no error)", histogram_labels(hist["edges"]),
-                                              hist["counts"]))
+                labels = histogram_labels(hist["edges"], ranges=True)
+                console.print(histogram_table("reward per rollout (no error)", labels, hist["counts"]))
             per = summary["turns"]["per_rollout"]
             console.print(histogram_table("turns per rollout", list(per), list(per.values())))
         if wandb:

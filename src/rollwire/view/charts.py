@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from html import escape
+from itertools import pairwise
 
 WIDTH, HEIGHT, PAD = 340, 150, 22
 
@@ -32,8 +33,12 @@ def bar_chart(title: str, labels: Sequence[str], counts: Sequence[int]) -> str:
     return head + svg + "</div>"
 
 
-def histogram_labels(edges: Sequence[float]) -> list[str]:
-    """Bin labels of a histogram's edges: the bin's left edge (the one bin of equal values: that value)."""
-    if len(edges) == 2:
+def histogram_labels(edges: Sequence[float], *, ranges: bool = False) -> list[str]:
+    """Bin labels of a histogram's edges: each bin's left edge, or with `ranges` its interval (the
+    last bin is closed: numpy's); the one bin of equal values is that value."""
+    if len(edges) == 2 and edges[0] == edges[1]:
         return [f"{edges[0]:g}"]
-    return [f"{e:.3g}" for e in edges[:-1]]
+    if not ranges:
+        return [f"{e:.3g}" for e in edges[:-1]]
+    last = len(edges) - 2
+    return [f"[{a:.3g}, {b:.3g}{']' if k == last else ')'}" for k, (a, b) in enumerate(pairwise(edges))]
