@@ -65,7 +65,7 @@ def test_summary_figures_of_a_run_with_failures(view_runs: dict[str, Path]) -> N
     rows = raw_rows(run)
     summary = write_summary(run)
     # 2 prompts x 2 samples; odd environment seeds fail in their first step (HostileEnv).
-    assert summary["rollouts"] == {"total": 4, "done": 2, "failed": 2, "superseded_rows": 0}
+    assert summary["rollouts"] == {"total": 4, "done": 2, "failed": 2, "superseded_rows": 0, "unreadable": 0}
     assert summary["errors"] == {"env_error": 2}
     assert summary["finish"] == {"done": 2, "error": 2}
     assert summary["rewards"]["mean"] == 1.5 and summary["rewards"]["std"] == 0.0  # 0.5 + 1.0, done rollouts only
@@ -170,6 +170,26 @@ def test_a_missing_original_shows_a_placeholder(view_runs: dict[str, Path], tmp_
     page, stats = render_page(run)
     assert stats.missing_images == 1 and stats.images == 5
     assert f"image {gone.stem[:16]}: not shown" in page
+
+
+def test_a_corrupt_rollout_is_shown_as_such(view_runs: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(view_runs["shapes"], run)
+    rows = raw_rows(run)
+    bad = rows[1]
+    with open(run / "shards" / bad["shard"], "r+b") as f:  # flip one byte inside its record: a CRC mismatch
+        f.seek(bad["offset"] + 16 + bad["length"] // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    summary = run_summary(run)
+    assert summary["rollouts"]["unreadable"] == 1 and summary["rollouts"]["total"] == 4
+    page, stats = render_page(run)
+    assert stats.shown == 4 and stats.turns == sum(r["turns"] for r in rows) - bad["turns"]
+    section = page[page.index(f'<h2>{bad["id"]}</h2>'):]
+    assert "cannot read this rollout" in section[:section.index("</section>")] and "CRC mismatch" in section
+    empty = CliRunner().invoke(app, ["view", str(tmp_path), "--out", str(tmp_path / "x.html")])
+    assert empty.exit_code == 2 and "StoreError" in empty.output and "rollouts.jsonl" in empty.output
 
 
 def test_view_command(view_runs: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811

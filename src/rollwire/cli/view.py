@@ -50,6 +50,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table = Table("", "value", title=f"run {summary['run_dir']}")
     rows = [("rollouts total / done / failed", f"{r['total']} / {r['done']} / {r['failed']}"),
             ("rows superseded by a retry", str(r["superseded_rows"])),
+            ("rollouts unreadable (corrupt shard record)", str(r["unreadable"])),
             ("turns total / mean / max", f"{t['total']} / {_num(t['mean'])} / {t['max']}"),
             ("prompt / completion tokens", f"{tok['prompt']} / {tok['completion']}"),
             ("mean completion logprob", _num(tok["completion_logprob_mean"])),

@@ -68,6 +68,7 @@ def _figures_html(summary: Mapping[str, Any]) -> str:
 
     rows = [("rollouts done / failed", f"{r['done']} / {r['failed']}"),
             ("rows superseded by a retry", r["superseded_rows"]),
+            ("rollouts unreadable (corrupt shard record)", r["unreadable"]),
             ("turns (mean per rollout)", f"{t['total']} ({num(t['mean'])})"),
             ("prompt / completion tokens", f"{tok['prompt']} / {tok['completion']}"),
             ("mean completion logprob", num(tok["completion_logprob_mean"])),

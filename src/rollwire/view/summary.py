@@ -3,7 +3,9 @@
 
 Counts are over each rollout's newest row (a resume's retry supersedes the failed row). Rewards
 and their histogram are over rollouts that ended without error (a failed rollout's partial reward
-would pull the mean toward 0); `std` is the population std (ddof=0), as GRPO's group std.
+would pull the mean toward 0); `std` is the population std (ddof=0), as GRPO's group std. A
+rollout whose shard record is corrupt is counted as `unreadable` (its row's figures still count;
+its images and logprobs, which only the record holds, do not).
 """
 
 from __future__ import annotations
@@ -71,8 +73,13 @@ def run_summary(run_dir: str | Path, reader: RunReader | None = None) -> dict[st
     unique: set[str] = set()
     referenced = 0
     logprobs: list[float] = []
+    unreadable = 0
     for row in rows:
-        trajectory = reader.trajectory(row)
+        try:
+            trajectory = reader.trajectory(row)
+        except StoreError:  # counted, and shown by the page; the other rollouts' figures still stand
+            unreadable += 1
+            continue
         for step in trajectory.steps:
             referenced += len(step.images)
             unique.update(ref.id for ref in step.images)
@@ -87,7 +94,7 @@ def run_summary(run_dir: str | Path, reader: RunReader | None = None) -> dict[st
         "run_dir": str(reader.root),
         "settings": (manifest or {}).get("settings"),
         "rollouts": {"total": len(rows), "done": len(ok), "failed": len(rows) - len(ok),
-                     "superseded_rows": len(all_rows) - len(rows)},
+                     "superseded_rows": len(all_rows) - len(rows), "unreadable": unreadable},
         "finish": dict(sorted(Counter(str(r.get("finish")) for r in rows).items())),
         "turns": {"total": sum(turns), "mean": sum(turns) / len(turns) if turns else None,
                   "max": max(turns, default=0),
