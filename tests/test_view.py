@@ -4,6 +4,7 @@ escaping, its bounded thumbnails, token boxes with logprobs, and the `view` / `i
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
@@ -23,7 +24,7 @@ from rollwire.store import RunReader
 from rollwire.view import SUMMARY, render_page, run_summary, write_page, write_summary
 from rollwire.view.tokens import token_pieces
 from rollwire.view.wandb_log import require_wandb
-from view_runs import ENV_FAILURE, MARKUP, SCRIPT, STYLE, view_runs  # noqa: F401  (the session fixture)
+from view_runs import ANSWER, CROP, ENV_FAILURE, MARKUP, SCRIPT, STYLE, view_runs  # noqa: F401  (the session fixture)
 
 DATA_URL = re.compile(r'"data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)"')
 
@@ -145,6 +146,24 @@ def test_sampled_tokens_show_boundaries_and_logprobs(view_runs: dict[str, Path])
     assert ids == step.completion_ids  # every sampled token, in order, in some box
     lps = [float(x) for t in titles for x in re.findall(r"logprob (-?[\d.]+)", t)]
     assert lps == pytest.approx(step.completion_logprobs, abs=1e-4)
+
+
+def test_tool_calls_and_the_images_tools_return(view_runs: dict[str, Path]) -> None:  # noqa: F811
+    run = view_runs["zoom"]
+    rows = raw_rows(run)
+    page, stats = render_page(run)
+    assert stats.turns == sum(r["turns"] for r in rows) == 4
+    # Each rollout's picture and its crop (the two crops of the same corner may be the same pixels).
+    assert stats.images == len(list(run.glob("blobs/*/*.png"))) >= 3
+    section = page[page.index(f'<h2>{rows[0]["id"]}</h2>'):]
+    section = section[:section.index("</section>")]
+    assert re.search(r'<div class="call">→ crop\(\{&quot;box&quot;: \[0, 0, 60, 40\]\}\)</div>', section)
+    tool = section[section.index('<div class="msg tool">'):]
+    assert tool.index("<img") < tool.index("</div></div>")  # the crop is shown inside the tool message
+    sampled = [html.unescape(re.sub(r"<[^>]+>", "", m))
+               for m in re.findall(r'<div class="sampled">(.*?)</div>', section, re.S)]
+    assert sampled == [CROP + "<|im_end|>", ANSWER + "<|im_end|>"]  # the tokens, decoded exactly
+    assert section.count('class="tok p') > 0 and 'special" title="token 151645' in section  # <|im_end|>
 
 
 def test_token_pieces_keep_split_characters_together(tiny) -> None:

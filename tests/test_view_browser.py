@@ -62,7 +62,7 @@ def pages(view_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-@pytest.mark.parametrize("name", ["shapes", "hostile"])
+@pytest.mark.parametrize("name", ["shapes", "zoom", "hostile"])
 def test_thumbnails_and_turns_render(name: str, pages: dict[str, Path], view_runs: dict[str, Path],  # noqa: F811
                                      tmp_path: Path) -> None:
     reader = RunReader(view_runs[name])

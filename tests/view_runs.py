@@ -1,7 +1,9 @@
 """Real run directories for the viewer's tests, made once per session with the embedded engine:
 
 - `shapes`: `rollwire rollout --env shapes -n 2 --group 2` through the CLI;
-- `hostile`: the library calls the CLI makes, on an environment whose messages hold markup that
+- `zoom`: `run_to_dir` (what the CLI runs) with `testing.ScriptedEngine` playing the policy, so
+  the rollouts call the `crop` tool and get the crop back as an image (random weights never do);
+- `hostile`: `run_to_dir` with the embedded engine, on an environment whose messages hold markup that
   would break or inject into a page (`</script>`, `<img onerror>`, `</style>`), 1024² images
   (noise, the worst case for a thumbnail's size; one RGBA), a GRPO group sharing its prompt's
   images, rewards per step, and a prompt whose environment fails (an `env_error` row).
@@ -22,16 +24,17 @@ from typer.testing import CliRunner
 
 from rollwire.cli import app
 from rollwire.messages import ImagePart, Message, TextPart
-from rollwire.rollout import EnvStep, Observation, RunConfig, register, run_rollouts
-from rollwire.rollout.loop import RolloutConfig
-from rollwire.rollout.runner import run_manifest
-from rollwire.store import RunWriter
+from rollwire.render import create_renderer
+from rollwire.rollout import EnvStep, Observation, RolloutConfig, RunConfig, register, run_to_dir
+from rollwire.testing import ScriptedEngine
 
 SCRIPT = "</script><script>window.pwned = 1;</script>"
 MARKUP = '<img src=x onerror="window.pwned = 2"> &amp; <!-- <b>not bold</b>'
 STYLE = "</style><style>body{display:none}</style>"
 ENV_FAILURE = "environment broke: </script><b>bold</b>"
 BIG = 1024
+CROP = '<tool_call>\n{"name": "crop", "arguments": {"box": [0, 0, 60, 40]}}\n</tool_call>'
+ANSWER = "ANSWER: 123"
 
 
 def noise(size: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -79,23 +82,6 @@ def downscaling_model(model_dir: Path, dest: Path) -> Path:
     return dest
 
 
-async def _library_run(out: Path, model_dir: Path, config: RunConfig) -> None:
-    """What `rollwire rollout` does with the embedded engine, through the library."""
-    from rollwire.engines.local import LocalEngine
-    from rollwire.render import create_renderer
-
-    renderer = create_renderer(model_dir)
-    manifest = run_manifest(config, model_dir=model_dir, family=renderer.family)
-    with RunWriter(out, renderer.feature_store, manifest=manifest) as writer:
-        engine = LocalEngine(model_dir, feature_store=renderer.feature_store)
-        try:
-            await run_rollouts(config, renderer, engine, progress=False,
-                               on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals,
-                                                                     r.features))
-        finally:
-            await engine.close()
-
-
 _BUILT: dict[str, Path] = {}  # the runs, made once even though two test modules import the fixture
 
 
@@ -111,8 +97,13 @@ def _build(root: Path, model_dir: Path) -> dict[str, Path]:
     result = CliRunner().invoke(app, ["rollout", "--env", "shapes", "-n", "2", "--group", "2", "--out", str(shapes),
                                       "--model", str(model_dir), "--no-progress", "--max-tokens", "12"])
     assert result.exit_code == 0, result.output
+    renderer = create_renderer(model_dir)
+    zoom = root / "zoom"
+    config = RunConfig(env="zoom", n_prompts=2, group=1, rollout=RolloutConfig(max_turns=3, max_tokens=64))
+    asyncio.run(run_to_dir(config, zoom, model=model_dir, renderer=renderer,
+                           engine=ScriptedEngine(renderer, [CROP, ANSWER])))
     hostile = root / "hostile"
     config = RunConfig(env=HostileEnv.name, n_prompts=2, group=2, seed=0,
                        rollout=RolloutConfig(max_turns=3, max_tokens=6, max_total_tokens=8192))
-    asyncio.run(_library_run(hostile, downscaling_model(model_dir, root / "model-448"), config))
-    return {"shapes": shapes, "hostile": hostile}
+    asyncio.run(run_to_dir(config, hostile, model=downscaling_model(model_dir, root / "model-448")))
+    return {"shapes": shapes, "zoom": zoom, "hostile": hostile}
