@@ -211,6 +211,23 @@ def test_a_corrupt_rollout_is_shown_as_such(view_runs: dict[str, Path], tmp_path
     assert empty.exit_code == 2 and "StoreError" in empty.output and "rollouts.jsonl" in empty.output
 
 
+def test_the_tokenizer_used_is_the_runs_or_noted(view_runs: dict[str, Path], tiny, tmp_path: Path) -> None:  # noqa: F811
+    run = view_runs["zoom"]
+    page, stats = render_page(run)
+    assert stats.tokenizer and stats.tokenizer_note is None
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny("qwen2_vl"), other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
+    page, stats = render_page(run, model_dir=other)
+    assert stats.tokenizer and "fingerprint differs" in (stats.tokenizer_note or "")
+    assert "not the run&#x27;s model" in page
+    page, stats = render_page(run, model_dir=tmp_path / "nowhere")
+    assert not stats.tokenizer and "no tokenizer.json" in (stats.tokenizer_note or "")
+    first = RunReader(run).trajectory(raw_rows(run)[0]).steps[0].completion_ids  # shown as ids, each in a box
+    assert "".join(f"[{i}]" for i in first) in re.sub(r"<[^>]+>", "", page)
+
+
 def test_view_command(view_runs: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     run = view_runs["shapes"]
     out = tmp_path / "sub" / "page.html"

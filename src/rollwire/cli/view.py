@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from rollwire.cli.app import app, console, fail
+from rollwire.cli.app import app, console, err_console, fail
 from rollwire.errors import RollwireError
 
 BAR = 30  # characters of the widest histogram bar
@@ -35,9 +35,10 @@ def view(
     except RollwireError as exc:
         raise fail(exc) from exc
     console.print(f"{out}: {stats.shown} of {stats.rollouts} rollouts, {stats.turns} turns, {stats.images} images "
-                  f"({stats.missing_images} not archived), {stats.bytes / 1e6:.2f} MB"
-                  + ("" if stats.tokenizer else "; no tokenizer found, tokens shown as ids"),
+                  f"({stats.missing_images} not archived), {stats.bytes / 1e6:.2f} MB",
                   highlight=False, markup=False, soft_wrap=True)
+    if stats.tokenizer_note:
+        err_console.print(f"warning: {stats.tokenizer_note}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _num(value: Any) -> str:

@@ -37,6 +37,7 @@ class PageStats:
     images: int  # unique thumbnails embedded
     missing_images: int  # referenced but not archived (shown as placeholders)
     tokenizer: bool  # sampled text decoded (else token ids are shown)
+    tokenizer_note: str | None  # why not, or why the decoded text may be wrong
 
 
 def script_json(value: Any) -> str:
@@ -45,18 +46,36 @@ def script_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def load_decoder(model_dir: str | Path | None) -> tuple[Decode | None, frozenset[int]]:
-    """Token decoding from the model directory's tokenizer.json (and its special ids), or (None, {})."""
-    if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
-        return None, frozenset()
+@dataclass(frozen=True)
+class Decoder:
+    """How the page turns token ids into text: `decode` (None: ids are shown) and `note`, which says
+    why the text is not shown, or may be wrong (a tokenizer from another model than the run's)."""
+
+    decode: Decode | None
+    specials: frozenset[int] = frozenset()
+    note: str | None = None
+
+
+def load_decoder(model_dir: str | Path | None, fingerprint: str | None = None) -> Decoder:
+    """The tokenizer.json of `model_dir`; with the run's model `fingerprint`, a model whose
+    fingerprint differs is used but noted."""
+    if model_dir is None:
+        return Decoder(None, note="the run names no model directory (pass --model): tokens are shown as ids")
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        return Decoder(None, note=f"{model_dir} has no tokenizer.json (pass --model): tokens are shown as ids")
     from rollwire.render.tokens import TextTokenizer
+    from rollwire.rollout.runner import model_fingerprint
 
     try:
         tokenizer = TextTokenizer.from_dir(model_dir)
-    except Exception:  # an unreadable tokenizer: show ids rather than fail the page
-        return None, frozenset()
+    except Exception as exc:  # tokenizers raises plain Exceptions: show ids, and say why
+        return Decoder(None, note=f"{model_dir}/tokenizer.json cannot be read ({type(exc).__name__}: {exc}): "
+                                  "tokens are shown as ids")
     specials = frozenset(int(i) for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special)
-    return tokenizer.decode, specials
+    note = None
+    if fingerprint is not None and model_fingerprint(model_dir) != fingerprint:
+        note = f"{model_dir} is not the run's model (its fingerprint differs): the decoded text may be wrong"
+    return Decoder(tokenizer.decode, specials, note)
 
 
 def _figures_html(summary: Mapping[str, Any]) -> str:
@@ -151,9 +170,11 @@ def render_page(run_dir: str | Path, *, rollout: str | None = None, max_rollouts
                             f"{', '.join(r['id'] for r in rows[:3]) or 'none'})")
     else:
         shown = rows[:max_rollouts]
-    if model_dir is None and manifest is not None:
-        model_dir = (manifest.get("about") or {}).get("model_dir")
-    decode, specials = load_decoder(model_dir)
+    about = (manifest or {}).get("about") or {}
+    settings_model = ((manifest or {}).get("settings") or {}).get("model") or {}
+    fingerprint = settings_model.get("fingerprint") if isinstance(settings_model, Mapping) else None
+    decoder = load_decoder(model_dir or about.get("model_dir"), fingerprint if isinstance(fingerprint, str) else None)
+    decode, specials = decoder.decode, decoder.specials
     thumbs = Thumbnails(reader, max_side)
     sections, turns = [], 0
     for row in shown:
@@ -163,8 +184,8 @@ def render_page(run_dir: str | Path, *, rollout: str | None = None, max_rollouts
     note = "" if len(shown) == len(rows) or rollout is not None else (
         f'<p class="meta">showing {len(shown)} of {len(rows)} rollouts (--rollout ID shows one, '
         "--max-rollouts more)</p>")
-    if decode is None:
-        note += '<p class="meta">no tokenizer found (pass --model): sampled tokens are shown as ids</p>'
+    if decoder.note:
+        note += f'<p class="error">{escape(decoder.note)}</p>'
     images = {k: v for k, v in thumbs.urls.items() if v is not None}
     title = f"rollwire run {Path(run_dir).resolve().name}"
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -176,7 +197,8 @@ def render_page(run_dir: str | Path, *, rollout: str | None = None, max_rollouts
             f'<script type="application/json" id="rw-images">{script_json(images)}</script>'
             f"<script>{JS}</script></body></html>\n")
     stats = PageStats(bytes=len(page.encode()), rollouts=len(rows), shown=len(shown), turns=turns,
-                      images=len(images), missing_images=len(thumbs.missing), tokenizer=decode is not None)
+                      images=len(images), missing_images=len(thumbs.missing), tokenizer=decode is not None,
+                      tokenizer_note=decoder.note)
     return page, stats
 
 
@@ -190,11 +212,13 @@ def write_page(run_dir: str | Path, out: str | Path, **options: Any) -> PageStat
     if out.is_dir():
         raise ViewError(f"--out {out} is a folder; give a file name such as {out / 'page.html'}")
     page, stats = render_page(run_dir, **options)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out)
     except OSError as exc:
         raise ViewError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return stats
