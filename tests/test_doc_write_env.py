@@ -47,10 +47,13 @@ def test_the_environment_is_about_40_lines() -> None:
     assert len(code) <= 50, len(code)
 
 
+def commands() -> list[list[str]]:
+    return [shlex.split(line)[1:] for lang, body in blocks() if lang == "bash" for line in body.splitlines()
+            if line.startswith("rollwire rollout")]
+
+
 def test_the_command_runs_through_the_cli(workdir: Path, cache_dir: Path) -> None:
-    command = next(line for lang, body in blocks() if lang == "bash" for line in body.splitlines()
-                   if line.startswith("rollwire rollout"))
-    args = shlex.split(command)[1:]
+    args = commands()[0]
     env = {**os.environ, "ROLLWIRE_CACHE": str(cache_dir), "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "rollwire.cli", *args, "--no-progress"], cwd=workdir,
                           capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -73,3 +76,24 @@ def test_the_scripted_test_passes(workdir: Path, monkeypatch: pytest.MonkeyPatch
         sys.modules.pop(name, None)
     module = importlib.import_module("test_mymod")
     module.test_the_zoom_tool_returns_an_image()
+
+
+def test_the_dataset_command_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from rollwire.cli import app
+    from rollwire.store import RunReader
+
+    args = next(a for a in commands() if "dataset" in a)
+    (workdir / "rows.jsonl").write_text(next(body for lang, body in blocks() if lang == "jsonl"))
+    Image.new("RGB", (64, 48), "white").save(workdir / "dots.png")
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    result = CliRunner().invoke(app, [*args, "--max-tokens", "4", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    trajectories = sorted(RunReader(workdir / "runs" / "data").trajectories(),
+                          key=lambda t: (t.prompt_index, t.sample_index))
+    assert [t.prompt_index for t in trajectories] == [0, 0, 1, 1]  # -n 2, the default group of 2
+    assert all(t.error is None and len(t.steps) == 1 and len(t.steps[0].images) == 1 for t in trajectories)
+    assert [m["role"] for m in trajectories[2].messages] == ["system", "user", "assistant"]
