@@ -131,3 +131,13 @@ def test_cli_refuses_an_unknown_config_key_before_anything_runs(tmp_path: Path) 
     result = CliRunner().invoke(app, ["rollout", "--config", str(bad)])
     assert result.exit_code == 2 and "ConfigFileError: unknown key 'max_turn'" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_every_rollout_flag_is_a_config_key() -> None:
+    """A flag added to `rollwire rollout` must be added to `RolloutSettings` too (and so to --config)."""
+    import typer.main
+
+    from rollwire.cli import app
+
+    command = typer.main.get_command(app).commands["rollout"]  # type: ignore[attr-defined]
+    assert {p.name for p in command.params} - {"config"} == set(RolloutSettings.model_fields)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,8 @@ def _images_column(row: Mapping[str, Any], key: str | None, where: str) -> list[
     return []
 
 
-def _place_images(messages: list[dict[str, Any]], images: list[Image.Image], where: str, load: Any) -> list[
-        dict[str, Any]]:
+def _place_images(messages: list[dict[str, Any]], images: list[Image.Image], where: str,
+                  load: Callable[[Any, str], Image.Image]) -> list[dict[str, Any]]:
     """Images into `<image>` markers or source-less image parts, in order; else before the first user text."""
     pending = list(images)
     placed = 0
