@@ -138,14 +138,17 @@ def _function(spec: str | Callable[..., Any], what: str) -> Callable[..., Any]:
 
 
 async def _call(fn: Callable[..., Any], args: Mapping[str, Any]) -> Any:
-    """`fn` with the arguments its signature names (all of them when it takes **kwargs)."""
+    """`fn` with the arguments its signature names (all of them when it takes **kwargs); a sync
+    function runs in a worker thread (a slow verifier does not hold up the other rollouts)."""
     try:
         params = inspect.signature(fn).parameters
         wanted = dict(args) if any(p.kind is p.VAR_KEYWORD for p in params.values()) else {
             n: args[n] for n in params if n in args}
     except ValueError:
         wanted = dict(args)
-    result = fn(**wanted)
+    if inspect.iscoroutinefunction(fn):
+        return await fn(**wanted)
+    result = await asyncio.to_thread(functools.partial(fn, **wanted))
     return await result if inspect.isawaitable(result) else result
 
 
