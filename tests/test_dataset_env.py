@@ -4,6 +4,7 @@ by path, data URL, bytes and `datasets` Image feature, rewards by import path, f
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -202,6 +203,27 @@ async def test_a_reward_that_is_not_a_number_ends_the_rollout_as_an_env_error(re
                                trajectory_id="n")
     error = result.trajectory.error
     assert error is not None and error.kind == "env_error" and "returned str 'high', not a number" in error.message
+
+
+async def test_a_resume_after_the_data_changed_is_refused(tiny: Callable[[str], Path], renderer: Any,
+                                                          jsonl: Path, tmp_path: Path) -> None:
+    from rollwire.errors import ManifestMismatchError
+    from rollwire.rollout import RunConfig, run_to_dir
+
+    config = RunConfig(env="dataset", n_prompts=3, group=1, env_kwargs={"path": str(jsonl)})
+    out = tmp_path / "run"
+    summary = await run_to_dir(config, out, model=tiny("qwen2_vl"), renderer=renderer,
+                               engine=ScriptedEngine(renderer, ["5"]))
+    assert summary.done == 3
+    recorded = json.loads((out / "run.json").read_text())["settings"]["env_fingerprint"]
+    assert recorded == "sha256:" + hashlib.sha256(jsonl.read_bytes()).hexdigest()
+    again = await run_to_dir(config, out, model=tiny("qwen2_vl"), renderer=renderer,
+                             engine=ScriptedEngine(renderer, []))
+    assert again.skipped == 3  # same data: a resume
+    jsonl.write_text(jsonl.read_text().replace('"answer": 5', '"answer": 6'))
+    with pytest.raises(ManifestMismatchError, match="env_fingerprint"):
+        await run_to_dir(config, out, model=tiny("qwen2_vl"), renderer=renderer, engine=ScriptedEngine(renderer, []))
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 3
 
 
 def asyncio_run(coro: Any) -> Any:

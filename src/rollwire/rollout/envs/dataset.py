@@ -8,7 +8,8 @@ format), `response` (the last assistant text), `answer`, `prompt` (the prompt me
 (the row's `info` column), `row`, and `turn` (1-based); it returns a number (or a bool), sync
 or async. With `max_turns` > 1, an answer scoring under `success` gets feedback (a `feedback`
 function's text, or "That is not correct. Try again.") and another turn; the rollout's reward
-is the score of its last answer.
+is the score of its last answer. The data's hash goes into the run manifest: a resume after the
+file changed is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rollwire.errors import DatasetError, EnvSpecError
 from rollwire.images import ImageLimits
 from rollwire.messages import Message, message_to_dict
 from rollwire.rollout.env import EnvStep, Observation, import_object
-from rollwire.rollout.envs.rows import Prompt, load_rows, row_prompt
+from rollwire.rollout.envs.rows import Prompt, data_fingerprint, load_rows, row_prompt
 
 FEEDBACK = "That is not correct. Try again."
 REWARD_ARGS = ("completion", "response", "answer", "prompt", "info", "row", "turn")
@@ -71,6 +72,8 @@ class DatasetEnv:
         loaded = load_rows(path, split=split) if path is not None else rows
         assert loaded is not None
         self.rows: Sequence[Mapping[str, Any]] = loaded
+        # What the run manifest records, so a resume after the data changed is refused.
+        self.fingerprint = data_fingerprint(path, loaded) if path is not None else None
         if len(self.rows) == 0:
             raise DatasetError("the dataset has no rows")
         self.reward_fn = _function(reward, "reward")

@@ -14,6 +14,7 @@ naming the row and the column.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,25 @@ def load_rows(path: str, *, split: str = "train") -> Sequence[Mapping[str, Any]]
     except OSError as exc:
         raise DatasetError(f"dataset {path}: {exc.strerror or exc}") from None
     return _cached_rows(str(Path(path).resolve()), split, info.st_mtime_ns, info.st_size)
+
+
+def data_fingerprint(path: str, rows: Any) -> str | None:
+    """A hash of what the rows were read from: the file's bytes, or a `datasets` fingerprint."""
+    if isinstance(getattr(rows, "_fingerprint", None), str):
+        return f"datasets:{rows._fingerprint}"
+    if path.startswith("hf:") or not os.path.isfile(path):
+        return None
+    info = os.stat(path)
+    return _file_hash(str(Path(path).resolve()), info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hash(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 @functools.lru_cache(maxsize=8)
