@@ -250,3 +250,14 @@ class ManifestMismatchError(StoreError):
                            ((k, *v) for k, v in differences.items()))
         super().__init__(f"{run_dir} was written with other settings ({listed}); use another --out "
                          "to start a new run")
+
+
+# --- the OpenAI-compatible front --------------------------------------------------------------
+
+
+class FrontRequestError(RollwireError, ValueError):
+    """A `/v1/chat/completions` request the front cannot serve as asked; `param` names the field."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
