@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,7 +83,9 @@ class FrontServer:
 
     `upstream`: a vLLM (or `rollwire serve`) base URL, or None / "embedded" for the in-process
     engine on `model_dir`. `model_dir` is the model the upstream serves (its tokenizer renders).
-    Image paths are read only under `image_roots`; http(s) images only with `allow_remote_images`.
+    `make_engine` builds any other `Engine` from the front's renderer instead (a pool, a scripted
+    engine in tests); the front closes it on stop. Image paths are read only under `image_roots`;
+    http(s) images only with `allow_remote_images`.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class FrontServer:
         *,
         run_dir: str | Path,
         upstream: str | None = None,
+        make_engine: Callable[[Renderer], Engine] | None = None,
         host: str = "127.0.0.1",
         port: int = 8000,
         served_model_name: str | None = None,
@@ -115,6 +118,7 @@ class FrontServer:
                                   allow_remote=allow_remote_images)
         self._served_name, self._upstream_model = served_model_name, upstream_model
         self._retry_deadline, self._device, self._dtype = retry_deadline, device, dtype
+        self._make_custom = make_engine
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._used_ids: set[str] = set()
         self._lock = threading.Lock()
@@ -163,6 +167,11 @@ class FrontServer:
         return self
 
     def _make_engine(self, renderer: Renderer, model: ModelDir) -> Engine:
+        if self._make_custom is not None:
+            custom = self._make_custom(renderer)
+            limit = getattr(custom, "max_model_len", None)
+            self.max_model_len = limit if isinstance(limit, int) else None
+            return custom
         if self.upstream is None:
             from rollwire.engines.local import LocalEngine
 
