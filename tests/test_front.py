@@ -241,3 +241,31 @@ def test_tool_calls_are_parsed_and_their_results_bridged(tiny: Callable[[str], P
     assert trajectory.steps[0].message.tool_calls[0].name == "zoom"
     assert trajectory.steps[0].message.tool_calls[0].id == call.id
     assert [m["role"] for m in trajectory.messages] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_over_a_rollwire_serve_upstream_each_image_is_sent_once(tiny: Callable[[str], Path], tmp_path: Path) -> None:
+    """The token-in/token-out path (VLLMEngine) under the front: turn 2 sends turn 1's image by id only."""
+    from rollwire.engines.server import EngineServer
+
+    with EngineServer(tiny("qwen2_vl"), served_model_name="tiny") as upstream, \
+            FrontServer(tiny("qwen2_vl"), upstream=upstream.url, run_dir=tmp_path, port=0) as front:
+        assert front.served_model_name == "tiny"  # the upstream's name, as a harness configured for vLLM expects
+        api = client(front, "remote")
+        messages: list[dict[str, Any]] = [{"role": "user", "content": [
+            image_part(data_url(make_image(56, 56, seed=4))), {"type": "text", "text": "Describe."}]}]
+        r1 = api.chat.completions.create(model="tiny", messages=messages, max_tokens=3, seed=1)  # type: ignore[arg-type]
+        messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "More."}]
+        r2 = api.chat.completions.create(model="tiny", messages=messages, max_tokens=3, seed=2)  # type: ignore[arg-type]
+        assert extra(r2)["rollwire"]["bridged"] is True
+        stats = upstream.stats()
+        assert (stats.ok, stats.images_received, stats.cache_hits) == (2, 1, 1)
+
+
+def test_the_cli_front_needs_a_run_dir() -> None:
+    from typer.testing import CliRunner
+
+    from rollwire.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--upstream", "embedded"])
+    assert result.exit_code == 2 and "--run-dir" in result.output
