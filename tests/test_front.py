@@ -160,6 +160,9 @@ def test_an_ended_session_continues_under_a_new_trajectory_id(front: FrontServer
     assert httpx.delete(f"{front.url}/v1/sessions/nobody").status_code == 404
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize(("request_kwargs", "needle"), [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "unknown role 'robot'"),
     ({"messages": [{"role": "user", "content": [image_part("data:image/png;base64,AAAA")]}]}, "data URL"),
@@ -170,6 +173,9 @@ def test_an_ended_session_continues_under_a_new_trajectory_id(front: FrontServer
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "retrieval"}]}, "unsupported tool type"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature=5"),
+    ({"messages": HI, "extra_body": {"repetition_penalty": 1.3}}, "repetition_penalty"),
+    ({"messages": HI, "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}},
+     "chat_template_kwargs.enable_thinking=False"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, "maximum context length"),
     ({"messages": [{"role": "user", "content": "hi"}], "extra_headers": {"X-Session-ID": "bad id!"}}, "session id"),
 ])
@@ -237,7 +243,11 @@ def test_tool_calls_are_parsed_and_their_results_bridged(tiny: Callable[[str], P
         assert second.prompt_token_ids[:len(first.prompt_token_ids) + len(engines[0].script[0])] == (
             first.prompt_token_ids + engines[0].script[0])
         assert len(second.images) == 2 and second.images[0] == first.images[0]
-    trajectory = next(RunReader(tmp_path).trajectories())
+    with FrontServer(tiny("qwen2_vl"), run_dir=tmp_path, port=0, make_engine=make) as again:  # a restart
+        answer = client(again, "tools").chat.completions.create(
+            model="qwen2_vl-v1", messages=[{"role": "user", "content": "Again."}], logit_bias={})
+        assert extra(answer)["rollwire"]["trajectory_id"] == "tools~1"  # the earlier server's session is kept
+    trajectory = next(t for t in RunReader(tmp_path).trajectories() if t.id == "tools")
     assert trajectory.steps[0].message.tool_calls[0].name == "zoom"
     assert trajectory.steps[0].message.tool_calls[0].id == call.id
     assert [m["role"] for m in trajectory.messages] == ["user", "assistant", "tool", "assistant"]

@@ -35,6 +35,13 @@ _NEUTRAL: tuple[tuple[str, Any, str], ...] = (
     ("stream", False, "stream=true is not supported: the front answers whole chat.completion objects"),
     ("top_logprobs", None, "top_logprobs is not supported: engines return the sampled token's logprob only"),
     ("prompt_logprobs", None, "prompt_logprobs is not supported"),
+    # vLLM's extra sampling parameters (harnesses send them in extra_body)
+    ("min_p", 0.0, "min_p is not supported by rollwire's engines"),
+    ("min_tokens", 0, "min_tokens is not supported by rollwire's engines"),
+    ("repetition_penalty", 1.0, "repetition_penalty is not supported by rollwire's engines"),
+    ("ignore_eos", False, "ignore_eos is not supported: the family's stop tokens end a turn"),
+    ("best_of", 1, "best_of is not supported"),
+    ("use_beam_search", False, "beam search is not supported"),
 )
 
 
@@ -61,6 +68,13 @@ class ChatRequest(msgspec.Struct):
     logit_bias: dict[str, float] | None = None
     stream: bool | None = False
     response_format: Any = None
+    min_p: float | None = 0.0
+    min_tokens: int | None = 0
+    repetition_penalty: float | None = 1.0
+    ignore_eos: bool | None = False
+    best_of: int | None = 1
+    use_beam_search: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None
     session_id: str | None = None
     metadata: dict[str, Any] | None = None
@@ -90,7 +104,7 @@ def decode_request(raw: bytes) -> ChatRequest:
         raise FrontRequestError("request body is nested too deeply") from None
     for name, neutral, why in _NEUTRAL:
         value = getattr(body, name)
-        if value is not None and value != neutral and not (neutral is None and value == 0):
+        if value is not None and value != neutral and not (neutral is None and value in (0, {})):
             raise FrontRequestError(f"{name}={value!r:.60}: {why}", param=name)
     if body.n is not None and body.n != 1:
         raise FrontRequestError(f"n={body.n}: the front samples one completion per call (a session is one "
@@ -98,6 +112,10 @@ def decode_request(raw: bytes) -> ChatRequest:
     if body.tool_choice not in (None, "auto", "none"):
         raise FrontRequestError(f"tool_choice={body.tool_choice!r:.80} is not supported (only 'auto' and 'none': "
                                 "rollwire does not constrain decoding)", param="tool_choice")
+    for key, value in (body.chat_template_kwargs or {}).items():
+        if not (key == "enable_thinking" and value is True):
+            raise FrontRequestError(f"chat_template_kwargs.{key}={value!r:.40} is not supported: the front renders "
+                                    "with the family's renderer as configured at start", param="chat_template_kwargs")
     fmt = body.response_format
     if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
         raise FrontRequestError("response_format other than {'type': 'text'} is not supported (no guided decoding)",
