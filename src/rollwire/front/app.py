@@ -61,7 +61,7 @@ from rollwire.render import ModelDir, Renderer, create_renderer
 from rollwire.render.completion import validate_completion
 from rollwire.render.types import ResponseStatus
 from rollwire.rollout.types import AssistantRecord, Step, ToolCallRecord
-from rollwire.store import RunWriter
+from rollwire.store import RunReader, RunWriter
 
 __all__ = ["FrontServer"]
 
@@ -372,7 +372,8 @@ class FrontServer:
         """The engine's answer, checked; engine failures become 400 (a bad request) or 502/504 (upstream)."""
         assert self.engine is not None
         try:
-            with pinned_features(renderer.feature_store, prompt, session.features):
+            with pinned_features(renderer.feature_store, prompt, lambda image_id: session.features.get(image_id)
+                                 or RunReader(self.run_dir).features(image_id)):
                 result = self._call(self.engine.generate(request))
         except InvalidRequestError as exc:
             raise _Failure(400, str(exc), "BadRequestError") from None
@@ -401,7 +402,7 @@ class FrontServer:
         except RollwireError as exc:
             raise _Failure(500, f"the answer was sampled but the run directory refused it: {exc}",
                            "StoreError") from None
-        session.originals.clear()  # archived: the blobs are on disk
+        session.written()
 
     def _session(self, key: str | None) -> Session:
         """The open session `key` (created when new); a one-call session when `key` is None."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,10 +58,19 @@ class Session:
     branch: int = 0
     seed: int = 0
     image_ids: dict[str, str] = field(default_factory=dict)  # image source (URL, path) -> image id
-    originals: dict[str, Any] = field(default_factory=dict)  # image id -> decoded image, until written
-    features: dict[str, ImageFeatures] = field(default_factory=dict)  # held while the session lives
+    # New images until the trajectory is written (then their blobs are on disk): decoded originals
+    # and features by id, so an idle session holds no pixels.
+    originals: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, ImageFeatures] = field(default_factory=dict)
+    written_images: set[str] = field(default_factory=set)  # ids whose blobs are in the run directory
     metrics: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     ended: bool = False
+
+    def written(self) -> None:
+        """The trajectory and its images are on disk: let go of the new images' pixels."""
+        self.written_images.update(self.features)
+        self.originals.clear()
+        self.features.clear()
 
     def record(self, messages: list[Message], tools: list[dict[str, Any]] | None, prompt: RenderedTokens,
                step: Step, answer: Message) -> None:
@@ -174,8 +183,8 @@ def _note(session: Session, renderer: Renderer, messages: Sequence[Message], ima
     for (source, image), ref in zip(images, refs, strict=True):
         if isinstance(source, str):
             session.image_ids.setdefault(source, ref.id)
-        if ref.id not in session.features:
-            session.originals.setdefault(ref.id, image)
+        if ref.id not in session.features and ref.id not in session.written_images:
+            session.originals[ref.id] = image
             session.features[ref.id] = _features(store, ref.id, image)
 
 
@@ -188,14 +197,14 @@ def _features(store: FeatureStore, image_id: str, image: Any) -> ImageFeatures:
 
 @contextlib.contextmanager
 def pinned_features(store: FeatureStore | None, prompt: RenderedTokens,
-                    held: Mapping[str, ImageFeatures]) -> Iterator[None]:
+                    lookup: Callable[[str], ImageFeatures]) -> Iterator[None]:
     """Pin the prompt's images in `store` for the block (an in-flight request needs them), putting
-    back any it evicted since they were rendered."""
+    back any it evicted since they were rendered (`lookup` finds them: the session's, the run's blobs)."""
     if store is None:
         yield
         return
     with store.pinned(prompt.image_ids):
         for image_id in dict.fromkeys(prompt.image_ids):
             if image_id not in store:
-                store.put(held[image_id])
+                store.put(lookup(image_id))
         yield
