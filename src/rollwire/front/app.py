@@ -47,10 +47,10 @@ from rollwire.errors import (
 from rollwire.features import FeatureStore
 from rollwire.front.protocol import (
     chat_completion,
-    cut_at_stop,
     decode_request,
     image_ref_json,
     logprobs_content,
+    read_completion,
     sampling_of,
     session_id_of,
 )
@@ -59,8 +59,7 @@ from rollwire.images import ImageLimits
 from rollwire.messages import Message, parse_messages, parse_tools
 from rollwire.render import ModelDir, Renderer, create_renderer
 from rollwire.render.completion import validate_completion
-from rollwire.render.types import ResponseStatus
-from rollwire.rollout.types import AssistantRecord, Step, ToolCallRecord
+from rollwire.rollout.types import Step
 from rollwire.store import RunReader, RunWriter
 
 __all__ = ["FrontServer"]
@@ -333,35 +332,19 @@ class FrontServer:
         t0 = time.perf_counter()
         result = self._generate(renderer, session, prompt, request)
         generate_s = time.perf_counter() - t0
-        completion = result.completions[0]
-        ids, logprobs = list(completion.token_ids), completion.logprobs
-        finish, stop_reason = completion.finish_reason, completion.stop_reason
-        cut = cut_at_stop(renderer, ids, sampling.stop)
-        if cut is not None:
-            keep, text, stop_reason = cut
-            ids, logprobs, finish = ids[:keep], None if logprobs is None else logprobs[:keep], "stop"
-            parsed_status: ResponseStatus = "stop"
-            parse_error: str | None = None
-            record = AssistantRecord(content=text)
-        else:
-            parsed = renderer.parse_response(ids)
-            parsed_status, parse_error = parsed.status, parsed.error
-            m = parsed.message
-            calls = tuple(ToolCallRecord(name=c.name, arguments=c.arguments_json(),
-                                         id=f"call_{secrets.token_hex(12)}") for c in m.tool_calls)
-            content = m.content if isinstance(m.content, str) or m.content is None else m.text
-            record = AssistantRecord(content=content, reasoning_content=m.reasoning_content, tool_calls=calls)
+        answer = read_completion(renderer, result.completions[0], sampling.stop)
+        ids, logprobs, record = answer.token_ids, answer.logprobs, answer.record
         step = Step(prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=ids,
-                    completion_logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason, status=parsed_status,
-                    parse_error=parse_error, message=record, bridged=bridged, render_reason=reason,
-                    timings={"generate_s": generate_s})
+                    completion_logprobs=logprobs, finish_reason=answer.finish_reason, stop_reason=answer.stop_reason,
+                    status=answer.status, parse_error=answer.parse_error, message=record, bridged=bridged,
+                    render_reason=reason, timings={"generate_s": generate_s})
         session.record(messages, tools, prompt, step, answer_message(record))
         self._write(writer, session)
-        openai_finish = "length" if finish == "length" else "tool_calls" if record.tool_calls else "stop"
+        openai_finish = "length" if answer.finish_reason == "length" else "tool_calls" if record.tool_calls else "stop"
         extra = {"session_id": session.key, "trajectory_id": session.trajectory_id, "step": step_index,
                  "bridged": bridged, "render_reason": reason, "images": [image_ref_json(r) for r in prompt.images],
-                 "completion_logprobs": logprobs, "status": parsed_status, "parse_error": parse_error,
-                 "stop_reason": stop_reason}
+                 "completion_logprobs": logprobs, "status": answer.status, "parse_error": answer.parse_error,
+                 "stop_reason": answer.stop_reason}
         return chat_completion(
             completion_id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()),
             model=self.served_model_name, record=record, finish_reason=openai_finish, prompt_ids=prompt.token_ids,

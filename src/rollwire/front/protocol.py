@@ -13,16 +13,19 @@ The session id comes from, in order: the `X-Session-ID` header, the body's `sess
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
+from rollwire.engines.types import Completion
 from rollwire.errors import FrontRequestError
-from rollwire.render.types import ImageRef, Renderer
-from rollwire.rollout.types import AssistantRecord
+from rollwire.render.types import ImageRef, Renderer, ResponseStatus
+from rollwire.rollout.types import AssistantRecord, ToolCallRecord
 
-__all__ = ["ChatRequest", "Sampling", "chat_completion", "decode_request", "session_id_of"]
+__all__ = ["Answer", "ChatRequest", "Sampling", "chat_completion", "decode_request", "read_completion", "session_id_of"]
 
 SESSION_HEADER = "x-session-id"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:@+/=-]{1,128}")
@@ -179,6 +182,37 @@ def cut_at_stop(renderer: Renderer, ids: Sequence[int], stops: Sequence[str]) ->
             at, stop = min(hits)
             return k, text[:at], stop
     return None  # pragma: no cover (the whole text holds a stop string)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A completion read back for the client: the ids and logprobs kept (a stop string cuts them),
+    the assistant message as sent (tool calls with fresh ids), and how it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    record: AssistantRecord
+    finish_reason: str
+    stop_reason: int | str | None
+    status: ResponseStatus
+    parse_error: str | None
+
+
+def read_completion(renderer: Renderer, completion: Completion, stops: Sequence[str]) -> Answer:
+    """Parse `completion` with the family (tool calls, reasoning), or cut it at the first stop string."""
+    ids, logprobs = list(completion.token_ids), completion.logprobs
+    cut = cut_at_stop(renderer, ids, stops)
+    if cut is not None:
+        keep, text, stop = cut
+        return Answer(ids[:keep], None if logprobs is None else logprobs[:keep], AssistantRecord(content=text),
+                      "stop", stop, "stop", None)
+    parsed = renderer.parse_response(ids)
+    m = parsed.message
+    calls = tuple(ToolCallRecord(name=c.name, arguments=c.arguments_json(), id=f"call_{secrets.token_hex(12)}")
+                  for c in m.tool_calls)
+    content = m.content if isinstance(m.content, str) or m.content is None else m.text
+    record = AssistantRecord(content=content, reasoning_content=m.reasoning_content, tool_calls=calls)
+    return Answer(ids, logprobs, record, completion.finish_reason, completion.stop_reason, parsed.status, parsed.error)
 
 
 def logprobs_content(renderer: Renderer, ids: Sequence[int], logprobs: Sequence[float] | None) -> list[Any]:
