@@ -196,18 +196,16 @@ def test_malformed_bodies_and_unknown_models(front: FrontServer) -> None:
         client(front).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
 
 
-class _ToolCaller:
-    """Plays a policy that calls `zoom` once, then answers: completions are the family's own tokens."""
+class _Scripted:
+    """Plays a policy with scripted answers: each completion is the family's own tokens of a text."""
 
-    def __init__(self, renderer: Renderer) -> None:
+    def __init__(self, renderer: Renderer, texts: list[str]) -> None:
         self.renderer, self.requests = renderer, list[GenerateRequest]()
         encode = renderer.tokenizer.encode_ids  # type: ignore[attr-defined]
-        stop = renderer.stop_token_ids[0]
-        self.script = [[*encode('<tool_call>\n{"name": "zoom", "arguments": {"x": 2}}\n</tool_call>'), stop],
-                       [*encode("A cat."), stop]]
+        self.script = [[*encode(text), renderer.stop_token_ids[0]] for text in texts]
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        ids = self.script[len(self.requests)]
+        ids = self.script[len(self.requests) % len(self.script)]
         self.requests.append(request)
         return GenerateResult(completions=[Completion(token_ids=ids, logprobs=[-0.5] * len(ids),
                                                       finish_reason="stop", stop_reason=ids[-1])],
@@ -217,11 +215,14 @@ class _ToolCaller:
         pass
 
 
-def test_tool_calls_are_parsed_and_their_results_bridged(tiny: Callable[[str], Path], tmp_path: Path) -> None:
-    engines: list[_ToolCaller] = []
+ZOOM_THEN_ANSWER = ['<tool_call>\n{"name": "zoom", "arguments": {"x": 2}}\n</tool_call>', "A cat."]
 
-    def make(renderer: Renderer) -> _ToolCaller:
-        engines.append(_ToolCaller(renderer))
+
+def test_tool_calls_are_parsed_and_their_results_bridged(tiny: Callable[[str], Path], tmp_path: Path) -> None:
+    engines: list[_Scripted] = []
+
+    def make(renderer: Renderer) -> _Scripted:
+        engines.append(_Scripted(renderer, ZOOM_THEN_ANSWER))
         return engines[-1]
 
     with FrontServer(tiny("qwen2_vl"), run_dir=tmp_path, port=0, make_engine=make) as front:
@@ -281,3 +282,37 @@ def test_the_cli_front_needs_a_run_dir() -> None:
 
     result = CliRunner().invoke(app, ["serve", "--upstream", "embedded"])
     assert result.exit_code == 2 and "--run-dir" in result.output
+
+
+def test_reasoning_content_of_a_thinking_family(tiny: Callable[[str], Path], tmp_path: Path) -> None:
+    """Qwen3 (text-only, thinks): the answer splits reasoning from content, and the echo without
+    reasoning_content (what harnesses send back) still bridges."""
+    with FrontServer(tiny("qwen3"), run_dir=tmp_path, port=0,
+                     make_engine=lambda r: _Scripted(r, ["<think>\nLet me see.\n</think>\n\nFour."])) as front:
+        api = client(front, "think")
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "2+2?"}]
+        r1 = api.chat.completions.create(model="qwen3-v1", messages=messages)  # type: ignore[arg-type]
+        message = r1.choices[0].message
+        assert (message.content, message.model_extra["reasoning_content"]) == ("Four.", "Let me see.")
+        messages += [{"role": "assistant", "content": "Four."}, {"role": "user", "content": "3+3?"}]
+        r2 = api.chat.completions.create(model="qwen3-v1", messages=messages)  # type: ignore[arg-type]
+        assert extra(r2)["rollwire"]["bridged"] is True
+    (trajectory,) = RunReader(tmp_path).trajectories()
+    assert trajectory.steps[0].message.reasoning_content == "Let me see."
+
+
+def test_sessions_come_from_the_header_or_the_body_and_run_concurrently(front: FrontServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(k: int) -> str:
+        kwargs: list[dict[str, Any]] = [{"extra_headers": {"X-Session-ID": "h-0"}, "user": "ignored"},
+                                        {"extra_body": {"session_id": "b-1"}, "user": "ignored"},
+                                        {"metadata": {"session_id": "m-2"}}, {"user": "u-3"}]
+        answer = client(front).chat.completions.create(
+            model="qwen2_vl-v1", messages=[{"role": "user", "content": f"call {k}"}], max_tokens=2, **kwargs[k])
+        return str(extra(answer)["rollwire"]["session_id"])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(call, range(4))) == ["h-0", "b-1", "m-2", "u-3"]
+    ids = {row["id"] for row in RunReader(front.run_dir).rows()}
+    assert {"h-0", "b-1", "m-2", "u-3"} <= ids
