@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
-from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, Timings
 from rollwire.front import FrontServer
 from rollwire.render.types import Renderer
 from rollwire.store import RunReader
+from rollwire.testing import ScriptedEngine
 
 TOOLS = [{"type": "function", "function": {"name": "zoom", "description": "Zoom into the image.", "parameters": {
     "type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x"]}}}]
@@ -196,33 +196,17 @@ def test_malformed_bodies_and_unknown_models(front: FrontServer) -> None:
         client(front).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
 
 
-class _Scripted:
-    """Plays a policy with scripted answers: each completion is the family's own tokens of a text."""
-
-    def __init__(self, renderer: Renderer, texts: list[str]) -> None:
-        self.renderer, self.requests = renderer, list[GenerateRequest]()
-        encode = renderer.tokenizer.encode_ids  # type: ignore[attr-defined]
-        self.script = [[*encode(text), renderer.stop_token_ids[0]] for text in texts]
-
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
-        ids = self.script[len(self.requests) % len(self.script)]
-        self.requests.append(request)
-        return GenerateResult(completions=[Completion(token_ids=ids, logprobs=[-0.5] * len(ids),
-                                                      finish_reason="stop", stop_reason=ids[-1])],
-                              timings=Timings(total_s=0.0))
-
-    async def close(self) -> None:
-        pass
-
-
-ZOOM_THEN_ANSWER = ['<tool_call>\n{"name": "zoom", "arguments": {"x": 2}}\n</tool_call>', "A cat."]
+ZOOM_THEN_ANSWER: list[Any] = [
+    {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "zoom", "arguments": '{"x": 2}'}}]},
+    "A cat."]
 
 
 def test_tool_calls_are_parsed_and_their_results_bridged(tiny: Callable[[str], Path], tmp_path: Path) -> None:
-    engines: list[_Scripted] = []
+    engines: list[ScriptedEngine] = []
 
-    def make(renderer: Renderer) -> _Scripted:
-        engines.append(_Scripted(renderer, ZOOM_THEN_ANSWER))
+    def make(renderer: Renderer) -> ScriptedEngine:
+        engines.append(ScriptedEngine(renderer, ZOOM_THEN_ANSWER))
         return engines[-1]
 
     with FrontServer(tiny("qwen2_vl"), run_dir=tmp_path, port=0, make_engine=make) as front:
@@ -241,8 +225,9 @@ def test_tool_calls_are_parsed_and_their_results_bridged(tiny: Callable[[str], P
         assert r2.choices[0].message.content == "A cat." and r2.choices[0].finish_reason == "stop"
         first, second = engines[0].requests
         assert extra(r2)["rollwire"]["bridged"] is True
-        assert second.prompt_token_ids[:len(first.prompt_token_ids) + len(engines[0].script[0])] == (
-            first.prompt_token_ids + engines[0].script[0])
+        sampled = completion_ids(r1)
+        assert sampled == engines[0].completion_ids(ZOOM_THEN_ANSWER[0])
+        assert second.prompt_token_ids[:len(first.prompt_token_ids) + len(sampled)] == first.prompt_token_ids + sampled
         assert len(second.images) == 2 and second.images[0] == first.images[0]
     with FrontServer(tiny("qwen2_vl"), run_dir=tmp_path, port=0, make_engine=make) as again:  # a restart
         answer = client(again, "tools").chat.completions.create(
@@ -287,8 +272,8 @@ def test_the_cli_front_needs_a_run_dir() -> None:
 def test_reasoning_content_of_a_thinking_family(tiny: Callable[[str], Path], tmp_path: Path) -> None:
     """Qwen3 (text-only, thinks): the answer splits reasoning from content, and the echo without
     reasoning_content (what harnesses send back) still bridges."""
-    with FrontServer(tiny("qwen3"), run_dir=tmp_path, port=0,
-                     make_engine=lambda r: _Scripted(r, ["<think>\nLet me see.\n</think>\n\nFour."])) as front:
+    script = ["<think>\nLet me see.\n</think>\n\nFour.", "Six."]
+    with FrontServer(tiny("qwen3"), run_dir=tmp_path, port=0, make_engine=lambda r: ScriptedEngine(r, script)) as front:
         api = client(front, "think")
         messages: list[dict[str, Any]] = [{"role": "user", "content": "2+2?"}]
         r1 = api.chat.completions.create(model="qwen3-v1", messages=messages)  # type: ignore[arg-type]
