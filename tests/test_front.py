@@ -19,6 +19,7 @@ from rollwire.front import FrontServer
 from rollwire.render.types import Renderer
 from rollwire.store import RunReader
 from rollwire.testing import ScriptedEngine
+from rollwire.training import SampleBuilder
 
 TOOLS = [{"type": "function", "function": {"name": "zoom", "description": "Zoom into the image.", "parameters": {
     "type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x"]}}}]
@@ -115,6 +116,10 @@ def test_multi_turn_with_images_and_tools_is_bridged_and_recorded(front: FrontSe
     assert trajectory.messages[1]["content"][0] == {"type": "image", "image_id": info1["images"][0]["id"]}
     assert trajectory.messages[-1]["role"] == "assistant" and trajectory.tools == TOOLS
     assert reader.image(info1["images"][1]["id"]).size == (40, 56)  # the file's original, archived
+    reader.load_features(renderer.feature_store, trajectory)  # type: ignore[arg-type]
+    (sample,) = SampleBuilder.for_renderer(renderer).build(trajectory)  # one bridged session: one sample
+    assert list(sample.input_ids) == prompt2 + completion_ids(r2)
+    assert int(sample.loss_mask.sum()) == len(ids1) + len(completion_ids(r2))
 
 
 def test_an_edited_history_is_rendered_in_full_with_the_reason(front: FrontServer) -> None:
