@@ -306,3 +306,49 @@ def test_sessions_come_from_the_header_or_the_body_and_run_concurrently(front: F
         assert list(pool.map(call, range(4))) == ["h-0", "b-1", "m-2", "u-3"]
     ids = {row["id"] for row in RunReader(front.run_dir).rows()}
     assert {"h-0", "b-1", "m-2", "u-3"} <= ids
+
+
+def test_http_images_are_fetched_once_per_session(tiny: Callable[[str], Path], tmp_path: Path) -> None:
+    """With --allow-remote-images an http(s) image is fetched when its message is rendered, not
+    again on later (bridged) calls that resend it; a missing one is a 400."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    served: list[str] = []
+    png = io.BytesIO()
+    make_image(30, 20, seed=12).save(png, format="PNG")
+
+    class Images(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            served.append(self.path)
+            found = self.path == "/cat.png"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", str(len(png.getvalue()) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(png.getvalue())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    images = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{images.server_address[1]}"
+    try:
+        with FrontServer(tiny("qwen2_vl"), run_dir=tmp_path, port=0, allow_remote_images=True,
+                         make_engine=lambda r: ScriptedEngine(r, ["One.", "Two."])) as front:
+            api = client(front, "remote-images")
+            messages: list[dict[str, Any]] = [{"role": "user", "content": [image_part(f"{url}/cat.png")]}]
+            r1 = api.chat.completions.create(model="qwen2_vl-v1", messages=messages)  # type: ignore[arg-type]
+            messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                         {"role": "user", "content": "And?"}]
+            r2 = api.chat.completions.create(model="qwen2_vl-v1", messages=messages)  # type: ignore[arg-type]
+            assert extra(r2)["rollwire"]["bridged"] is True and served == ["/cat.png"]
+            with pytest.raises(openai.BadRequestError, match="not found"):
+                client(front).chat.completions.create(
+                    model="qwen2_vl-v1", messages=[{"role": "user", "content": [image_part(f"{url}/dog.png")]}])
+        (image_id,) = next(RunReader(tmp_path).trajectories()).image_ids
+        assert RunReader(tmp_path).image(image_id).size == (30, 20)
+    finally:
+        images.shutdown()
+        images.server_close()
