@@ -47,24 +47,14 @@ def renderer(model_dir: Path) -> Any:
     return create_renderer(model_dir)
 
 
-@pytest.fixture(scope="module")
-def running(model_dir: Path) -> Iterator[list[EngineServer]]:
-    started = [EngineServer(model_dir, served_model_name="tiny").start() for _ in range(2)]
-    try:
-        yield started
-    finally:
-        for server in started:
-            server.stop()
-
-
 @pytest.fixture
-def servers(running: list[EngineServer]) -> Iterator[list[EngineServer]]:
-    """The two replicas, fresh: a test that stopped one gets it back on the same port afterwards."""
-    ports = [s.port for s in running]
-    yield running
-    for k, server in enumerate(running):
+def servers(replicas: list[EngineServer]) -> Iterator[list[EngineServer]]:
+    """The two replicas (conftest); a test that stopped one gets it back on the same port afterwards."""
+    ports = [s.port for s in replicas]
+    yield replicas
+    for k, server in enumerate(replicas):
         if server.port != ports[k]:  # stopped (its port reads 0)
-            running[k] = EngineServer(server.model_dir, served_model_name="tiny", port=ports[k]).start()
+            replicas[k] = EngineServer(server.model_dir, served_model_name="tiny", port=ports[k]).start()
         else:
             server.forget_cache()
 

@@ -158,11 +158,11 @@ class EnginePool:
     def forget_server_cache(self) -> None:
         """Assume no server holds any image (every replica starts a new epoch)."""
         for replica in self.replicas:
-            _new_epoch(replica.engine, "pool: forget server caches")
+            start_new_epoch(replica.engine, "pool: forget server caches")
 
     def new_epoch(self, reason: str) -> None:
         for replica in self.replicas:
-            _new_epoch(replica.engine, reason)
+            start_new_epoch(replica.engine, reason)
 
     # --- generate ---------------------------------------------------------------------------
 
@@ -238,7 +238,7 @@ class EnginePool:
         replica.up = False
         replica.failures += 1
         # What it held is gone if it restarts; its sessions re-pin (and re-send) on their next request.
-        _new_epoch(replica.engine, "replica marked down")
+        start_new_epoch(replica.engine, "replica marked down")
         if not self._closed and (replica.probe is None or replica.probe.done()):
             replica.probe = asyncio.get_running_loop().create_task(self._probe(replica))
 
@@ -251,15 +251,16 @@ class EnginePool:
             except httpx.RequestError:
                 continue
             if response.status_code == 200:
-                _new_epoch(replica.engine, "replica came back")
+                start_new_epoch(replica.engine, "replica came back")
                 replica.up = True
                 self.stats.revived += 1
                 self._changed.set()
                 return
 
 
-def _new_epoch(engine: VLLMEngine, reason: str) -> None:
-    """Forget what the server held (`new_epoch` where the client has it)."""
+def start_new_epoch(engine: VLLMEngine, reason: str) -> None:
+    """Forget what the server held: its image cache is gone (a restart, a pause for new weights).
+    `new_epoch` where the client has it, else `forget_server_cache`."""
     new_epoch = getattr(engine, "new_epoch", None)
     if new_epoch is not None:
         new_epoch(reason)
@@ -272,4 +273,4 @@ def read_servers_file(text: str) -> list[str]:
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
-__all__ = ["EnginePool", "PoolStats", "ReplicaStats", "read_servers_file"]
+__all__ = ["EnginePool", "PoolStats", "ReplicaStats", "read_servers_file", "start_new_epoch"]

@@ -515,9 +515,10 @@ def parse_choices(payload: Any, *, n: int, logprobs: bool) -> list[Completion]:
     return out
 
 
-def weight_version(choice: dict[str, Any], where: str) -> str | None:
+def weight_version(choice: dict[str, Any], where: str) -> int | str | None:
     """The label of the weights that sampled a choice: vLLM's `weight_versions` spans
-    (`[{"version", "start", "end"}]`, the oldest when an update happened mid-completion), or None."""
+    (`[{"version", "start", "end"}]`, the oldest when an update happened mid-completion), or None.
+    A decimal label is read as the integer it spells (trainers count versions by step)."""
     spans = choice.get("weight_versions")
     if spans is None or spans == []:
         return None
@@ -525,7 +526,7 @@ def weight_version(choice: dict[str, Any], where: str) -> str | None:
     version = first.get("version") if isinstance(first, dict) else None
     if not isinstance(version, str):
         raise MalformedResponseError(f"{where} has weight_versions {spans!r:.100} (a list of version spans)")
-    return version[:200]
+    return int(version) if version.isascii() and version.isdecimal() and len(version) < 19 else version[:200]
 
 
 __all__ = [
