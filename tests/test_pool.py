@@ -5,6 +5,9 @@ failover when a replica dies mid-run (no completed rollout lost, its sessions fi
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from rollwire.errors import EngineUnavailableError, ServerError
 from rollwire.render import create_renderer
 from rollwire.rollout import RolloutConfig, RunConfig, run_rollouts
 from rollwire.rollout.runner import group_id
+from rollwire.store import RunReader
 
 
 class Recorder(httpx.AsyncBaseTransport):
@@ -156,3 +160,19 @@ async def test_no_replica_up_is_a_typed_error(renderer: Any) -> None:
 
 def test_servers_file_lines() -> None:
     assert read_servers_file("http://a:1\n\n# spare\nhttp://b:2  # second\n") == ["http://a:1", "http://b:2"]
+
+
+def test_the_cli_takes_several_servers(servers: list[EngineServer], tiny: Callable[[str], Path],
+                                       tmp_path: Path) -> None:
+    """`rollwire rollout --server A --servers-file F`: one run over both replicas (a real subprocess)."""
+    (tmp_path / "servers.txt").write_text(f"# the second replica\n{servers[1].url}\n")
+    before = [s.stats().ok for s in servers]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rollwire.cli", "rollout", "--env", "shapes", "--out", str(tmp_path / "run"),
+         "--model", str(tiny("qwen2_vl")), "--server", servers[0].url, "--servers-file", str(tmp_path / "servers.txt"),
+         "-n", "2", "--group", "1", "--max-turns", "1", "--max-tokens", "2", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert all(s.stats().ok > b for s, b in zip(servers, before, strict=True))  # both replicas served
+    assert len(list(RunReader(tmp_path / "run").rows())) == 2

@@ -109,6 +109,11 @@ class EnginePool:
     def model(self) -> str | None:
         return next((r.engine.model for r in self.replicas if r.engine.model is not None), None)
 
+    def replica_of(self, session_id: str) -> str | None:
+        """The URL a session is pinned to now (None when it is not pinned)."""
+        replica = self._sessions.get(session_id)
+        return None if replica is None else replica.engine.base_url
+
     def replica_stats(self) -> list[ReplicaStats]:
         return [ReplicaStats(url=r.engine.base_url, up=r.up, in_flight=r.in_flight, sessions=r.sessions,
                              requests=r.engine.stats.requests, failures=r.failures,
