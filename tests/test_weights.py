@@ -103,3 +103,15 @@ async def test_a_paused_server_answers_503_and_reports_its_weight_version(server
         await http.post("/resume")
         assert (await http.get("/weight_info")).json() == {"weight_version": "7"}
         assert (await http.get("/is_paused")).json() == {"is_paused": False}
+
+
+def test_a_completion_keeps_the_servers_label_unless_the_server_could_not_be_relabelled() -> None:
+    from rollwire.engines.types import Completion, GenerateResult, Timings
+    from rollwire.engines.weights import _tagged
+
+    result = GenerateResult(completions=[Completion(token_ids=[1], logprobs=None, finish_reason="stop",
+                                                    policy_version="default"),
+                                         Completion(token_ids=[2], logprobs=None, finish_reason="stop")],
+                            timings=Timings(total_s=0.0))
+    assert [c.policy_version for c in _tagged(result, 2, override=False).completions] == ["default", 2]
+    assert [c.policy_version for c in _tagged(result, 2, override=True).completions] == [2, 2]

@@ -49,6 +49,7 @@ class PausableEngine:
         self._aborting: set[asyncio.Task[GenerateResult]] = set()
         self._lock = asyncio.Lock()
         self._labelled = False  # the servers carry this gate's version label
+        self._override = False  # a server could not be relabelled: its weight_versions label is stale
         self._timeout = control_timeout_s
 
     @property
@@ -67,7 +68,7 @@ class PausableEngine:
             await connect()
         if self.control_servers and self.policy_version is not None and not self._labelled:
             self._labelled = True
-            await self._control("/update_weight_version", {"new_version": str(self.policy_version)})
+            await self._label(self.policy_version)
 
     async def server_version(self) -> str | None:
         server_version = getattr(self.inner, "server_version", None)
@@ -105,7 +106,7 @@ class PausableEngine:
             if not self._open.is_set() and any(c.finish_reason == "abort" for c in result.completions):
                 self.resent += 1  # the server aborted it for the pause: again, after the resume
                 continue
-            return _tagged(result, version)
+            return _tagged(result, version, override=self._override)
 
     async def pause_generation(self, mode: PauseMode = "wait") -> None:
         """New requests wait; those in flight finish (`wait`) or are aborted and queued again (`abort`)."""
@@ -121,7 +122,7 @@ class PausableEngine:
     async def resume_generation(self, version: int | str | None) -> None:
         """Resume with a new policy version; each server starts a new image epoch."""
         if self.control_servers and version is not None:
-            await self._control("/update_weight_version", {"new_version": str(version)})
+            await self._label(version)
         if self.control_servers:
             await self._control("/resume")
         for client in self.clients:
@@ -147,11 +148,17 @@ class PausableEngine:
                 raise
             await self.resume_generation(version)
 
-    async def _control(self, path: str, body: Any = None) -> None:
-        """POST to every server that has vLLM's RL endpoints; a 404 (none there) is skipped."""
+    async def _label(self, version: int | str) -> None:
+        """Label the servers' weights `version`; where one cannot be (no RL endpoints), the label
+        it reports is stale, so this gate's version is recorded instead."""
+        if await self._control("/update_weight_version", {"new_version": str(version)}):
+            self._override = True
+
+    async def _control(self, path: str, body: Any = None) -> list[str]:
+        """POST to every server that has vLLM's RL endpoints; those without (404) are returned."""
         urls = [c.base_url for c in self.clients]
         if not urls:
-            return
+            return []
         async with httpx.AsyncClient(timeout=self._timeout) as http:
             answers = await asyncio.gather(*(
                 http.post(url + path, content=None if body is None else msgspec.json.encode(body),
@@ -161,14 +168,16 @@ class PausableEngine:
                 raise EngineError(f"{url}{path} failed: {type(answer).__name__}: {answer}")
             if answer.status_code not in (200, 404):
                 raise EngineError(f"{url}{path} answered {answer.status_code}: {answer.text[:200]}")
+        return [url for url, answer in zip(urls, answers, strict=True)
+                if not isinstance(answer, BaseException) and answer.status_code == 404]
 
 
-def _tagged(result: GenerateResult, version: int | str | None) -> GenerateResult:
-    """The completions with the gate's version where the server reported none."""
-    if version is None or all(c.policy_version is not None for c in result.completions):
+def _tagged(result: GenerateResult, version: int | str | None, *, override: bool) -> GenerateResult:
+    """The completions with the gate's version where the server reported none (or everywhere)."""
+    if version is None or all(c.policy_version is not None and not override for c in result.completions):
         return result
-    completions = [c if c.policy_version is not None else msgspec.structs.replace(c, policy_version=version)
-                   for c in result.completions]
+    completions = [c if c.policy_version is not None and not override
+                   else msgspec.structs.replace(c, policy_version=version) for c in result.completions]
     return msgspec.structs.replace(result, completions=completions)
 
 
