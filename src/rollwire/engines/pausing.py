@@ -12,6 +12,9 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
+
+from rollwire.errors import MalformedResponseError
 
 DEFAULT_VERSION = "default"  # vLLM's label before any update
 
@@ -76,4 +79,18 @@ class GenerationPause:
             self.version = version
 
 
-__all__ = ["DEFAULT_VERSION", "GenerationPause", "Ticket"]
+def policy_version_of(spans: Any, where: str = "a choice") -> int | str | None:
+    """The label of the weights that sampled a choice, from vLLM's `weight_versions` spans
+    (`[{"version", "start", "end"}]`, as dicts or structs): the oldest when an update happened
+    mid-completion; None when there are none. A decimal label is read as the integer it spells
+    (trainers count versions by step)."""
+    if not spans:
+        return None
+    first = spans[0] if isinstance(spans, list) else None
+    version = first.get("version") if isinstance(first, dict) else getattr(first, "version", None)
+    if not isinstance(version, str):
+        raise MalformedResponseError(f"{where} has weight_versions {spans!r:.100} (a list of version spans)")
+    return int(version) if version.isascii() and version.isdecimal() and len(version) < 19 else version[:200]
+
+
+__all__ = ["DEFAULT_VERSION", "GenerationPause", "Ticket", "policy_version_of"]

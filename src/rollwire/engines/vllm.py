@@ -43,6 +43,7 @@ from rollwire.features import FeatureStore, compute_features
 from rollwire.render.placeholders import validate_placeholders
 from rollwire.render.types import Renderer
 
+from .pausing import policy_version_of
 from .types import Completion, FinishReason, GenerateRequest, GenerateResult, Timings
 from .wire import GENERATE_PATH, RENDER_PATH, PixelFormat, decode_image_kwargs, features_payload, generate_body
 
@@ -511,22 +512,9 @@ def parse_choices(payload: Any, *, n: int, logprobs: bool) -> list[Completion]:
         if stop_reason is not None and type(stop_reason) not in (int, str):
             raise MalformedResponseError(f"{where} has stop_reason {stop_reason!r:.100} (an int, string or null)")
         out.append(Completion(token_ids=ids, logprobs=values, finish_reason=_FINISH.get(finish, "error"),
-                              stop_reason=stop_reason, policy_version=weight_version(choice, where)))
+                              stop_reason=stop_reason,
+                              policy_version=policy_version_of(choice.get("weight_versions"), where)))
     return out
-
-
-def weight_version(choice: dict[str, Any], where: str) -> int | str | None:
-    """The label of the weights that sampled a choice: vLLM's `weight_versions` spans
-    (`[{"version", "start", "end"}]`, the oldest when an update happened mid-completion), or None.
-    A decimal label is read as the integer it spells (trainers count versions by step)."""
-    spans = choice.get("weight_versions")
-    if spans is None or spans == []:
-        return None
-    first = spans[0] if isinstance(spans, list) else None
-    version = first.get("version") if isinstance(first, dict) else None
-    if not isinstance(version, str):
-        raise MalformedResponseError(f"{where} has weight_versions {spans!r:.100} (a list of version spans)")
-    return int(version) if version.isascii() and version.isdecimal() and len(version) < 19 else version[:200]
 
 
 __all__ = [
