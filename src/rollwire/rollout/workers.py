@@ -92,10 +92,12 @@ def prepare_run(config: RunConfig, out: str | Path, *, model: str | Path, server
     from rollwire.rollout.env import make_env
     from rollwire.store import RunWriter
 
-    make_env(config.env, **config.env_kwargs)  # a bad spec fails here, not in every worker
+    env = make_env(config.env, **config.env_kwargs)  # a bad spec fails here, not in every worker
+    fingerprint = getattr(env, "fingerprint", None)  # as run_to_dir records it, or the workers' differ
     renderer = create_renderer(model)
     manifest = run_manifest(config, model_dir=model, family=renderer.family,
-                            server_url=",".join(servers) or None, resolved=resolved)
+                            server_url=",".join(servers) or None, resolved=resolved,
+                            env_fingerprint=fingerprint if isinstance(fingerprint, str) else None)
     with RunWriter(out, FeatureStore(), manifest=manifest) as writer:
         return set(writer.done_ids)
 
