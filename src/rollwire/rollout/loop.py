@@ -80,12 +80,15 @@ async def run_rollout(
     sample_index: int = 0,
     sampling_seed: int | None = None,
     archive: ImageArchive | None = None,
+    session_id: str | None = None,
 ) -> RolloutResult:
     """One rollout; errors end it with the error recorded on it. With `archive` (a run's blob store)
-    the rollout holds image ids only: each image is archived when first seen (see `rollout.images`)."""
+    the rollout holds image ids only: each image is archived when first seen (see `rollout.images`).
+    `session_id` (default: the trajectory id; a runner passes the GRPO group's) keeps the rollout's
+    requests on one server replica."""
     state = _State(Trajectory(id=trajectory_id, env=env.name, prompt_index=prompt_index,
                               sample_index=sample_index, seed=seed),
-                   RolloutImages(renderer.feature_store, archive))
+                   RolloutImages(renderer.feature_store, archive), session_id=session_id or trajectory_id)
     try:
         error = await _turns(state, env, renderer, engine, config, sampling_seed)
     except Exception as exc:  # a bug anywhere in one rollout must not take down the others
@@ -98,6 +101,7 @@ class _State:
     traj: Trajectory
     images: RolloutImages
     conversation: list[Message] = field(default_factory=list)
+    session_id: str | None = None
     metrics: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -153,7 +157,7 @@ async def _turns(
                     return _error("render_error", exc, turn)
                 result = await engine.generate(GenerateRequest(
                     prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling,
-                    request_id=f"{traj.id}-{turn}"))
+                    request_id=f"{traj.id}-{turn}", session_id=state.session_id))
         except PromptTooLongError as exc:
             return _error("overlong_prompt", exc, turn)
         except Exception as exc:
@@ -179,7 +183,7 @@ async def _turns(
             completion_logprobs=completion.logprobs, finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason, status=parsed.status, parse_error=parsed.error,
             message=_record(parsed.message), bridged=bridged, render_reason=reason, branch=branch,
-            timings={"generate_s": generate_s}))
+            timings={"generate_s": generate_s}, policy_version=completion.policy_version))
         state.conversation = [*state.conversation, parsed.message]
         turns.append(_Turn(state.conversation, prompt, list(completion.token_ids)))
         metrics["turns"] += 1

@@ -50,6 +50,11 @@ def trajectory_id(config: RunConfig, prompt_index: int, sample_index: int) -> st
     return f"{config.env}-s{config.seed}-p{prompt_index}-g{sample_index}"
 
 
+def group_id(config: RunConfig, prompt_index: int) -> str:
+    """The GRPO group of a prompt's samples: their session on the servers (they share its images)."""
+    return f"{config.env}-s{config.seed}-p{prompt_index}"
+
+
 def env_seed(config: RunConfig, prompt_index: int) -> int:
     """The environment seed of a prompt: every sample of a group starts from the same prompt."""
     return config.seed * 1_000_003 + prompt_index
@@ -79,11 +84,13 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, family: str | None = None,
                  server_url: str | None = None, server_version: str | None = None,
-                 resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 resolved: Mapping[str, Any] | None = None, env_fingerprint: str | None = None) -> dict[str, Any]:
     """A run's `run.json`: `settings` must match for a resume; `about` is recorded, not compared
-    (`resolved`: the whole configuration the run was started with, config file and flags merged)."""
+    (`resolved`: the whole configuration the run was started with, config file and flags merged).
+    `env_fingerprint` (an environment's `fingerprint`: a hash of the data it reads) is a setting, so
+    a resume after the data changed is refused."""
     r = config.rollout
-    return {
+    manifest: dict[str, Any] = {
         "settings": {
             "model": {"fingerprint": None if model_dir is None else model_fingerprint(model_dir), "family": family},
             "env": config.env, "env_kwargs": dict(config.env_kwargs), "seed": config.seed,
@@ -96,6 +103,9 @@ def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, fami
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "config": None if resolved is None else dict(resolved)},
     }
+    if env_fingerprint is not None:
+        manifest["settings"]["env_fingerprint"] = env_fingerprint
+    return manifest
 
 
 @dataclass
@@ -225,7 +235,8 @@ async def run_rollouts(
                 result = await run_rollout(
                     env, renderer, engine, config.rollout, seed=env_seed(config, i),
                     trajectory_id=trajectory_id(config, i, j), prompt_index=i, sample_index=j,
-                    sampling_seed=sampling_seed(config, i, j), archive=archive)
+                    sampling_seed=sampling_seed(config, i, j), session_id=group_id(config, i),
+                    archive=archive)
         kept = True
         if on_result is not None:
             try:
