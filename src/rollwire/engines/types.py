@@ -33,6 +33,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     images: tuple[ImageRef, ...] = ()
     sampling: SamplingParams
     request_id: str | None = None
+    # Sent as the `X-Session-ID` header: routers (vllm-router) keep a session's turns on one replica.
+    session_id: str | None = None
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
