@@ -14,6 +14,10 @@ from rollwire.cli.app import MODEL_HELP, app, console, fail, resolve_model
 from rollwire.cli.inputs import ANY_IMAGE_PATH_HELP, IMAGE_ROOT_HELP, image_limits, load_messages_file
 from rollwire.errors import RollwireError
 
+WIRE_HELP = ("How images reach a vLLM server: features (processed uint8 patches), content-parts (each image once as "
+             "PNG, by uuid afterwards; the server's expansion is checked), or auto (features where the server "
+             "supports it, else content-parts, e.g. vLLM's Rust frontend).")
+
 
 @app.command()
 def render(
@@ -71,6 +75,7 @@ def generate(
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    wire: Annotated[str, typer.Option(help=WIRE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     image_root: Annotated[list[Path] | None, typer.Option(help=IMAGE_ROOT_HELP)] = None,
     any_image_path: Annotated[bool, typer.Option(help=ANY_IMAGE_PATH_HELP)] = False,
@@ -91,7 +96,7 @@ def generate(
             sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                                     stop_token_ids=renderer.stop_token_ids,
                                     banned_token_ids=renderer.vision_token_ids))
-        result = asyncio.run(_generate_once(renderer, model_dir, server, served_name, request))
+        result = asyncio.run(_generate_once(renderer, model_dir, server, served_name, request, wire))
     except RollwireError as exc:
         raise fail(exc) from exc
     completion = result.completions[0]
@@ -113,13 +118,13 @@ def generate(
 
 
 def make_engine(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
-            retry_deadline: float = 60.0) -> Any:
-    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability), else the
-    embedded engine on `model_dir`."""
+                retry_deadline: float = 60.0, wire: str = "auto") -> Any:
+    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability, images sent
+    as `wire` says), else the embedded engine on `model_dir`."""
     if server:
         from rollwire.engines.vllm import RetryPolicy, VLLMEngine
 
-        return VLLMEngine.for_renderer(server, renderer, model=served_name,
+        return VLLMEngine.for_renderer(server, renderer, model=served_name, wire=wire,
                                        retry=RetryPolicy(deadline_s=retry_deadline))
     from rollwire.engines.local import LocalEngine
 
@@ -127,8 +132,8 @@ def make_engine(renderer: Any, model_dir: Path, server: str | None, served_name:
 
 
 async def _generate_once(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
-                         request: Any) -> Any:
-    engine = make_engine(renderer, model_dir, server, served_name)
+                         request: Any, wire: str = "auto") -> Any:
+    engine = make_engine(renderer, model_dir, server, served_name, wire=wire)
     try:
         return await engine.generate(request)
     finally:

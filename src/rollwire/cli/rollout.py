@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from rollwire.cli.app import MODEL_HELP, app, console, err_console, fail, resolve_model
-from rollwire.cli.render import make_engine
+from rollwire.cli.render import WIRE_HELP, make_engine
 from rollwire.errors import RollwireError
 
 EXIT_INCOMPLETE = 3  # some rollouts failed or could not be written
@@ -34,6 +34,7 @@ def rollout(
     retry_deadline: Annotated[float, typer.Option(
         min=0.0, help="Seconds of server unavailability to wait out (backoff) before a request fails.")] = 60.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    wire: Annotated[str, typer.Option(help=WIRE_HELP)] = "auto",
 ) -> None:
     """Run many multi-turn rollouts and write them to a run directory.
 
@@ -58,7 +59,7 @@ def rollout(
         if store is None:  # a text-only model: the writer still wants a (empty) store
             store = FeatureStore()
         summary = asyncio.run(_run(config, renderer, store, model_dir, server, served_name, out,
-                                   retry_deadline, progress))
+                                   retry_deadline, progress, wire))
     except RollwireError as exc:
         raise fail(exc) from exc
     table = Table("", "value", title=f"rollouts → {out}")
@@ -90,7 +91,7 @@ def rollout(
 
 
 async def _run(config: Any, renderer: Any, store: Any, model_dir: Path, server: str | None,
-               served_name: str | None, out: Path, retry_deadline: float, progress: bool) -> Any:
+               served_name: str | None, out: Path, retry_deadline: float, progress: bool, wire: str = "auto") -> Any:
     """Reach the engine, check or write the manifest, then run; the engine is closed either way."""
     import asyncio
 
@@ -98,7 +99,7 @@ async def _run(config: Any, renderer: Any, store: Any, model_dir: Path, server: 
     from rollwire.rollout.runner import run_manifest
     from rollwire.store import RunWriter
 
-    engine = make_engine(renderer, model_dir, server, served_name, retry_deadline) if server else None
+    engine = make_engine(renderer, model_dir, server, served_name, retry_deadline, wire) if server else None
     try:
         version = None
         if engine is not None:
