@@ -226,6 +226,6 @@ async def test_the_rust_frontend_is_detected(served: tuple[EngineServer, Rendere
                      "prompt_token_ids": body.token_ids, "mm_placeholders": None}
     engine = VLLMEngine.for_renderer("http://fake", renderer, pixel_format="uint8", verify_pixel_format=False,
                                      transport=fake(ignores_features))
-    with pytest.raises(UnsupportedServerError, match="ignored the request's image features"):
+    with pytest.raises(UnsupportedServerError, match="ignored the request's images"):
         await engine.generate(msgspec.structs.replace(ask(renderer), sampling=SamplingParams(max_tokens=1,
                                                                                               logprobs=False)))

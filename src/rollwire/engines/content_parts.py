@@ -24,6 +24,7 @@ from rollwire.errors import ExpansionMismatchError, UnsupportedServerError, Wire
 from rollwire.features import FeatureStore, ImageFeatures, ImageProcessor
 from rollwire.render.types import ImageRef
 
+from .hints import RUST_FRONTEND
 from .vllm_wire import ContentPart, GenerateResponse, Range
 
 
@@ -108,12 +109,21 @@ def content_parts(images: Sequence[ImageRef], store: FeatureStore, *,
 
 
 def check_expansion(response: GenerateResponse, prompt_token_ids: Sequence[int], images: Sequence[ImageRef],
-                    *, base_url: str) -> None:
-    """The server's expanded prompt and placeholder runs must equal rollwire's render exactly."""
+                    *, base_url: str, required: bool = True) -> None:
+    """The server's expanded prompt and placeholder runs must equal rollwire's render exactly.
+
+    `required=False` (features mode, where the server expands nothing) lets an older server that
+    returns no prompt pass; a server that returns the prompt but no placeholders ignored the images.
+    """
     if response.prompt_token_ids is None:
+        if not required:
+            return
         raise UnsupportedServerError(
             f"{base_url} did not return prompt_token_ids (return_token_ids), so its image expansion cannot be "
             "checked: content_parts needs vLLM >= 0.32; use --wire features")
+    if images and not (response.mm_placeholders or {}).get("image"):
+        raise UnsupportedServerError(f"{base_url} ignored the request's images (it returned no placeholders): "
+                                     f"{RUST_FRONTEND}")
     theirs = list(response.prompt_token_ids)
     if theirs != list(prompt_token_ids):
         at = next((i for i, (a, b) in enumerate(zip(theirs, prompt_token_ids, strict=False)) if a != b),

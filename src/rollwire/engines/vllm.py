@@ -1,17 +1,15 @@
 """The vLLM client: rollwire's token ids + images to `POST /inference/v1/generate`.
 
-What it guarantees before a request leaves: placeholders are valid (DESIGN invariant 3; a too
-long placeholder kills a vLLM 0.32 server, a wrong one silently changes the output), the prompt
-fits `max_model_len`, and images go in a form the server reads exactly as rollwire does. Two wire
-modes (vllm_wire.py declares the body): `features`, processed uint8 patches in the format the
-server was found to expect (pixel_format.py); `content_parts`, one PNG per image that the server
-processes, whose expansion is checked against rollwire's render (content_parts.py). `auto` takes
-features where the server can render a probe, content_parts where it cannot (the Rust frontend).
+Before a request leaves: placeholders are valid (DESIGN invariant 3; a too long one kills a vLLM
+0.32 server, a wrong one silently changes the output), the prompt fits `max_model_len`, and images
+go in a form the server reads exactly as rollwire does: `features` (uint8 patches in the format the
+server expects, pixel_format.py) or `content_parts` (one PNG per image, the server's expansion
+checked against rollwire's render, content_parts.py); `auto` takes features where the server can
+render a probe, content_parts where it cannot (the Rust frontend). The body: vllm_wire.py.
 
-Images the server already holds go by id only. A miss (eviction, restart, a /pause that cleared
-the cache) is answered in features mode by a bare HTTP 500, in content_parts mode by a 400 naming
-the image; either way every image of the request is re-sent in full once, before the ordinary
-retry policy (retry.py) applies. hints.py turns a refusal into what to change.
+Images the server holds go by id only. A miss (eviction, restart, a /pause) is a bare 500 in
+features mode, a 400 naming the image in content_parts mode; either way the request's images are
+re-sent in full once before the retry policy (retry.py) applies. hints.py reads refusals.
 """
 
 from __future__ import annotations
@@ -43,12 +41,12 @@ from rollwire.render.placeholders import validate_placeholders
 from rollwire.render.types import Renderer
 
 from . import content_parts as cp
-from .hints import RUST_FRONTEND, is_content_cache_miss, is_engine_dead, is_paused, server_hint
+from .hints import is_content_cache_miss, is_engine_dead, is_paused, server_hint
 from .http import ServerConnection
 from .pixel_format import settle_pixel_format
 from .retry import RetryPolicy
 from .types import GenerateRequest, GenerateResult, Timings
-from .vllm_wire import GenerateResponse, Range, completions, parse_choices, parse_logprobs
+from .vllm_wire import GenerateResponse, completions, parse_choices, parse_logprobs
 from .wire import GENERATE_PATH, PixelFormat, generate_body, image_features
 
 WireMode = Literal["features", "content_parts", "auto"]
@@ -76,26 +74,19 @@ class VLLMEngine:
                  retry: RetryPolicy | None = None, known_images: int = 65536,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.store = feature_store
-        self.image_pad_id = image_pad_id
-        self.merge_size = merge_size
-        self.model = model
+        self.store, self.image_pad_id, self.merge_size, self.model = feature_store, image_pad_id, merge_size, model
         self.wire: WireMode = _wire_mode(wire)
         self.pixel_format: PixelFormat | None = None if pixel_format == "auto" else pixel_format
-        self.verify_pixel_format = verify_pixel_format
-        self.images_by_id = images_by_id
+        self.verify_pixel_format, self.images_by_id = verify_pixel_format, images_by_id
         self.stop_token_ids, self.banned_token_ids = tuple(stop_token_ids), tuple(banned_token_ids)
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self.timeout, self.retry = timeout, retry or RetryPolicy()
         self.max_model_len: int | None = None
         self.stats = VLLMStats()
         self._semaphore = asyncio.Semaphore(max_in_flight)
-        self._ready_lock = asyncio.Lock()
-        self._ready = False
+        self._ready_lock, self._ready = asyncio.Lock(), False
         self._features_checked = False  # one features request has been checked for being honoured
         self._server_has: OrderedDict[str, None] = OrderedDict()  # ids the server was sent, LRU
-        self._known_images = known_images
-        self._closed = False
+        self._known_images, self._closed = known_images, False
         self._http = ServerConnection(self.base_url, retry=self.retry, timeout=timeout,
                                       connect_timeout=connect_timeout, max_in_flight=max_in_flight, transport=transport,
                                       on_retry=self._count_retry)
@@ -273,17 +264,11 @@ class VLLMEngine:
                              return_token_ids=check or None), nbytes, check
 
     def _check_answer(self, response: GenerateResponse, request: GenerateRequest, check: bool) -> None:
-        if not check:
-            return
-        if self.wire == "content_parts":
-            cp.check_expansion(response, request.prompt_token_ids, request.images, base_url=self.base_url)
-            return
-        if response.prompt_token_ids is not None:  # an older server returns neither: nothing to check
-            got = (response.mm_placeholders or {}).get("image", [])
-            if got != [Range(r.offset, r.length) for r in request.images]:
-                raise UnsupportedServerError(f"{self.base_url} ignored the request's image features (it returned "
-                                             f"placeholders {got!r:.100}): {RUST_FRONTEND}")
-        self._features_checked = True
+        """The server's expansion of the images equals rollwire's render (features: once per engine)."""
+        if check:
+            cp.check_expansion(response, request.prompt_token_ids, request.images, base_url=self.base_url,
+                               required=self.wire == "content_parts")
+            self._features_checked = self.wire == "features"
 
     # --- images the server holds (one place) ------------------------------------------------
 
