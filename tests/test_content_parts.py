@@ -162,6 +162,7 @@ async def test_0_33_shapes_and_the_session_header(served: tuple[EngineServer, Re
     body = json.loads(sent[0].content)
     assert body["return_token_ids"] is True and "features" not in body
     assert [p.get("url") is not None for p in body["content_parts"]] == [True, True]
+    assert [p["type"] for p in body["content_parts"]] == ["image_url"] * 2  # vLLM skips a part without it
     answer = decode_response(json.dumps(vllm_answer(msgspec.json.decode(sent[0].content, type=GenerateBody),
                                                     renderer)[1]).encode())
     assert answer.output_mode == "derender" and answer.choices[0].weight_versions is not None

@@ -100,11 +100,11 @@ def content_parts(images: Sequence[ImageRef], store: FeatureStore, *,
     nbytes = 0
     for ref in sorted(images, key=lambda r: r.offset):
         if ref.id in by_id_only:
-            parts.append(ContentPart(uuid=ref.id))
+            parts.append(ContentPart("image_url", uuid=ref.id))
             continue
         url = urls.get(ref.id) or urls.setdefault(ref.id, image_url(store.get(ref.id), store.config))
         nbytes += len(url)
-        parts.append(ContentPart(url=url, uuid=ref.id))
+        parts.append(ContentPart("image_url", url=url, uuid=ref.id))
     return parts, nbytes
 
 

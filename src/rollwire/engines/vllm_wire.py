@@ -45,10 +45,11 @@ class Features(msgspec.Struct, frozen=True):
     kwargs_data: dict[str, list[str | None]] | None = None
 
 
-class ContentPart(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One raw image the server processes itself; `url` None asks for the server's copy of `uuid`."""
+class ContentPart(msgspec.Struct, frozen=True):
+    """One raw image the server processes itself; `url` None asks for the server's copy of `uuid`.
+    `type` is required and always written: vLLM silently skips a part without it."""
 
-    type: str = "image_url"
+    type: str
     url: str | None = None
     uuid: str | None = None
 
