@@ -230,3 +230,27 @@ async def test_the_rust_frontend_is_detected(served: tuple[EngineServer, Rendere
     with pytest.raises(UnsupportedServerError, match="ignored the request's images"):
         await engine.generate(msgspec.structs.replace(ask(renderer), sampling=SamplingParams(max_tokens=1,
                                                                                               logprobs=False)))
+
+
+async def test_auto_switches_to_content_parts_when_generate_refuses_features(
+        served: tuple[EngineServer, Renderer]) -> None:
+    """A server that renders the probe (so auto starts with features) but whose generate endpoint
+    rejects `features` (a frontend without it): auto re-sends the request as content_parts."""
+    server, renderer = served
+    bodies: list[GenerateBody] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/inference/v1/generate":  # models and the render probe: the real server
+            real = httpx.request(request.method, server.url + request.url.path, content=request.content)
+            return httpx.Response(real.status_code, content=real.content)
+        body = msgspec.json.decode(request.content, type=GenerateBody)
+        bodies.append(body)
+        if body.features is not None:
+            return httpx.Response(422, json={"error": {"message": "unknown field `features`"}})
+        status, answer = vllm_answer(body, renderer)
+        return httpx.Response(status, json=answer)
+
+    engine = VLLMEngine.for_renderer("http://fake", renderer, wire="auto", transport=httpx.MockTransport(handler))
+    assert (await engine.generate(ask(renderer))).completions[0].token_ids == [198]
+    assert engine.wire == "content_parts" and [b.features is not None for b in bodies] == [True, False]
+    await engine.close()

@@ -41,15 +41,13 @@ from rollwire.render.placeholders import validate_placeholders
 from rollwire.render.types import Renderer
 
 from . import content_parts as cp
-from .hints import is_content_cache_miss, is_engine_dead, is_paused, server_hint
+from .hints import RUST_FRONTEND, is_content_cache_miss, is_engine_dead, is_paused, server_hint
 from .http import ServerConnection
 from .pixel_format import settle_pixel_format
 from .retry import RetryPolicy
 from .types import GenerateRequest, GenerateResult, Timings
-from .vllm_wire import GenerateResponse, completions, parse_choices, parse_logprobs
+from .vllm_wire import GenerateResponse, WireMode, completions, parse_choices, parse_logprobs, wire_mode
 from .wire import GENERATE_PATH, PixelFormat, generate_body, image_features
-
-WireMode = Literal["features", "content_parts", "auto"]
 
 
 @dataclass
@@ -75,7 +73,8 @@ class VLLMEngine:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.store, self.image_pad_id, self.merge_size, self.model = feature_store, image_pad_id, merge_size, model
-        self.wire: WireMode = _wire_mode(wire)
+        self.wire: WireMode = wire_mode(wire)
+        self._auto = self.wire == "auto"
         self.pixel_format: PixelFormat | None = None if pixel_format == "auto" else pixel_format
         self.verify_pixel_format, self.images_by_id = verify_pixel_format, images_by_id
         self.stop_token_ids, self.banned_token_ids = tuple(stop_token_ids), tuple(banned_token_ids)
@@ -124,8 +123,7 @@ class VLLMEngine:
             except (KeyError, IndexError, TypeError, StopIteration, AttributeError):
                 raise ServerError(f"/v1/models does not list {self.model or 'a model'}: {models!r:.200}") from None
             self.model = str(entry["id"])
-            limit = entry.get("max_model_len")
-            self.max_model_len = int(limit) if isinstance(limit, int) else None
+            self.max_model_len = limit if isinstance(limit := entry.get("max_model_len"), int) else None
             if self.store is not None:
                 await self._settle_wire(self.store)
             self._ready = True
@@ -159,9 +157,17 @@ class VLLMEngine:
         self._check(request)
         try:
             async with asyncio.timeout(self.timeout), self._semaphore:
-                return await self._generate(request)
+                try:
+                    return await self._generate(request)
+                except UnsupportedServerError as exc:  # auto: a server that refuses or ignores `features`
+                    if not (self._auto and self.wire == "features" and RUST_FRONTEND in str(exc) and self.store):
+                        raise
+                    cp.check_processor(self.store.config)
+                    self.wire = "content_parts"
+                    return await self._generate(request)
         except TimeoutError:
-            raise EngineTimeoutError(f"no answer from {self.base_url} within {self.timeout} s") from None
+            raise EngineTimeoutError(f"no answer from {self.base_url} within {self.timeout} s (a server paused with "
+                                     "/pause?mode=keep holds requests until /resume)") from None
 
     def _with_defaults(self, request: GenerateRequest) -> GenerateRequest:
         s = request.sampling
@@ -286,13 +292,6 @@ class VLLMEngine:
     def forget_server_cache(self) -> None:
         """Assume the server holds no image (e.g. after it was restarted)."""
         self._server_has.clear()
-
-
-def _wire_mode(wire: str) -> WireMode:
-    mode = wire.replace("-", "_")
-    if mode not in ("features", "content_parts", "auto"):
-        raise InvalidRequestError(f"wire={wire!r}: choose features, content-parts or auto")
-    return mode  # type: ignore[return-value]
 
 
 __all__ = ["GENERATE_PATH", "RetryPolicy", "VLLMEngine", "VLLMStats", "WireMode", "parse_choices", "parse_logprobs",

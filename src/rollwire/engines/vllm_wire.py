@@ -18,13 +18,14 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
 
-from rollwire.errors import MalformedResponseError
+from rollwire.errors import InvalidRequestError, MalformedResponseError
 
 from .types import Completion, FinishReason
 
 VLLM_WIRE_VERSIONS = ("0.32.0", "0.33.0")  # vllm/entrypoints/scale_out/token_in_token_out/protocol.py
 OLD_LOGPROB_CLAMP = -9999.0  # older servers clamp -inf to this
 
+WireMode: TypeAlias = Literal["features", "content_parts", "auto"]  # how images reach the server
 TokenId: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 OutputMode: TypeAlias = Literal["tokens", "text", "derender"]  # "derender": vLLM 0.33
 
@@ -149,6 +150,14 @@ class GenerateResponse(msgspec.Struct, frozen=True):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(GenerateResponse)
+
+
+def wire_mode(wire: str) -> WireMode:
+    """`features`, `content_parts` (or `content-parts`) or `auto`; anything else is refused."""
+    mode = wire.replace("-", "_")
+    if mode not in ("features", "content_parts", "auto"):
+        raise InvalidRequestError(f"wire={wire!r}: choose features, content-parts or auto")
+    return mode  # type: ignore[return-value]
 
 
 def encode_body(body: GenerateBody) -> bytes:
