@@ -30,7 +30,8 @@ def server_hint(status: int | None, message: str = "") -> str:
                 "--enable-scale-out")
     if status == 404:
         return (" - the server has no such endpoint: rollwire needs vLLM >= 0.30 (POST /inference/v1/generate "
-                "and /v1/chat/completions/render); " + RUST_FRONTEND)
+                "and /v1/chat/completions/render, which a --tokens-only server lacks: start it without that flag); "
+                + RUST_FRONTEND)
     tokens_only = "tokens-only" in lowered or "skip-tokenizer-init" in lowered
     if tokens_only or ("does not load" in lowered and "tokenizer" in lowered):
         return (" - the server runs with --tokens-only / --skip-tokenizer-init, which does not work for vision "
