@@ -297,3 +297,18 @@ class ManifestMismatchError(StoreError):
                            ((k, *v) for k, v in differences.items()))
         super().__init__(f"{run_dir} was written with other settings ({listed}); use another --out "
                          "to start a new run")
+
+
+# --- viewing runs ---------------------------------------------------------------------------
+
+
+class ViewError(RollwireError, ValueError):
+    """A run cannot be shown as asked (an unknown rollout id, an output path that is a folder)."""
+
+
+class MissingExtraError(RollwireError, ImportError):
+    """An optional feature needs a package that is not installed; the message names the extra."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        self.package, self.extra = package, extra
+        super().__init__(f"{feature} needs {package}, which is not installed: pip install 'rollwire[{extra}]'")
