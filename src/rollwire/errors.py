@@ -312,3 +312,14 @@ class MissingExtraError(RollwireError, ImportError):
     def __init__(self, package: str, extra: str, feature: str) -> None:
         self.package, self.extra = package, extra
         super().__init__(f"{feature} needs {package}, which is not installed: pip install 'rollwire[{extra}]'")
+
+
+# --- the OpenAI-compatible front --------------------------------------------------------------
+
+
+class FrontRequestError(RollwireError, ValueError):
+    """A `/v1/chat/completions` request the front cannot serve as asked; `param` names the field."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
