@@ -30,17 +30,16 @@ from rollwire.errors import (
     EngineTimeoutError,
     InvalidRequestError,
     PixelFormatError,
-    PromptTooLongError,
     ServerError,
     ServerPausedError,
     UnsupportedServerError,
     WireError,
 )
 from rollwire.features import FeatureStore
-from rollwire.render.placeholders import validate_placeholders
 from rollwire.render.types import Renderer
 
 from . import content_parts as cp
+from .checks import check_request
 from .hints import RUST_FRONTEND, is_content_cache_miss, is_engine_dead, is_paused, server_hint
 from .http import ServerConnection
 from .pixel_format import settle_pixel_format
@@ -154,7 +153,8 @@ class VLLMEngine:
             raise EngineClosedError(f"the client for {self.base_url} is closed")
         await self.connect()
         request = self._with_defaults(request)
-        self._check(request)
+        check_request(request, store=self.store, image_pad_id=self.image_pad_id, merge_size=self.merge_size,
+                      max_model_len=self.max_model_len)
         try:
             async with asyncio.timeout(self.timeout), self._semaphore:
                 try:
@@ -177,22 +177,6 @@ class VLLMEngine:
             return request
         sampling = msgspec.structs.replace(s, stop_token_ids=stop, banned_token_ids=banned)
         return msgspec.structs.replace(request, sampling=sampling)
-
-    def _check(self, request: GenerateRequest) -> None:
-        if request.sampling.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1")
-        if request.images:
-            if self.store is None or self.image_pad_id is None:
-                raise InvalidRequestError("this engine was built without a feature store / image pad id")
-            validate_placeholders(request.prompt_token_ids, request.images, pad_id=self.image_pad_id,
-                                  merge_size=self.merge_size, known_ids=self.store)
-        elif self.image_pad_id is not None and self.image_pad_id in request.prompt_token_ids:
-            validate_placeholders(request.prompt_token_ids, (), pad_id=self.image_pad_id, merge_size=self.merge_size)
-        n = len(request.prompt_token_ids)
-        if self.max_model_len is not None and n + request.sampling.max_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt of {n} tokens + max_tokens {request.sampling.max_tokens} exceeds the server's "
-                f"max_model_len {self.max_model_len}")
 
     async def _generate(self, request: GenerateRequest) -> GenerateResult:
         start = time.perf_counter()
