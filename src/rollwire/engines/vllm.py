@@ -185,7 +185,8 @@ class VLLMEngine:
         first_failure: float | None = None
         headers = {"X-Session-ID": request.session_id} if request.session_id else None
         while True:
-            body, nbytes, check = self._body(request, by_id)
+            body, nbytes, check = (await asyncio.to_thread(self._body, request, by_id) if request.images
+                                   else self._body(request, by_id))  # image encoding runs off the event loop
             sent, image_bytes = sent + len(body), image_bytes + nbytes
             self.stats.bytes_sent += len(body)
             self.stats.image_bytes_sent += nbytes
@@ -235,7 +236,7 @@ class VLLMEngine:
                               bytes_sent=sent, image_bytes_sent=image_bytes, cache_misses=misses)
 
     def _body(self, request: GenerateRequest, by_id: set[str]) -> tuple[bytes, int, bool]:
-        """(body, image bytes in it, whether to check the server's returned prompt against ours)."""
+        """(body, image bytes in it, whether to check the server's returned prompt against ours); runs in a thread."""
         assert self.model is not None
         if not request.images:
             return generate_body(request, model=self.model, features=None), 0, False
