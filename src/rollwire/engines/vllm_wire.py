@@ -20,6 +20,7 @@ import msgspec
 
 from rollwire.errors import InvalidRequestError, MalformedResponseError
 
+from .pausing import policy_version_of
 from .types import Completion, FinishReason
 
 VLLM_WIRE_VERSIONS = ("0.32.0", "0.33.0")  # vllm/entrypoints/scale_out/token_in_token_out/protocol.py
@@ -286,5 +287,6 @@ def completions(response: GenerateResponse, *, n: int, logprobs: bool) -> list[C
         values = logprob_values(choice.logprobs.content, choice.token_ids) if choice.logprobs else None
         out.append(Completion(token_ids=list(choice.token_ids), logprobs=values,
                               finish_reason=_FINISH.get(choice.finish_reason, "error"),
-                              stop_reason=choice.stop_reason))
+                              stop_reason=choice.stop_reason,
+                              policy_version=policy_version_of(choice.weight_versions, f"choice {choice.index}")))
     return out
