@@ -64,7 +64,8 @@ def run(quick: bool = False) -> Report:
         summary=(f"encode {worst_enc:.2f}× memcpy, decode + own copy {worst_dec:.2f}× memcpy at worst "
                  "(target ≥ 0.8× both ways)."),
         tables=[table],
-        notes=["memcpy = `np.copy` of the same array, timed in the same run. Decode returns a read-only view of "
+        notes=["memcpy = `np.copy` of the same array, timed in the same run (thread CPU time, median). Decode "
+               "returns a read-only view of "
                "the input (no copy), so its MB/s is the header check alone; \"+ own copy\" copies the view out, "
                "like pickle does."],
         figures={"arrays": figures, "worst_encode_vs_memcpy": worst_enc, "worst_decode_copy_vs_memcpy": worst_dec},

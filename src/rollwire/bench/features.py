@@ -11,14 +11,13 @@ through `np.ascontiguousarray` of a broadcast view), timed in the same run.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import numpy as np
 from PIL import Image
 
-from rollwire.bench.report import Report, Table
+from rollwire.bench.report import Report, Table, cpu_clock
 from rollwire.features import FeatureStore, VisionConfig
 from rollwire.features.qwen_vl import smart_resize
 from rollwire.images import image_hash, to_rgb
@@ -28,13 +27,13 @@ QUICK_SIZES = ((256, 256),)
 
 
 def kept_median_ms(fn: Callable[[], object], repeat: int) -> float:
-    """Median ms of `fn`, every result kept alive until the end (fresh memory each call)."""
+    """Median CPU ms of `fn`, every result kept alive until the end (fresh memory each call)."""
     fn()
     kept, times = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = cpu_clock()
         kept.append(fn())
-        times.append(time.perf_counter() - t)
+        times.append(cpu_clock() - t)
     return statistics.median(times) * 1e3
 
 
@@ -95,7 +94,8 @@ def run(quick: bool = False) -> Report:
         name="features", command="rollwire bench features" + (" --quick" if quick else ""),
         summary=f"Qwen2-VL features at worst {worst:.2f}× the resize + copy floor (target ≤ 1.2×).",
         tables=[table],
-        notes=["floor = PIL resize to the processor's size + `np.copy` of the rows into new memory; every "
+        notes=["Times are the thread's CPU time (other jobs on the shared machine do not count). floor = PIL "
+               "resize to the processor's size + `np.copy` of the rows into new memory; every "
                "result is kept alive while timing, as the feature store keeps it. previous = the patchify this "
                "release replaced, in the same run. A hit costs the BLAKE3 hash plus the RGB conversion; "
                "hit / miss compares it with hash + process. Noise images (the worst case for a resize)."],

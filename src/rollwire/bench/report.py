@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DOC_HEADER", "Report", "Table", "machine", "median_seconds", "write_sections"]
+__all__ = ["DOC_HEADER", "Report", "Table", "cpu_clock", "machine", "median_seconds", "write_sections"]
 
 DOC_HEADER = ("# Benchmarks\n\nEvery section below was written by `rollwire bench all --write docs/benchmarks.md` "
               "(or `python scripts/bench_all.py`) from a fresh run; each names the command that produced it and "
@@ -90,15 +90,22 @@ def machine_line() -> str:
             f"Python {m['python']}, numpy {m['numpy']}")
 
 
-def median_seconds(fn: Callable[[], object], repeat: int = 7, warmup: int = 1) -> float:
-    """Median wall time of `fn` over `repeat` runs, after `warmup` runs."""
+def cpu_clock() -> float:
+    """The calling thread's CPU time: on a shared machine, time this thread was not running (other
+    jobs held the cores) does not count, so single-threaded paths compare fairly run to run."""
+    return time.thread_time()
+
+
+def median_seconds(fn: Callable[[], object], repeat: int = 7, warmup: int = 1,
+                   clock: Callable[[], float] = cpu_clock) -> float:
+    """Median time of `fn` over `repeat` runs (after `warmup` runs), by `clock` (thread CPU time)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
