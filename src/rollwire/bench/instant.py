@@ -15,26 +15,27 @@ from rollwire.rollout import EnvStep, Observation, RolloutConfig, run_rollout
 
 
 class Pictures:
-    """Each turn shows the next picture, made when it is shown (a real environment renders or loads
-    its image then, and drops its own reference after handing it over)."""
+    """Each turn shows the next picture, made when it is shown, in a worker thread (a well-behaved
+    environment renders or loads its image then, off the loop, and keeps no reference to it)."""
 
     name = "pictures"
 
     def __init__(self, make: Callable[[int], Image.Image], turns: int) -> None:
         self.make, self.turns, self.turn = make, turns, 0
 
-    def _ask(self) -> Message:
-        return Message(role="user", content=(ImagePart(self.make(self.turn)), TextPart("What changed?")))
+    async def _ask(self) -> Message:
+        image = await asyncio.to_thread(self.make, self.turn)
+        return Message(role="user", content=(ImagePart(image), TextPart("What changed?")))
 
     async def reset(self, seed: int) -> Observation:
         self.turn = 0
-        return Observation(messages=[self._ask()])
+        return Observation(messages=[await self._ask()])
 
     async def step(self, message: Message) -> EnvStep:
         self.turn += 1
         if self.turn >= self.turns:
             return EnvStep(messages=[], reward=1.0, done=True)
-        return EnvStep(messages=[self._ask()], reward=0.0)
+        return EnvStep(messages=[await self._ask()], reward=0.0)
 
 
 class Instant:
