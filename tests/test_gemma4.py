@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import make_image
 from rollwire.render import create_renderer, validate_placeholders
-from rollwire.tiny_model import _GEMMA4_GGUF, _GEMMA4_SDIST, _pypi_file
+from rollwire.tiny_sources import _GEMMA4_GGUF, _GEMMA4_SDIST, _pypi_file
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -62,6 +62,9 @@ def test_tiny_gemma4_model(tiny: Callable[[str], Path], renderer: Any) -> None:
     cfg = transformers.AutoConfig.from_pretrained(d)
     assert type(cfg).__name__ == "Gemma4Config" and cfg.image_token_id == 258880
     assert cfg.text_config.vocab_size == 262144 and cfg.vision_config.pooling_kernel_size == 3
+    # vLLM sizes image items by the config's soft-token budget: it must equal the processor's.
+    soft = json.loads((d / "preprocessor_config.json").read_text())["max_soft_tokens"]
+    assert json.loads((d / "config.json").read_text())["vision_config"]["default_output_length"] == soft == 70
     assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] == [1, 106, 50]
     assert renderer.stop_token_ids == (106, 50, 1) and renderer.image_pad_id == 258880
     prompt = renderer.render([{"role": "user", "content": [{"type": "image", "image": IMAGE},

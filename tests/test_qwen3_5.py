@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_image
 from rollwire.render import create_renderer
-from rollwire.tiny_model import QWEN3_5_ADDED, QWEN3_5_FIRST_ADDED_ID
+from rollwire.tiny_sources import QWEN3_5_ADDED, QWEN3_5_FIRST_ADDED_ID
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import rollwire.tiny_model as tm
+import rollwire.tiny_sources as tiny_sources
 from rollwire.errors import ModelBuildError
 
 torch = pytest.importorskip("torch")
@@ -79,7 +80,7 @@ def _inputs(family: str, model_dir: Path, *, extra_pads: int = 0) -> dict[str, A
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "mm_token_type_ids": (ids == tm.IMAGE_PAD_ID).long(),
+        "mm_token_type_ids": (ids == tiny_sources.IMAGE_PAD_ID).long(),
         "pixel_values": vision["pixel_values"],
         "image_grid_thw": vision["image_grid_thw"],
     }
@@ -312,7 +313,7 @@ def test_template_download_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     def failing_run(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version (no network)")
 
-    monkeypatch.setattr(tm.subprocess, "run", failing_run)
+    monkeypatch.setattr(tiny_sources.subprocess, "run", failing_run)
     with pytest.raises(ModelBuildError, match=r"dora-qwen2-5-vl.*no network"):
         tm.build_tiny_model("qwen2_vl", tmp_path / "m", cache_dir=tmp_path / "cache")
     with pytest.raises(ModelBuildError, match="dora-qwen2-5-vl"):
@@ -329,7 +330,7 @@ def test_cached_template_is_used_offline(
     def no_network(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the cached template should have been used")
 
-    monkeypatch.setattr(tm.subprocess, "run", no_network)
+    monkeypatch.setattr(tiny_sources.subprocess, "run", no_network)
     assert "<|vision_start|><|image_pad|><|vision_end|>" in tm.official_qwen2_vl_chat_template(cache_dir)
 
 

@@ -218,6 +218,28 @@ class EnvValueError(EnvError, ValueError):
         super().__init__("; ".join(self.problems[:3]) + more)
 
 
+class EnvSpecError(EnvError, ValueError):
+    """An environment spec (a registered name or `package.module:factory`) names nothing usable,
+    or its arguments do not fit the factory."""
+
+
+class DatasetError(EnvError, ValueError):
+    """Dataset rows cannot be read or are unusable (a missing column, a bad image, an unknown format)."""
+
+
+class ToolError(EnvError):
+    """A tool refused a call; its message goes back to the model as the tool result (raise it from
+    a tool for an expected failure: a box outside the picture, a file that is not there)."""
+
+
+class ToolArgumentsError(ToolError, ValueError):
+    """A tool call's arguments are not JSON, not an object, or do not fit the tool's signature."""
+
+
+class ToolDefinitionError(RollwireError, TypeError):
+    """A function cannot be a tool: a parameter without a type hint or without a JSON schema."""
+
+
 # --- transport ------------------------------------------------------------------------------
 
 
@@ -235,6 +257,10 @@ class SampleError(RollwireError, ValueError):
 
 class RolloutConfigError(RollwireError, ValueError):
     """Rollout or run settings are out of range."""
+
+
+class ConfigFileError(RolloutConfigError):
+    """A config file cannot be read, is not TOML, or holds an unknown key or a value of the wrong type."""
 
 
 class StoreError(RollwireError):

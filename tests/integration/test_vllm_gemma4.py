@@ -2,8 +2,8 @@
 an image item, token-in/token-out against the local engine, and a short multi-turn rollout.
 
 vLLM reads `vision_config.default_output_length` (the soft-token budget real Gemma 4 checkpoints
-carry; transformers' config class does not declare it), so the server gets a copy of the tiny
-model with it set to the preprocessor's `max_soft_tokens`. vLLM's placeholder range covers the
+carry; transformers' config class does not declare it); the tiny model writes it, equal to the
+preprocessor's `max_soft_tokens`, and the fixture checks that. vLLM's placeholder range covers the
 `<|image>` ... `<image|>` pair around the soft tokens; rollwire's covers the soft tokens only (what
 the server's encoder fills), so the server's is rollwire's widened by one on each side.
 
@@ -51,8 +51,8 @@ def server(tiny: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
     shutil.copytree(tiny(FAMILY), model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     soft = json.loads((model_dir / "preprocessor_config.json").read_text())["max_soft_tokens"]
-    config["vision_config"].setdefault("default_output_length", soft)
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    # The tiny model carries the soft-token budget vLLM reads, equal to the processor's.
+    assert config["vision_config"]["default_output_length"] == soft
     pid = start_server(model_dir, FAMILY, port=PORT, dtype="float32")
     srv = Server(FAMILY, model_dir, f"http://127.0.0.1:{PORT}", pid)
     yield srv

@@ -13,6 +13,7 @@ from rich.table import Table
 from rollwire.cli.app import MODEL_HELP, app, console, fail, resolve_model
 from rollwire.cli.inputs import ANY_IMAGE_PATH_HELP, IMAGE_ROOT_HELP, image_limits, load_messages_file
 from rollwire.errors import RollwireError
+from rollwire.rollout.rundir import make_engine
 
 
 @app.command()
@@ -110,20 +111,6 @@ def generate(
     for k, (t, lp) in enumerate(zip(completion.token_ids, logprobs, strict=True)):
         table.add_row(str(k), str(t), repr(renderer.decode([t])), f"{lp:.4f}")
     console.print(table)
-
-
-def make_engine(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
-            retry_deadline: float = 60.0) -> Any:
-    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability), else the
-    embedded engine on `model_dir`."""
-    if server:
-        from rollwire.engines.vllm import RetryPolicy, VLLMEngine
-
-        return VLLMEngine.for_renderer(server, renderer, model=served_name,
-                                       retry=RetryPolicy(deadline_s=retry_deadline))
-    from rollwire.engines.local import LocalEngine
-
-    return LocalEngine(model_dir, feature_store=renderer.feature_store)
 
 
 async def _generate_once(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,

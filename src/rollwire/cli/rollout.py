@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from rollwire.cli.app import MODEL_HELP, app, console, err_console, fail, resolve_model
-from rollwire.cli.render import make_engine
+from rollwire.config import DEFAULTS as D
+from rollwire.config import parse_env_args, read_config_file, resolve_settings
 from rollwire.errors import RollwireError
 
 EXIT_INCOMPLETE = 3  # some rollouts failed or could not be written
@@ -18,22 +21,30 @@ EXIT_NOT_STARTED = 2  # bad settings, unreachable engine, a resume with other se
 
 @app.command()
 def rollout(
-    env: Annotated[str, typer.Option(help="Environment: shapes or zoom.")],
-    out: Annotated[Path, typer.Option(help="Run directory (rerunning with the same one resumes).")],
+    ctx: typer.Context,
+    env: Annotated[str | None, typer.Option(
+        help="Environment: shapes, zoom, dataset, or an import path package.module:factory.")] = None,
+    env_args: Annotated[str | None, typer.Option(
+        help="Keyword arguments of the environment's factory, as a JSON object.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="TOML file holding any of these options (flags given here override it).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (rerunning with the same one resumes).")] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     server: Annotated[str | None, typer.Option(help="vLLM (or rollwire serve) base URL; default: embedded.")] = None,
     served_name: Annotated[str | None, typer.Option(help="Served model name (default: from /v1/models).")] = None,
-    n: Annotated[int, typer.Option("-n", "--prompts", min=1, help="Prompts (environment seeds).")] = 8,
-    group: Annotated[int, typer.Option(min=1, help="Samples per prompt (GRPO group size).")] = 2,
-    max_turns: Annotated[int, typer.Option(min=1, help="Turns per rollout at most.")] = 4,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per turn at most.")] = 32,
-    max_total_tokens: Annotated[int, typer.Option(help="Prompt + completion budget of a rollout.")] = 4096,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    concurrency: Annotated[int, typer.Option(min=1, help="Rollouts in flight.")] = 8,
-    seed: Annotated[int, typer.Option(help="Run seed (environment and sampling seeds derive from it).")] = 0,
+    prompts: Annotated[int, typer.Option("-n", "--prompts", min=1, help="Prompts (environment seeds).")] = D.prompts,
+    group: Annotated[int, typer.Option(min=1, help="Samples per prompt (GRPO group size).")] = D.group,
+    max_turns: Annotated[int, typer.Option(min=1, help="Turns per rollout at most.")] = D.max_turns,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per turn at most.")] = D.max_tokens,
+    max_total_tokens: Annotated[int, typer.Option(
+        min=1, help="Prompt + completion budget of a rollout.")] = D.max_total_tokens,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = D.temperature,
+    concurrency: Annotated[int, typer.Option(min=1, help="Rollouts in flight.")] = D.concurrency,
+    seed: Annotated[int, typer.Option(help="Run seed (environment and sampling seeds derive from it).")] = D.seed,
     retry_deadline: Annotated[float, typer.Option(
-        min=0.0, help="Seconds of server unavailability to wait out (backoff) before a request fails.")] = 60.0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        min=0.0, help="Seconds of server unavailability to wait out (backoff) before a request fails.")
+    ] = D.retry_deadline,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = D.progress,
 ) -> None:
     """Run many multi-turn rollouts and write them to a run directory.
 
@@ -42,23 +53,28 @@ def rollout(
     """
     import asyncio
 
-    from rollwire.features import FeatureStore
     from rollwire.render import create_renderer
-    from rollwire.rollout import RolloutConfig, RunConfig, env_names
+    from rollwire.rollout import RolloutConfig, RunConfig, run_to_dir
 
     try:
-        if env not in env_names():
-            raise RollwireError(f"unknown environment {env!r} (known: {', '.join(env_names())})")
-        config = RunConfig(env=env, n_prompts=n, group=group, concurrency=concurrency, seed=seed,
-                           rollout=RolloutConfig(max_turns=max_turns, max_tokens=max_tokens,
-                                                 max_total_tokens=max_total_tokens, temperature=temperature))
-        model_dir = resolve_model(model)
-        renderer = create_renderer(model_dir)
-        store = renderer.feature_store
-        if store is None:  # a text-only model: the writer still wants a (empty) store
-            store = FeatureStore()
-        summary = asyncio.run(_run(config, renderer, store, model_dir, server, served_name, out,
-                                   retry_deadline, progress))
+        flags = {k: v for k, v in ctx.params.items() if k != "config" and _given(ctx, k)}
+        if env_args is not None:
+            flags["env_args"] = parse_env_args(env_args)
+        if out is not None:
+            flags["out"] = str(out)
+        s = resolve_settings(read_config_file(config) if config else {}, flags, source=f"config file {config}")
+        if os.getcwd() not in sys.path:  # --env mymod:make_env finds mymod.py in the current directory
+            sys.path.insert(0, os.getcwd())
+        run = RunConfig(env=str(s.env), n_prompts=s.prompts, group=s.group, concurrency=s.concurrency, seed=s.seed,
+                        env_kwargs=s.env_args,
+                        rollout=RolloutConfig(max_turns=s.max_turns, max_tokens=s.max_tokens,
+                                              max_total_tokens=s.max_total_tokens, temperature=s.temperature))
+        model_dir = resolve_model(s.model)
+        out = Path(str(s.out))
+        summary = asyncio.run(run_to_dir(run, out, model=model_dir, renderer=create_renderer(model_dir),
+                                         server=s.server, served_name=s.served_name,
+                                         retry_deadline=s.retry_deadline, progress=s.progress,
+                                         resolved=s.record()))
     except RollwireError as exc:
         raise fail(exc) from exc
     table = Table("", "value", title=f"rollouts → {out}")
@@ -89,31 +105,7 @@ def rollout(
         raise typer.Exit(code=EXIT_INCOMPLETE)
 
 
-async def _run(config: Any, renderer: Any, store: Any, model_dir: Path, server: str | None,
-               served_name: str | None, out: Path, retry_deadline: float, progress: bool) -> Any:
-    """Reach the engine, check or write the manifest, then run; the engine is closed either way."""
-    import asyncio
-
-    from rollwire.rollout import run_rollouts
-    from rollwire.rollout.runner import run_manifest
-    from rollwire.store import RunWriter
-
-    engine = make_engine(renderer, model_dir, server, served_name, retry_deadline) if server else None
-    try:
-        version = None
-        if engine is not None:
-            await engine.connect()  # unreachable: a ServerError here, before anything is written
-            version = await engine.server_version()
-        manifest = run_manifest(config, model_dir=model_dir, family=renderer.family, server_url=server,
-                                server_version=version)
-        with RunWriter(out, store, manifest=manifest) as writer:
-            if engine is None:  # the embedded engine loads only once the run directory is accepted
-                engine = make_engine(renderer, model_dir, server, served_name, retry_deadline)
-            return await run_rollouts(
-                config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
-                on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals, r.features))
-    finally:
-        if engine is not None:
-            await engine.close()
-
-
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option was given on the command line (it then overrides the config file)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"  # by name: Typer may vendor its own click

@@ -379,8 +379,10 @@ GEMMA4 = Family(
                                 "vocab_size_per_layer_input": 262144, "max_position_embeddings": 32768},
                 "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                   "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
-                                  "patch_size": 16, "pooling_kernel_size": 3, "position_embedding_size": 1024},
+                                  "patch_size": 16, "pooling_kernel_size": 3, "position_embedding_size": 1024,
+                                  # the soft-token budget vLLM reads (real checkpoints carry it)
+                                  "default_output_length": 70},
                 "audio_config": None},
         tokenizer="gemma4", chat_template="gemma4",
-        image_processor={"class": "Gemma4ImageProcessorPil", "max_soft_tokens": 70}),
+        image_processor={"class": "Gemma4ImageProcessorPil", "max_soft_tokens": 70}, revision=1),
 )

@@ -23,6 +23,7 @@ from rollwire.errors import RolloutConfigError
 from rollwire.render.types import Renderer
 from rollwire.rollout.env import make_env
 from rollwire.rollout.loop import RolloutConfig, RolloutResult, run_rollout
+from rollwire.rollout.types import RolloutError, Trajectory
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,10 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, family: str | None = None,
-                 server_url: str | None = None, server_version: str | None = None) -> dict[str, Any]:
-    """A run's `run.json`: `settings` must match for a resume; `about` is recorded, not compared."""
+                 server_url: str | None = None, server_version: str | None = None,
+                 resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A run's `run.json`: `settings` must match for a resume; `about` is recorded, not compared
+    (`resolved`: the whole configuration the run was started with, config file and flags merged)."""
     r = config.rollout
     return {
         "settings": {
@@ -88,7 +91,8 @@ def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, fami
         },
         "about": {"rollwire_version": __version__, "model_dir": None if model_dir is None else str(model_dir),
                   "server_url": server_url, "server_version": server_version,
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "config": None if resolved is None else dict(resolved)},
     }
 
 
@@ -195,6 +199,8 @@ async def run_rollouts(
     jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
             if trajectory_id(config, i, j) not in skip_ids]
     summary.skipped = config.n_prompts * config.group - len(jobs)
+    if jobs:  # a spec that names nothing, or arguments the factory refuses, fail here, before any rollout
+        make_env(config.env, **config.env_kwargs)
     semaphore = asyncio.Semaphore(config.concurrency)
     start = time.perf_counter()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -203,10 +209,15 @@ async def run_rollouts(
 
     async def one(i: int, j: int) -> None:
         async with semaphore:
-            result = await run_rollout(
-                make_env(config.env, **config.env_kwargs), renderer, engine, config.rollout,
-                seed=env_seed(config, i), trajectory_id=trajectory_id(config, i, j), prompt_index=i,
-                sample_index=j, sampling_seed=sampling_seed(config, i, j))
+            try:
+                env = make_env(config.env, **config.env_kwargs)
+            except Exception as exc:  # this rollout fails (recorded); the others go on
+                result = _unstarted(config, i, j, exc)
+            else:
+                result = await run_rollout(
+                    env, renderer, engine, config.rollout, seed=env_seed(config, i),
+                    trajectory_id=trajectory_id(config, i, j), prompt_index=i, sample_index=j,
+                    sampling_seed=sampling_seed(config, i, j))
         kept = True
         if on_result is not None:
             try:
@@ -229,3 +240,10 @@ async def run_rollouts(
         summary.feature_store_hits = stats.hits - stats0.hits
         summary.feature_store_misses = stats.misses - stats0.misses
     return summary
+
+
+def _unstarted(config: RunConfig, i: int, j: int, exc: BaseException) -> RolloutResult:
+    """The result of a rollout whose environment could not be made."""
+    error = RolloutError(kind="env_error", message=f"{type(exc).__name__}: {exc}", step=0)
+    return RolloutResult(Trajectory(id=trajectory_id(config, i, j), env=config.env, prompt_index=i,
+                                    sample_index=j, seed=env_seed(config, i), finish="error", error=error))

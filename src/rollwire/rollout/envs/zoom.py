@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from typing import Any
+from typing import Annotated
 
+import pydantic
 from PIL import Image, ImageDraw
 
-from rollwire.errors import MessageError
-from rollwire.messages import ImagePart, Message, TextPart, ToolCall
+from rollwire.errors import ToolError
+from rollwire.messages import ImagePart, Message, TextPart
 from rollwire.rollout.env import EnvStep, Observation
+from rollwire.tools import run_tool_calls, tool
 
-CROP_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "crop",
-        "description": "Crop the picture to a box (pixel coordinates) and return the crop, enlarged 2x.",
-        "parameters": {
-            "type": "object",
-            "properties": {"box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4,
-                                   "description": "[left, top, right, bottom]"}},
-            "required": ["box"],
-        },
-    },
-}
 ANSWER = re.compile(r"ANSWER:\s*(\d+)")
 
 
@@ -67,7 +55,7 @@ class ZoomEnv:
             ImagePart(self._image),
             TextPart(f"The picture is {self.size[0]}x{self.size[1]} pixels. What is the number written in it? "
                      "Use the crop tool to zoom in, then reply with ANSWER: <number>.")))
-        return Observation(messages=[system, user], tools=[CROP_TOOL], info={"number": self._number})
+        return Observation(messages=[system, user], tools=[self.crop.spec], info={"number": self._number})
 
     async def step(self, message: Message) -> EnvStep:
         assert self._image is not None, "reset first"
@@ -77,7 +65,7 @@ class ZoomEnv:
             correct = int(answer.group(1)) == self._number
             return EnvStep(reward=float(correct), done=True, info={"answer": int(answer.group(1)), "correct": correct})
         if message.tool_calls:
-            return EnvStep(messages=[self._run(call) for call in message.tool_calls],
+            return EnvStep(messages=await run_tool_calls(message, [self.crop]),
                            info={"tool_calls": len(message.tool_calls)})
         if "<tool_call>" in text:  # the model tried to call a tool and the call did not parse
             return self._remind("Your tool call could not be parsed. Write it as <tool_call>\n"
@@ -90,22 +78,18 @@ class ZoomEnv:
         return EnvStep(messages=[] if done else [Message(role="user", content=text)], done=done,
                        info={"reminders": self._reminders})
 
-    def _run(self, call: ToolCall) -> Message:
-        assert self._image is not None
-        if call.name != "crop":
-            return Message(role="tool", tool_call_id=call.id, content=f"error: unknown tool {call.name!r}")
-        try:
-            box = call.arguments_dict().get("box")
-        except MessageError as exc:
-            return Message(role="tool", tool_call_id=call.id, content=f"error: {exc}")
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
-            return Message(role="tool", tool_call_id=call.id,
-                           content=f"error: box must be 4 integers, got {json.dumps(box)}")
+    @tool
+    def crop(self, box: Annotated[list[int], pydantic.Field(min_length=4, max_length=4)]) -> list[str | Image.Image]:
+        """Crop the picture to a box (pixel coordinates) and return the crop, enlarged 2x.
+
+        Args:
+            box: [left, top, right, bottom]
+        """
+        assert self._image is not None, "reset first"
         w, h = self.size
         x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(w, box[2]), min(h, box[3])
         if x1 - x0 < 4 or y1 - y0 < 4:
-            return Message(role="tool", tool_call_id=call.id, content=f"error: box {box} is empty or too small")
+            raise ToolError(f"box {box} is empty or too small")
         crop = self._image.crop((x0, y0, x1, y1))
         crop = crop.resize((crop.width * 2, crop.height * 2), Image.Resampling.NEAREST)
-        return Message(role="tool", tool_call_id=call.id,
-                       content=(TextPart(f"crop of [{x0}, {y0}, {x1}, {y1}]:"), ImagePart(crop)))
+        return [f"crop of [{x0}, {y0}, {x1}, {y1}]:", crop]
