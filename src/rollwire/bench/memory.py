@@ -78,7 +78,7 @@ def child(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, A
         async def inline(fn: Any, *args: Any) -> Any:
             return fn(*args)
 
-        loop_module._off_loop = inline  # type: ignore[assignment]
+        loop_module._off_loop = inline
     elif on_loop:
         out["on_loop_unavailable"] = True
     lags: list[float] = []
