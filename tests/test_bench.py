@@ -34,15 +34,21 @@ def test_codec_quick_json_has_the_expected_figures() -> None:
     assert report["tables"][0]["columns"][0] == "array" and len(report["tables"][0]["rows"]) == 3
 
 
-def test_codec_table_and_write(tmp_path: Path) -> None:
+def test_all_quick_writes_each_section(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
-    out = bench("codec", "--quick", "--write", str(doc))
+    doc.write_text("# Benchmarks\n\nKept text.\n")
+    out = bench("all", "--quick", "--skip", "render", "--skip", "memory", "--skip", "e2e", "--write", str(doc))
     assert out.returncode == 0, out.stderr
-    assert "rollwire / memcpy" in out.stdout
+    assert "rollwire / memcpy" in out.stdout and "packed / floor" in out.stdout
     text = doc.read_text()
-    assert text.startswith("# Benchmarks")
-    assert "<!-- codec:start -->\n## codec\n\n`rollwire bench codec --quick`" in text
-    assert "cores shared with other jobs" in text and "<!-- codec:end -->" in text
+    assert "Kept text." in text
+    names = ["features", "wire", "codec", "transport"]
+    starts = [text.index(f"<!-- {n}:start -->\n## {n}\n\n`rollwire bench {n} --quick`") for n in names]
+    assert starts == sorted(starts)  # in the registry's order
+    for n in names:
+        section = text.split(f"<!-- {n}:start -->")[1].split(f"<!-- {n}:end -->")[0]
+        assert "cores shared with other jobs" in section and "\n| " in section  # machine line and a table
+    assert "render:start" not in text and "e2e:start" not in text
 
 
 def report(name: str, value: str) -> Report:
