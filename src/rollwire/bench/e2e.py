@@ -13,6 +13,7 @@ rollwire's side is measured and the table says so.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import subprocess
 import time
@@ -62,12 +63,21 @@ def stop_server(pid: int) -> None:
     os.killpg(pid, 9)
 
 
-async def rollwire_side(url: str, model_dir: Path, n: int) -> dict[str, Any]:
+def rollwire_modes() -> list[str]:
+    """The wire modes this tree's vLLM client has (`content-parts` once the wire work is in)."""
+    from rollwire.engines.vllm import VLLMEngine
+
+    return ["features", "content-parts"] if "wire" in inspect.signature(VLLMEngine.__init__).parameters else \
+        ["features"]
+
+
+async def rollwire_side(url: str, model_dir: Path, n: int, mode: str = "features") -> dict[str, Any]:
     from rollwire.engines.vllm import VLLMEngine
     from rollwire.render import create_renderer
 
     renderer: Any = create_renderer(model_dir)
-    engine = VLLMEngine.for_renderer(url, renderer, model="qwen2_vl")
+    extra = {} if mode == "features" else {"wire": mode}
+    engine = VLLMEngine.for_renderer(url, renderer, model="qwen2_vl", **extra)
     try:
         envs = [Pictures(partial(_picture, i), TURNS) for i in range(n)]
         await run_rollouts(renderer, envs[:1], TURNS, engine)  # warm-up (its images are not reused)
@@ -84,12 +94,32 @@ async def rollwire_side(url: str, model_dir: Path, n: int) -> dict[str, Any]:
             "errors": errors[:1]}
 
 
+def _vllm_032_logprobs(original: Any) -> Any:
+    """renderers 0.1.12 reads logprob entries as {"token": "token_id:N"} (older vLLM); vLLM 0.32 sends
+    {"token_id": N}. This adapter gives it the shape it reads, changing nothing else."""
+
+    def parse(choice: Any, completion_ids: list[int]) -> list[float]:
+        content = (choice.get("logprobs") or {}).get("content")
+        if isinstance(content, list):
+            content = [{**e, "token": f"token_id:{e['token_id']}"} if isinstance(e, dict) and "token_id" in e
+                       and "token" not in e else e for e in content]
+            choice = {**choice, "logprobs": {**choice["logprobs"], "content": content}}
+        result: list[float] = original(choice, completion_ids)
+        return result
+
+    return parse
+
+
 async def verifiers_side(url: str, model_dir: Path, n: int) -> dict[str, Any]:
     import httpx
     import renderers
+    import renderers.client as renderers_client
     from openai import AsyncOpenAI
     from renderers.client import generate
     from transformers import AutoProcessor, AutoTokenizer
+
+    original = renderers_client._parse_completion_logprobs
+    renderers_client._parse_completion_logprobs = _vllm_032_logprobs(original)
 
     sent = [0]
 
@@ -135,6 +165,7 @@ async def verifiers_side(url: str, model_dir: Path, n: int) -> dict[str, Any]:
         seconds = time.perf_counter() - start
     finally:
         await http.aclose()
+        renderers_client._parse_completion_logprobs = original
     errors = [f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)]
     return {"seconds": seconds, "rollouts_s": n / seconds, "turns": sum(o for o in outcomes if isinstance(o, int)),
             "bytes": sent[0], "failed": len(errors), "errors": errors[:1]}
@@ -150,7 +181,9 @@ def run(quick: bool = False, server: str | None = None) -> Report:
         pid = start_server(model_dir)
         server = f"http://127.0.0.1:{PORT}"
     try:
-        ours = asyncio.run(rollwire_side(server, model_dir, n))
+        modes = rollwire_modes()
+        ours_by_mode = {mode: asyncio.run(rollwire_side(server, model_dir, n, mode)) for mode in modes}
+        ours = ours_by_mode["features"]
         try:
             import renderers  # noqa: F401
             import verifiers
@@ -163,22 +196,28 @@ def run(quick: bool = False, server: str | None = None) -> Report:
         if pid is not None:
             stop_server(pid)
     table = Table(["client", "conversations × turns", "seconds", "rollouts/s", "request bytes", "failed"])
-    table.add("rollwire (features, each image once)", f"{n} × {TURNS}", f"{ours['seconds']:.2f}",
-              f"{ours['rollouts_s']:.2f}", f"{ours['bytes']:,}", ours["failed"])
+    for mode, r in ours_by_mode.items():
+        label = "features: each image's patches once" if mode == "features" else "content_parts: each image once"
+        table.add(f"rollwire ({label})", f"{n} × {TURNS}", f"{r['seconds']:.2f}", f"{r['rollouts_s']:.2f}",
+                  f"{r['bytes']:,}", r["failed"])
     if theirs is not None:
         table.add("verifiers 0.4.0 (content_parts, every image every turn)", f"{n} × {TURNS}",
                   f"{theirs['seconds']:.2f}", f"{theirs['rollouts_s']:.2f}", f"{theirs['bytes']:,}", theirs["failed"])
-    summary = f"rollwire {ours['rollouts_s']:.2f} rollouts/s, {ours['bytes']:,} request bytes"
+    summary = "; ".join(f"rollwire {mode} {r['rollouts_s']:.2f} rollouts/s, {r['bytes']:,} request bytes"
+                        for mode, r in ours_by_mode.items())
     if theirs is not None:
         summary += (f"; verifiers 0.4.0 {theirs['rollouts_s']:.2f} rollouts/s, {theirs['bytes']:,} bytes "
-                    f"({theirs['bytes'] / max(ours['bytes'], 1):.2f}× rollwire's)")
+                    f"({theirs['bytes'] / max(ours['bytes'], 1):.2f}× rollwire features')")
     return Report(
-        name="e2e", command="rollwire bench e2e" + (" --quick" if quick else ""), summary=summary + ".",
+        name="e2e", command="rollwire bench e2e" + (" --quick" if quick else "") + (f" --server {server}" if pid is None
+                                                                                  else ""), summary=summary + ".",
         tables=[table],
         notes=[f"{n} conversations of {TURNS} turns, a new {SIDE}² photo-like picture per turn (verifiers: as a JPEG "
                f"data URL), greedy, {MAX_TOKENS} tokens a turn, all conversations at once, against one CPU vLLM 0.32 "
                "(scripts/vllm_server.sh, float32) on the tiny Qwen2-VL model; one warm-up conversation each first. "
+               "renderers 0.1.12 reads vLLM < 0.32 logprob entries ({\"token\": \"token_id:N\"}) and rejects 0.32's "
+               "({\"token_id\": N}); the bench adapts that one parse function and nothing else. "
                "verifiers' renderer is renderers' Qwen3-VL one (the Qwen-VL renderer it has), so its prompts differ "
                f"slightly from the Qwen2-VL template. {why}."],
-        figures={"rollwire": ours, "verifiers": theirs, "conversations": n, "turns": TURNS},
+        figures={"rollwire": ours_by_mode, "verifiers": theirs, "conversations": n, "turns": TURNS},
     )
