@@ -31,7 +31,7 @@ def test_codec_quick_json_has_the_expected_figures() -> None:
                 "pickle_decode_mb_s", "encode_vs_memcpy", "decode_copy_vs_memcpy"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert report["figures"]["worst_encode_vs_memcpy"] == figures["encode_vs_memcpy"]
-    assert report["tables"][0]["columns"][0] == "array" and len(report["tables"][0]["rows"]) == 3
+    assert report["tables"][0]["columns"][0] == "array" and len(report["tables"][0]["rows"]) == 4
 
 
 def test_all_quick_writes_each_section(tmp_path: Path) -> None:
@@ -69,6 +69,9 @@ def test_write_sections_replaces_each_and_keeps_the_others(tmp_path: Path) -> No
     assert "| x | 3 |" in second and "| x | 1 |" not in second and "| x | 2 |" in second
     assert second.count("<!-- render:start -->") == 1
     assert second.index("## render") < second.index("## wire")  # replaced in place
+    write_sections(doc, [report("features", "4")])  # new: placed in the benchmarks' order
+    third = doc.read_text()
+    assert third.index("## render") < third.index("## features") < third.index("## wire")
     for name in ("render", "wire"):
         section = second.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
         assert f"`rollwire bench {name}`" in section and f"{name} summary" in section and f"{name} note" in section

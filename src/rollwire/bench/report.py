@@ -109,8 +109,13 @@ def median_seconds(fn: Callable[[], object], repeat: int = 7, warmup: int = 1,
     return statistics.median(times)
 
 
-def write_sections(path: Path, reports: Iterable[Report]) -> None:
-    """Replace (or append) each report's marked section of `path`, keeping the others."""
+def write_sections(path: Path, reports: Iterable[Report], order: Sequence[str] | None = None) -> None:
+    """Replace each report's marked section of `path` in place, keeping the others; a new section
+    goes before the first later one in `order` (default: the benchmarks' order), else at the end."""
+    if order is None:
+        from rollwire.bench import BENCHMARKS
+
+        order = list(BENCHMARKS)
     text = path.read_text(encoding="utf-8") if path.exists() else DOC_HEADER
     if not text.startswith("# Benchmarks"):
         text = DOC_HEADER + "\n" + text
@@ -118,8 +123,12 @@ def write_sections(path: Path, reports: Iterable[Report]) -> None:
         start, end = f"<!-- {report.name}:start -->", f"<!-- {report.name}:end -->"
         section = f"{start}\n{report.markdown()}\n{end}"
         found = re.search(re.escape(start) + r".*?" + re.escape(end), text, re.DOTALL)
-        text = (text[: found.start()] + section + text[found.end():]) if found else (
-            text.rstrip() + "\n\n" + section + "\n")
+        if found:
+            text = text[: found.start()] + section + text[found.end():]
+            continue
+        later = order[order.index(report.name) + 1:] if report.name in order else []
+        at = min((text.index(f"<!-- {n}:start -->") for n in later if f"<!-- {n}:start -->" in text), default=None)
+        text = (text.rstrip() + "\n\n" + section + "\n") if at is None else (text[:at] + section + "\n\n" + text[at:])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
