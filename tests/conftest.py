@@ -12,6 +12,8 @@ from PIL import Image
 
 import rollwire.tiny_model as tm
 
+pytest_plugins = ["shapes_run"]  # the shared real multi-turn run (shapes_run, qwen2_model fixtures)
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +55,7 @@ async def test_run_to_dir_writes_a_run_and_resumes(tiny: Callable[[str], Path], 
 @pytest.mark.parametrize(("spec", "kwargs", "needle"), [
     ("nosuchmodule_xyz:make", {}, "cannot import 'nosuchmodule_xyz'"),
     ("rollwire.rollout.envs.zoom:Nope", {}, "has no attribute 'Nope'"),
-    ("rollwire.rollout.envs.zoom:ANSWER", {}, "is a Pattern, not a factory"),
+    ("rollwire.rollout.envs.zoom:ANSWER", {}, "is a Pattern, not callable"),
     ("test_rundir:not_an_env", {}, "returned a str, which is not an environment"),
     ("zoom", {"colour": "red"}, "does not take these arguments (colour)"),
     ("zoomm", {}, "unknown environment 'zoomm'"),
@@ -105,15 +102,18 @@ def test_config_file_keys_flags_override_and_errors_name_the_key(tmp_path: Path)
         read_config_file(tmp_path / "missing.toml")
 
 
-def test_cli_config_file_with_flags_on_top(cache_dir: Path, tmp_path: Path) -> None:
+def test_cli_config_file_with_flags_on_top(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from rollwire.cli import app
+
     (tmp_path / "run.toml").write_text('env = "shapes"\nout = "run"\nprompts = 3\ngroup = 1\nmax_turns = 1\n'
                                        'max_tokens = 3\nprogress = false\n[env_args]\nturns = 1\n')
-    env = {**os.environ, "ROLLWIRE_CACHE": str(cache_dir), "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "rollwire.cli", "rollout", "--config", "run.toml"]
-    proc = subprocess.run([*cmd, "-n", "2", "--env-args", '{"turns": 1, "size": [64, 48]}'], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "2 / 0 / 0 / 0" in proc.stdout
+    monkeypatch.chdir(tmp_path)  # relative paths, as on the command line
+    result = CliRunner().invoke(app, ["rollout", "--config", "run.toml", "-n", "2",
+                                      "--env-args", '{"turns": 1, "size": [64, 48]}'])
+    assert result.exit_code == 0, result.output
+    assert "2 / 0 / 0 / 0" in result.output
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["settings"]["n_prompts"] == 2 and manifest["settings"]["env_kwargs"] == {"turns": 1,
                                                                                              "size": [64, 48]}
@@ -131,3 +131,13 @@ def test_cli_refuses_an_unknown_config_key_before_anything_runs(tmp_path: Path) 
     result = CliRunner().invoke(app, ["rollout", "--config", str(bad)])
     assert result.exit_code == 2 and "ConfigFileError: unknown key 'max_turn'" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_every_rollout_flag_is_a_config_key() -> None:
+    """A flag added to `rollwire rollout` must be added to `RolloutSettings` too (and so to --config)."""
+    import typer.main
+
+    from rollwire.cli import app
+
+    command = typer.main.get_command(app).commands["rollout"]  # type: ignore[attr-defined]
+    assert {p.name for p in command.params} - {"config"} == set(RolloutSettings.model_fields)

@@ -193,3 +193,5 @@ def test_functions_that_cannot_be_tools_are_refused_when_decorated() -> None:
         tool(picture_param)
     with pytest.raises(ToolDefinitionError, match="plain or keyword parameter"):
         tool(star)
+    with pytest.raises(ToolDefinitionError, match="tool name 'look around'"):
+        tool(name="look around")(picture_param)

@@ -276,3 +276,29 @@ class ManifestMismatchError(StoreError):
                            ((k, *v) for k, v in differences.items()))
         super().__init__(f"{run_dir} was written with other settings ({listed}); use another --out "
                          "to start a new run")
+
+
+# --- viewing runs ---------------------------------------------------------------------------
+
+
+class ViewError(RollwireError, ValueError):
+    """A run cannot be shown as asked (an unknown rollout id, an output path that is a folder)."""
+
+
+class MissingExtraError(RollwireError, ImportError):
+    """An optional feature needs a package that is not installed; the message names the extra."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        self.package, self.extra = package, extra
+        super().__init__(f"{feature} needs {package}, which is not installed: pip install 'rollwire[{extra}]'")
+
+
+# --- the OpenAI-compatible front --------------------------------------------------------------
+
+
+class FrontRequestError(RollwireError, ValueError):
+    """A `/v1/chat/completions` request the front cannot serve as asked; `param` names the field."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)

@@ -469,6 +469,19 @@ class RunReader:
         if not (self.root / ROWS).is_file():
             raise StoreError(f"{self.root} has no {ROWS}")
 
+    def manifest(self) -> dict[str, Any] | None:
+        """The run's `run.json` (settings and about), or None for a run written without one."""
+        path = self.root / MANIFEST
+        if not os.path.lexists(path):
+            return None
+        try:
+            manifest = json.loads(_read_rows(path).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise StoreError(f"{path} is not a run manifest: {exc}") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+            raise StoreError(f"{path} is not a run manifest (no settings)")
+        return manifest
+
     def rows(self, *, all_rows: bool = False) -> Iterator[dict[str, Any]]:
         """The newest row of each rollout, in file order (a resume's retry supersedes the failed
         row); `all_rows=True` yields every row, each with `"superseded": bool`."""

@@ -25,6 +25,7 @@ from rollwire.errors import ToolArgumentsError, ToolDefinitionError, ToolError
 from rollwire.messages import ContentPart, ImagePart, Message, TextPart, ToolCall
 
 _SECTION = re.compile(r"^\s*(Args|Arguments|Parameters|Returns?|Raises|Yields?|Examples?|Notes?|See Also)\s*:\s*$")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ARG = re.compile(r"^\s*(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
 
 
@@ -36,6 +37,8 @@ class Tool:
                  _bound: Any = None) -> None:
         self.fn = fn
         self.name = name or fn.__name__
+        if not _NAME.fullmatch(self.name):
+            raise ToolDefinitionError(f"tool name {self.name!r}: use 1-64 letters, digits, _ or - (OpenAI's rule)")
         summary, arg_docs = parse_docstring(inspect.getdoc(fn) or "")
         self.description = description if description is not None else summary
         self._bound = _bound

@@ -288,3 +288,35 @@ async def test_a_short_rollout_run_against_vllm(server: Server, tmp_path: Path) 
     for t in reader.trajectories():
         (sample,) = builder.build(t)
         assert sample.num_loss_tokens == sum(len(s.completion_ids) for s in t.steps)
+
+
+def test_the_openai_front_over_vllm_samples_what_the_engine_samples(server: Server, tmp_path: Path) -> None:
+    """A chat.completions call through `rollwire serve --upstream` gives the completion ids a direct
+    `VLLMEngine.generate` gives for the same prompt and seed (and the front's prompt is rollwire's render)."""
+    import asyncio
+
+    import openai
+
+    from rollwire.front import FrontServer
+
+    messages = [{"role": "user", "content": [img(56, 56, 21), text("What is this?")]}]
+    with FrontServer(server.model_dir, upstream=server.url, run_dir=tmp_path, port=0) as front:
+        api = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
+        answer = api.chat.completions.create(model=front.served_model_name, messages=to_server(messages),  # type: ignore[arg-type]
+                                             max_tokens=12, temperature=1.0, seed=1234, logprobs=True)
+    renderer = create_renderer(server.model_dir)
+    rendered = renderer.render(messages)
+    assert answer.model_extra is not None and answer.model_extra["prompt_token_ids"] == rendered.token_ids
+
+    async def direct() -> list[int]:
+        async with VLLMEngine.for_renderer(server.url, renderer) as engine:
+            result = await engine.generate(GenerateRequest(
+                prompt_token_ids=rendered.token_ids, images=rendered.images,
+                sampling=SamplingParams(max_tokens=12, temperature=1.0, seed=1234)))
+        return result.completions[0].token_ids
+
+    ids = answer.choices[0].model_extra["token_ids"]  # type: ignore[index]
+    assert ids == asyncio.run(direct())
+    assert [c.token for c in answer.choices[0].logprobs.content] == [renderer.decode([t]) for t in ids]  # type: ignore[union-attr]
+    (trajectory,) = RunReader(tmp_path).trajectories()
+    assert trajectory.steps[0].completion_ids == ids

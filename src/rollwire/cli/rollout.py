@@ -22,13 +22,14 @@ EXIT_NOT_STARTED = 2  # bad settings, unreachable engine, a resume with other se
 @app.command()
 def rollout(
     ctx: typer.Context,
-    env: Annotated[str | None, typer.Option(
-        help="Environment: shapes, zoom, dataset, or an import path package.module:factory.")] = None,
+    env: Annotated[str | None, typer.Option(help="Environment: shapes, zoom, dataset, or an import path "
+                                                 "package.module:factory (required, here or in --config).")] = None,
     env_args: Annotated[str | None, typer.Option(
         help="Keyword arguments of the environment's factory, as a JSON object.")] = None,
     config: Annotated[Path | None, typer.Option(
         help="TOML file holding any of these options (flags given here override it).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (rerunning with the same one resumes).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Run directory (rerunning with the same one resumes; required, here or in --config).")] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     server: Annotated[str | None, typer.Option(help="vLLM (or rollwire serve) base URL; default: embedded.")] = None,
     served_name: Annotated[str | None, typer.Option(help="Served model name (default: from /v1/models).")] = None,

@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
-import signal
-import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from rollwire.engines.httpd import JSONHTTPServer, wait_for_signal
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, SamplingParams
 from rollwire.engines.wire import BAN_BIAS, GENERATE_PATH, RENDER_PATH, WireError, decode_image_kwargs, features_payload
@@ -60,7 +57,6 @@ __all__ = ["EngineServer", "Faults", "ServerStats", "serve_forever"]
 logger = logging.getLogger("rollwire.server")
 
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
-MAX_BODY_BYTES = 512 * 2**20
 DEFAULT_CONNECTION_TIMEOUT = 30.0  # seconds a connection may idle, or take to send one request
 DEFAULT_MAX_CONNECTIONS = 256  # open connections (one thread each); more are answered 503 and closed
 MAX_N = 256  # completions per request; a larger n would be held in memory at once
@@ -296,7 +292,7 @@ class EngineServer:
         self._engine: LocalEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
-        self._httpd: _HTTPServer | None = None
+        self._httpd: JSONHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
         self._max_model_len = 0
         self._requests = self._ok = self._received = self._hits = self._misses = 0
@@ -319,7 +315,7 @@ class EngineServer:
         loop_thread.start()
         self._engine, self._loop, self._loop_thread = engine, loop, loop_thread
         try:
-            httpd = _HTTPServer((self.host, self._requested_port), self)
+            httpd = JSONHTTPServer((self.host, self._requested_port), self)
         except OSError:
             self._close_engine()
             raise
@@ -421,7 +417,8 @@ class EngineServer:
 
     # --- endpoints (run on the connection's thread) -------------------------------------------
 
-    def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any] | None]:
+    def handle(self, method: str, path: str, body: bytes,
+               headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
         """(status, JSON body) of one request; `None` body with status 0 means drop the connection."""
         route = path.split("?", 1)[0]
         routes: dict[str, tuple[str, Callable[[bytes], tuple[int, dict[str, Any] | None]]]] = {
@@ -625,162 +622,6 @@ async def _cancel_other_tasks() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-# --- HTTP plumbing --------------------------------------------------------------------------------
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    """Tracks open connections and when each began waiting for (or reading) its current request;
-    `service_actions` (run by `serve_forever` every poll) shuts down any past the deadline."""
-
-    daemon_threads = True
-    request_queue_size = 128  # listen backlog: a burst of connects is not dropped (SYN retried after 1 s)
-
-    def __init__(self, address: tuple[str, int], app: EngineServer) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.app = app
-        self.connection_timeout = app.connection_timeout
-        self.max_connections = app.max_connections
-        self._connections: dict[socket.socket, float | None] = {}  # -> reading since (monotonic)
-        self._connections_lock = threading.Lock()
-        self._open = 0
-        super().__init__(address, _Handler)
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        with self._connections_lock:
-            if self._open >= self.max_connections:
-                refused = True
-            else:
-                self._open += 1
-                refused = False
-        if refused:
-            logger.warning("refusing a connection: %d already open (max_connections)", self.max_connections)
-            with contextlib.suppress(OSError):
-                request.setblocking(False)
-                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        return not refused
-
-    @property
-    def open_connections(self) -> int:
-        with self._connections_lock:
-            return self._open
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_lock:
-                self._open -= 1
-
-    @contextlib.contextmanager
-    def tracking(self, conn: socket.socket) -> Iterator[None]:
-        with self._connections_lock:
-            self._connections[conn] = None
-        try:
-            yield
-        finally:
-            with self._connections_lock:
-                self._connections.pop(conn, None)
-
-    def reading(self, conn: socket.socket, since: float | None) -> None:
-        """Mark `conn` as waiting for / reading a request since `since` (None: being answered)."""
-        with self._connections_lock:
-            if conn in self._connections:
-                self._connections[conn] = since
-
-    def service_actions(self) -> None:
-        deadline = time.monotonic() - self.connection_timeout
-        with self._connections_lock:
-            stale = [c for c, since in self._connections.items() if since is not None and since < deadline]
-        for conn in stale:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-    def close_connections(self) -> None:
-        """Shut down kept-alive connections, so clients see the server go away."""
-        with self._connections_lock:
-            conns = list(self._connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "rollwire"
-    sys_version = ""
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.connection_timeout)  # bounds every read and write
-
-    def handle(self) -> None:
-        with self.server.tracking(self.connection):
-            super().handle()
-
-    def handle_one_request(self) -> None:
-        self.server.reading(self.connection, time.monotonic())
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.reading(self.connection, None)
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s - %s", self.address_string(), format % args)
-
-    def _serve(self, method: str) -> None:
-        length_header = self.headers.get("Content-Length")
-        if length_header is None and self.headers.get("Transfer-Encoding"):
-            self._send(411, _bad_request("send a Content-Length (chunked bodies are not supported)").body,
-                       close=True)
-            return
-        try:
-            length = int(length_header or 0)
-        except ValueError:
-            self._send(400, _bad_request(f"bad Content-Length {length_header!r}").body, close=True)
-            return
-        if length < 0 or length > MAX_BODY_BYTES:
-            self._send(413, _bad_request(f"request body of {length} bytes exceeds {MAX_BODY_BYTES}").body,
-                       close=True)
-            return
-        try:
-            body = self.rfile.read(length)
-        except OSError:  # timed out, or shut down by the deadline
-            body = b""
-        if len(body) != length:  # the client went away (or was cut off) mid-body
-            self.close_connection = True
-            return
-        self.server.reading(self.connection, None)
-        status, payload = self.server.app.handle(method, self.path, body)
-        if status == 0:  # injected fault: close without answering
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self._send(status, payload)
-
-    def _send(self, status: int, payload: dict[str, Any] | None, *, close: bool = False) -> None:
-        data = msgspec.json.encode(payload) if payload is not None else b""
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:  # the client hung up; nothing to answer
-            self.close_connection = True
-
-
 # --- the command line entry -----------------------------------------------------------------------
 
 
@@ -802,24 +643,15 @@ def serve_forever(
     server = EngineServer(model_dir, host=host, port=port, served_model_name=served_model_name,
                           max_model_len=max_model_len, max_batch_size=max_batch_size, device=device, dtype=dtype,
                           connection_timeout=connection_timeout)
-    stopping = threading.Event()
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        # SIGINT too: a server started as a background job inherits SIGINT ignored, and Ctrl-C / kill -INT
-        # must still stop it.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stopping.set())
-    try:
+    def start() -> None:
         server.start()
         if on_ready is not None:
             on_ready(server)
         else:
             print(f"rollwire serve: {server.served_model_name!r} on {server.url} "
                   f"(max_model_len {server.max_model_len}); Ctrl-C stops", file=sys.stderr, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while not stopping.wait(0.5):
-                pass
+
+    try:
+        wait_for_signal(start)
     finally:
         server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -65,21 +65,27 @@ def resolve_env(spec: str) -> EnvFactory:
     if ":" not in spec:
         raise EnvSpecError(f"unknown environment {spec!r} (known: {', '.join(sorted(_REGISTRY))}; "
                            "or give an import path package.module:factory)")
+    return cast(EnvFactory, import_object(spec, "environment"))
+
+
+def import_object(spec: str, what: str) -> Callable[..., Any]:
+    """The callable an import path `package.module:name` (or `module:Class.attr`) names; `what` says
+    what it is for, in the `EnvSpecError` raised when it names nothing callable."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise EnvSpecError(f"environment {spec!r}: an import path is package.module:factory")
+        raise EnvSpecError(f"{what} {spec!r}: an import path is package.module:name")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise EnvSpecError(f"environment {spec!r}: cannot import {module_name!r}: {exc}") from None
+        raise EnvSpecError(f"{what} {spec!r}: cannot import {module_name!r}: {exc}") from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise EnvSpecError(f"environment {spec!r}: {module_name!r} has no attribute {attr!r}")
+            raise EnvSpecError(f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise EnvSpecError(f"environment {spec!r}: {attr!r} is a {type(target).__name__}, not a factory")
-    return cast(EnvFactory, target)
+        raise EnvSpecError(f"{what} {spec!r}: {attr!r} is a {type(target).__name__}, not callable")
+    return cast(Callable[..., Any], target)
 
 
 def make_env(spec: str, **kwargs: Any) -> Environment:

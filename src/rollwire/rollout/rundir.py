@@ -51,7 +51,9 @@ async def run_to_dir(
     The engine is `engine` when given (the caller keeps and closes it), else the vLLM client for
     `server`, else the embedded engine, loaded only once the run directory is accepted. An
     environment spec that names nothing, an unreachable server or a resume with other settings
-    raise before anything is written. `resolved` (the whole configuration) goes into `run.json`.
+    raise before anything is written. `resolved` (the whole configuration) goes into `run.json`, and
+    so does the environment's `fingerprint` attribute when it has one (a resume after its data
+    changed is refused).
     """
     from rollwire.features import FeatureStore
     from rollwire.render import create_renderer
@@ -59,7 +61,8 @@ async def run_to_dir(
 
     if renderer is None:
         renderer = create_renderer(model)
-    make_env(config.env, **config.env_kwargs)  # a bad spec or bad arguments fail before the directory is made
+    env = make_env(config.env, **config.env_kwargs)  # a bad spec or bad arguments fail before anything is made
+    fingerprint = getattr(env, "fingerprint", None)
     store = renderer.feature_store if renderer.feature_store is not None else FeatureStore()
     own = engine is None
     if own and server:
@@ -73,7 +76,8 @@ async def run_to_dir(
             server_version = getattr(engine, "server_version", None)
             version = await server_version() if server_version is not None else None
         manifest = run_manifest(config, model_dir=model, family=renderer.family, server_url=server,
-                                server_version=version, resolved=resolved)
+                                server_version=version, resolved=resolved,
+                                env_fingerprint=fingerprint if isinstance(fingerprint, str) else None)
         with RunWriter(out, store, manifest=manifest) as writer:
             if engine is None:
                 engine = make_engine(renderer, model, None, served_name, retry_deadline)

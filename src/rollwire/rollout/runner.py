@@ -77,11 +77,13 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, family: str | None = None,
                  server_url: str | None = None, server_version: str | None = None,
-                 resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 resolved: Mapping[str, Any] | None = None, env_fingerprint: str | None = None) -> dict[str, Any]:
     """A run's `run.json`: `settings` must match for a resume; `about` is recorded, not compared
-    (`resolved`: the whole configuration the run was started with, config file and flags merged)."""
+    (`resolved`: the whole configuration the run was started with, config file and flags merged).
+    `env_fingerprint` (an environment's `fingerprint`: a hash of the data it reads) is a setting, so
+    a resume after the data changed is refused."""
     r = config.rollout
-    return {
+    manifest: dict[str, Any] = {
         "settings": {
             "model": {"fingerprint": None if model_dir is None else model_fingerprint(model_dir), "family": family},
             "env": config.env, "env_kwargs": dict(config.env_kwargs), "seed": config.seed,
@@ -94,6 +96,9 @@ def run_manifest(config: RunConfig, *, model_dir: str | Path | None = None, fami
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "config": None if resolved is None else dict(resolved)},
     }
+    if env_fingerprint is not None:
+        manifest["settings"]["env_fingerprint"] = env_fingerprint
+    return manifest
 
 
 @dataclass

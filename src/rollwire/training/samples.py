@@ -1,4 +1,4 @@
-"""Trajectories to training samples with their multimodal inputs.
+"""Trajectories to training samples with their multimodal inputs (and what a trainer groups by).
 
 Consecutive steps merge into one sample when each prompt extends the previous prompt +
 completion token for token (with the same images there): the sample is the last merged step's
@@ -6,10 +6,16 @@ prompt + completion, and every merged step's sampled tokens carry the loss and t
 engine reported. A step that does not extend the previous one (a rewritten history, a full
 re-render that differs) starts a new sample. Pixels come from the feature store by id, once per
 image occurrence, and every sample passes `validate_placeholders` before it is returned.
+
+Each sample also carries what RL trainers key on: the rollout's reward, its prompt and GRPO group
+ids (from the runner's trajectory ids), the sampling temperature, the policy version of its steps
+(when the rollout recorded one), and on request M-RoPE `position_ids` from the model's own
+`get_rope_index`. Advantages are filled in afterwards by `rollwire.training.grpo`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, get_args
@@ -20,8 +26,10 @@ from rollwire.errors import PlaceholderError, SampleError
 from rollwire.features import FeatureStore, ImageFeatures, PixelFormat
 from rollwire.render import ImageRef, Renderer, validate_placeholders
 from rollwire.rollout.types import Step, Trajectory
+from rollwire.training.rope import RopeIndex
 
-__all__ = ["PixelFormat", "Sample", "SampleBuilder", "TensorKind", "build_samples", "step_extends"]
+__all__ = ["PixelFormat", "Sample", "SampleBuilder", "TensorKind", "build_samples", "group_id", "prompt_id",
+           "step_extends"]
 
 TensorKind: TypeAlias = Literal["numpy", "torch"]
 # np.ndarray, or torch.Tensor with tensors="torch" (chosen at run time, so typed loosely).
@@ -33,8 +41,12 @@ class Sample:
     """One training sequence: token stream, loss mask, old logprobs and its image inputs.
 
     All per-token arrays have the stream's length. `loss_mask` is True exactly on sampled
-    completion tokens; `old_logprobs` holds their engine logprob (0 elsewhere). `pixel_values`
-    and `image_grid_thw` are None when the sample has no image. Positions are left to the model.
+    completion tokens (the environment's tokens between turns are context, False); `old_logprobs`
+    holds their engine logprob (0 elsewhere). `pixel_values` and `image_grid_thw` are None when the
+    sample has no image. `position_ids` is None (positions left to the model) unless the builder
+    was given a `RopeIndex`: then (3, L) int64 M-RoPE positions. `reward` is the rollout's total;
+    `advantage` is None until `grpo_advantages` sets it; `policy_version` is the oldest version of
+    the trained steps (None when they recorded none).
     """
 
     input_ids: Array  # (L,) int64
@@ -51,6 +63,23 @@ class Sample:
     # the family's processor declares them (Qwen-VL: pixel_values + image_grid_thw; Gemma 4: padded
     # pixel_values + image_position_ids), float32. Empty otherwise, and without images.
     image_inputs: Mapping[str, Array] = field(default_factory=dict)
+    env: str = ""
+    prompt_id: str = ""  # the prompt within its run: f"{env}-p{prompt_index}"
+    group_id: str = ""  # the GRPO group: the trajectory id without its sample suffix
+    sample_index: int = 0
+    reward: float | None = None
+    advantage: float | None = None
+    temperature: float | None = None
+    policy_version: int | None = None
+    policy_versions: tuple[int | None, ...] = ()  # per merged step
+    finish_reason: str | None = None  # the engine's, of the last trained step (stop / length)
+    position_ids: Array | None = None  # (3, L) int64 with a RopeIndex
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the first trained one: the prompt in verl's / SkyRL's prompt + response split."""
+        mask = np.asarray(self.loss_mask)
+        return int(mask.argmax()) if mask.any() else len(self)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -66,7 +95,9 @@ class SampleBuilder:
     `features` and `image_pad_id` may be None for a text-only model (a step with images is then
     an error). `pixel_format` "uint8" gives the store's patch rows; "float32" / "bfloat16" give
     them normalised as the HF processor does (bfloat16 needs `tensors="torch"`). A trajectory that
-    ended in error gives no samples unless `include_failed=True`.
+    ended in error gives no samples unless `include_failed=True`. `temperature` is recorded on
+    every sample (the run's sampling temperature: `run.json`'s settings.sampling.temperature);
+    `rope_index` (see `RopeIndex`) adds M-RoPE `position_ids`.
     """
 
     def __init__(
@@ -79,6 +110,8 @@ class SampleBuilder:
         tensors: TensorKind = "numpy",
         include_failed: bool = False,
         model_inputs: bool = False,
+        temperature: float | None = None,
+        rope_index: RopeIndex | None = None,
     ) -> None:
         if pixel_format not in get_args(PixelFormat):
             raise SampleError(f"pixel_format must be one of {get_args(PixelFormat)}, got {pixel_format!r}")
@@ -98,15 +131,21 @@ class SampleBuilder:
         self.tensors: TensorKind = tensors
         self.include_failed = include_failed
         self.model_inputs = model_inputs
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                        or not math.isfinite(temperature) or temperature < 0):
+            raise SampleError(f"temperature must be a finite number >= 0 or None, got {temperature!r}")
+        self.temperature = None if temperature is None else float(temperature)
+        self.rope_index = rope_index
 
     @classmethod
     def for_renderer(cls, renderer: Renderer, *, pixel_format: PixelFormat = "float32",
                      tensors: TensorKind = "numpy", include_failed: bool = False,
-                     model_inputs: bool = False) -> SampleBuilder:
+                     model_inputs: bool = False, temperature: float | None = None,
+                     rope_index: RopeIndex | None = None) -> SampleBuilder:
         """A builder using the renderer's feature store, image pad id and merge size."""
         return cls(renderer.feature_store, image_pad_id=renderer.image_pad_id, merge_size=renderer.merge_size,
                    pixel_format=pixel_format, tensors=tensors, include_failed=include_failed,
-                   model_inputs=model_inputs)
+                   model_inputs=model_inputs, temperature=temperature, rope_index=rope_index)
 
     def build(self, trajectory: Trajectory) -> list[Sample]:
         """The trajectory's samples in step order; raises `SampleError` / `PlaceholderError`.
@@ -124,15 +163,15 @@ class SampleBuilder:
             if not trained:
                 continue
             merged = tuple(k for k in group if k <= trained[-1])
-            samples.append(self._sample(trajectory.id, steps, merged, trained))
+            samples.append(self._sample(trajectory, merged, trained))
         return samples
 
     __call__ = build
 
     # --- one sample -------------------------------------------------------------------------
 
-    def _sample(self, trajectory_id: str, steps: Sequence[Step], merged: tuple[int, ...],
-                trained: list[int]) -> Sample:
+    def _sample(self, trajectory: Trajectory, merged: tuple[int, ...], trained: list[int]) -> Sample:
+        steps = trajectory.steps
         tail = steps[merged[-1]]
         input_ids = np.array([*tail.prompt_ids, *tail.completion_ids], dtype=np.int64)
         n = int(input_ids.shape[0])
@@ -157,13 +196,16 @@ class SampleBuilder:
             mm_types[ref.offset : ref.end] = 1
         pixels: Array | None = self._pixels(features) if features else None
         grid = np.array([f.grid_thw for f in features], dtype=np.int64).reshape(-1, 3) if features else None
-        arrays: list[Any] = [input_ids, loss_mask, old_logprobs, mm_types, grid]
+        positions = None if self.rope_index is None else self.rope_index(input_ids, mm_types, grid)
+        arrays: list[Any] = [input_ids, loss_mask, old_logprobs, mm_types, grid, positions]
         if self.tensors == "torch":
             torch = _import_torch()
             arrays = [None if a is None else torch.from_numpy(a) for a in arrays]
             if isinstance(pixels, np.ndarray):
                 pixels = torch.from_numpy(pixels)
-        input_ids_out, loss_out, old_out, mm_out, grid_out = arrays
+        input_ids_out, loss_out, old_out, mm_out, grid_out, positions_out = arrays
+        versions = tuple(_policy_version(steps[k], k) for k in merged)
+        trained_versions = [v for k, v in zip(merged, versions, strict=True) if k in trained and v is not None]
         image_inputs: dict[str, Array] = {}
         if self.model_inputs and features:
             assert self.features is not None
@@ -173,7 +215,11 @@ class SampleBuilder:
         return Sample(
             input_ids=input_ids_out, loss_mask=loss_out, old_logprobs=old_out, mm_token_type_ids=mm_out,
             pixel_values=pixels, image_grid_thw=grid_out, image_ids=tuple(ref.id for ref in refs),
-            images=refs, step_indices=merged, trajectory_id=trajectory_id, image_inputs=image_inputs,
+            images=refs, step_indices=merged, trajectory_id=trajectory.id, image_inputs=image_inputs,
+            env=trajectory.env, prompt_id=prompt_id(trajectory), group_id=group_id(trajectory),
+            sample_index=trajectory.sample_index, reward=float(trajectory.reward), temperature=self.temperature,
+            policy_version=min(trained_versions, default=None), policy_versions=versions,
+            finish_reason=steps[trained[-1]].finish_reason, position_ids=positions_out,
         )
 
     def _features(self, step_index: int, input_ids: np.ndarray, refs: tuple[ImageRef, ...]) -> list[ImageFeatures]:
@@ -248,6 +294,30 @@ def build_samples(
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def prompt_id(trajectory: Trajectory) -> str:
+    """Which prompt of its run a rollout answered (`rollwire.rollout.runner`'s prompt index)."""
+    return f"{trajectory.env}-p{trajectory.prompt_index}"
+
+
+def group_id(trajectory: Trajectory) -> str:
+    """The rollout's GRPO group: the runner's trajectory id `{env}-s{seed}-p{i}-g{j}` without `-g{j}`
+    (every sample of a prompt in a run); another id scheme groups by env, env seed and prompt index."""
+    suffix = f"-g{trajectory.sample_index}"
+    if trajectory.id.endswith(suffix) and len(trajectory.id) > len(suffix):
+        return trajectory.id[: -len(suffix)]
+    return f"{trajectory.env}-e{trajectory.seed}-p{trajectory.prompt_index}"
+
+
+def _policy_version(step: Step, index: int) -> int | None:
+    """The step's `policy_version` when the rollout recorded one (older runs did not)."""
+    version = getattr(step, "policy_version", None)
+    if version is None:
+        return None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SampleError(f"step {index}: policy_version must be an int, got {type(version).__name__}")
+    return version
 
 
 def step_extends(previous: Step, step: Step) -> bool:
