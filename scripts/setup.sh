@@ -14,7 +14,7 @@ stamp="$VENV/.rollwire-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   pip_install --upgrade pip
   pip_install "torch==${ROLLWIRE_TORCH:-2.13.0}"
-  pip_install -e ".[local,dev,datasets]"
+  pip_install -e ".[local,dev,datasets,ray]"
   # The HF Qwen-VL processors (the parity tests' reference) need torchvision importable.
   bash scripts/install_torchvision_cpu.sh "$VENV/bin/python"
   touch "$stamp"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,20 @@ def tiny(cache_dir: Path) -> Callable[[str], Path]:
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def replicas(tiny: Callable[[str], Path]) -> Iterator[list[Any]]:
+    """Two `rollwire serve` replicas of the tiny Qwen2-VL (the pool and weight-update tests share
+    them; a test that stops one puts a fresh one back on the same port)."""
+    from rollwire.engines.server import EngineServer
+
+    started = [EngineServer(tiny("qwen2_vl"), served_model_name="tiny").start() for _ in range(2)]
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.stop()
 
 
 def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

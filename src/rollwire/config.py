@@ -28,7 +28,10 @@ class RolloutSettings(pydantic.BaseModel):
     env_args: dict[str, Any] = {}
     out: str | None = None
     model: str | None = None
-    server: str | None = None
+    server: str | list[str] | None = None  # several: a pool (session affinity, failover)
+    servers_file: str | None = None  # more server URLs, one a line
+    workers: Annotated[int, pydantic.Field(ge=1)] | None = None  # Ray rollout workers
+    ray_address: str | None = None
     served_name: str | None = None
     prompts: Annotated[int, pydantic.Field(ge=1)] = 8
     group: Annotated[int, pydantic.Field(ge=1)] = 2
@@ -40,6 +43,19 @@ class RolloutSettings(pydantic.BaseModel):
     seed: int = 0
     retry_deadline: Annotated[float, pydantic.Field(ge=0.0)] = 60.0
     progress: bool = True
+
+    def server_urls(self) -> list[str]:
+        """`server` (one or a list) and the lines of `servers_file`, in that order."""
+        from rollwire.engines.pool import read_servers_file
+
+        urls = [self.server] if isinstance(self.server, str) else list(self.server or [])
+        if self.servers_file is not None:
+            try:
+                urls += read_servers_file(Path(self.servers_file).read_text())
+            except OSError as exc:
+                raise RolloutConfigError(f"cannot read --servers-file {self.servers_file}: "
+                                         f"{exc.strerror or exc}") from None
+        return urls
 
     def record(self) -> dict[str, Any]:
         """JSON-able, for the manifest."""

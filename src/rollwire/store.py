@@ -7,6 +7,8 @@ RUN_DIR/
   blobs/ab/<id>.png          each unique image once: the original, lossless (.tiff for CMYK, F, I)
   blobs/ab/<id>.features     ...and its uint8 features, for training (codec msgpack + CRC)
   shards/shard-00000.bin     length + CRC framed records, one packed trajectory each
+  rollouts-<w>.jsonl         ...the rows of writer `w` when several write at once (Ray workers),
+  shards/shard-<w>-00000.bin    each with its own row and shard files; readers merge them
 ```
 
 A rollout is committed by its JSONL row, written (and flushed) only after its blobs and its
@@ -29,6 +31,7 @@ import re
 import stat
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -49,7 +52,9 @@ MANIFEST = "run.json"
 _FRAME = struct.Struct("<4sQI")  # magic, payload length, crc32
 _MAGIC = b"RWT1"
 _BLOB_MAGIC = b"RWF1"
-_SHARD_NAME = re.compile(r"shard-[0-9]{5,9}\.bin")
+_SHARD_NAME = re.compile(r"shard-(?:[A-Za-z0-9_]{1,32}-)?[0-9]{5,9}\.bin")
+_WORKER = re.compile(r"[A-Za-z0-9_]{1,32}")
+_WORKER_ROWS = re.compile(r"rollouts-([A-Za-z0-9_]{1,32})\.jsonl")
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})  # PNG holds these exactly
 _TIFF_MODES = frozenset({"PA", "CMYK", "YCbCr", "LAB", "I", "I;16B", "F"})  # ...and TIFF these
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -206,10 +211,13 @@ class RunWriter:
     """
 
     def __init__(self, run_dir: str | Path, features: FeatureStore, *, shard_bytes: int = 256 << 20,
-                 manifest: Mapping[str, Any] | None = None) -> None:
+                 manifest: Mapping[str, Any] | None = None, worker: str | None = None) -> None:
+        if worker is not None and not (isinstance(worker, str) and _WORKER.fullmatch(worker)):
+            raise StoreError(f"worker name {str(worker)[:40]!r} must be 1-32 letters, digits or _")
         self.root = Path(run_dir)
         self.features = features
         self.shard_bytes = shard_bytes
+        self.worker = worker
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -217,26 +225,63 @@ class RunWriter:
         if not self.root.is_dir():
             raise StoreError(f"{self.root} is not a directory")
         _real_dir(self.root / "shards")
-        self._lock_fd = _open_regular(self.root / ".lock", os.O_RDWR | os.O_CREAT, "lock")
+        self._rows_name = ROWS if worker is None else f"rollouts-{worker}.jsonl"
+        self._shard_prefix = "shard-" if worker is None else f"shard-{worker}-"
+        self._lock_fd = self._own_lock_fd = -1
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lock_fd)
-            raise StoreError(f"{self.root} is being written by another process") from None
-        try:
+            alone = self._take_locks()
             self.manifest = _settle_manifest(self.root, manifest)
-            self.done_ids, self._committed = _repair_rows(self.root / ROWS)
-            _remove_leftover_temps(self.root)
-            self._rows_fd = _open_regular(self.root / ROWS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "write")
+            self.done_ids, self._committed = _done_ids(self.root, self._rows_name, repair_all=alone)
+            if alone:
+                _remove_leftover_temps(self.root)
+                if worker is not None:  # let the other workers in now that the directory is repaired
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+            self._rows_fd = _open_regular(self.root / self._rows_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                          "write")
         except BaseException:
-            os.close(self._lock_fd)
+            self._release_locks()
             raise
         self._lock = threading.Lock()
-        indices = [int(p.stem.removeprefix("shard-")) for p in (self.root / "shards").glob("shard-*.bin")
-                   if p.stem.removeprefix("shard-").isdigit()]
-        self._shard_index = max(indices, default=-1) + 1  # a fresh shard: never append after a torn tail
+        names = [p.name.removeprefix(self._shard_prefix).removesuffix(".bin")
+                 for p in (self.root / "shards").glob(f"{self._shard_prefix}*.bin")]
+        self._shard_index = max((int(n) for n in names if n.isdigit()), default=-1) + 1  # never after a torn tail
         self._shard: tuple[int, str] | None = None  # (fd, name)
         self._shard_size = 0
+
+    def _take_locks(self) -> bool:
+        """Lock the run (and this worker's files); True when no other writer is in the directory.
+
+        A single writer holds `.lock` exclusively. A worker holds `.lock-<worker>` exclusively and
+        `.lock` shared, exclusively only while it is alone (then it repairs every row file and
+        removes the temporary files of killed writers: nobody else can be writing them)."""
+        self._lock_fd = _open_regular(self.root / ".lock", os.O_RDWR | os.O_CREAT, "lock")
+        if self.worker is not None:
+            self._own_lock_fd = _open_regular(self.root / f".lock-{self.worker}", os.O_RDWR | os.O_CREAT, "lock")
+            try:
+                fcntl.flock(self._own_lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise StoreError(f"{self.root} is being written by another writer named {self.worker!r}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if self.worker is None:
+                raise StoreError(f"{self.root} is being written by another process") from None
+        deadline = time.monotonic() + 30.0  # another worker may hold it exclusively for a moment
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{self.root} is being written by a single (non-worker) writer") from None
+                time.sleep(0.05)
+
+    def _release_locks(self) -> None:
+        for fd in (self._own_lock_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = self._own_lock_fd = -1
 
     def write(
         self,
@@ -286,7 +331,7 @@ class RunWriter:
             except OSError:
                 os.close(self._rows_fd)
                 self._rows_fd = -1  # the file may end in a partial row: stop; reopening repairs it
-            raise _os_error(exc, f"write {self.root / ROWS}") from None
+            raise _os_error(exc, f"write {self.root / self._rows_name}") from None
         self._committed += len(line)
 
     def _write_blobs(self, image_id: str, original: Any, features: ImageFeatures | None) -> None:
@@ -303,7 +348,7 @@ class RunWriter:
     def _append(self, record: bytes) -> tuple[str, int]:
         if self._shard is None or self._shard_size >= self.shard_bytes:
             self._close_shard()
-            name = f"shard-{self._shard_index:05d}.bin"
+            name = f"{self._shard_prefix}{self._shard_index:05d}.bin"
             self._shard_index += 1
             fd = _open_regular(self.root / "shards" / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "write")
             self._shard, self._shard_size = (fd, name), os.fstat(fd).st_size
@@ -330,9 +375,7 @@ class RunWriter:
             if self._rows_fd >= 0:
                 os.close(self._rows_fd)
                 self._rows_fd = -1
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+            self._release_locks()
 
     def __enter__(self) -> RunWriter:
         return self
@@ -398,11 +441,14 @@ def _read_rows(path: Path) -> bytes:
         raise _os_error(exc, f"read {path}") from None
 
 
-def _repair_rows(path: Path) -> tuple[set[str], int]:
-    """(ids whose newest row is a success, bytes kept); a partial last line (a crash mid-write)
-    is cut off. A failed rollout is not done: a resume runs it again."""
-    if not os.path.lexists(path):
-        return set(), 0
+def row_files(root: Path) -> list[Path]:
+    """The run's row files in merge order: the single writer's, then each worker's by name."""
+    workers = sorted(p for p in root.glob("rollouts-*.jsonl") if _WORKER_ROWS.fullmatch(p.name))
+    return [p for p in (root / ROWS, *workers) if os.path.lexists(p)]
+
+
+def _cut_partial_line(path: Path) -> int:
+    """Cut a partial last line (a crash mid-write) off `path`; the bytes kept."""
     data = _read_rows(path)
     keep = data.rfind(b"\n") + 1
     if keep != len(data):
@@ -413,11 +459,34 @@ def _repair_rows(path: Path) -> tuple[set[str], int]:
             raise _os_error(exc, f"repair {path}") from None
         finally:
             os.close(fd)
-    newest: dict[str, bool] = {}
-    for n, line in enumerate(data[:keep].splitlines(), 1):
-        row = _parse_row(line, n, ROWS)
-        newest[row["id"]] = row.get("error") is None
-    return {i for i, ok in newest.items() if ok}, keep
+    return keep
+
+
+def _done_ids(root: Path, own: str, *, repair_all: bool) -> tuple[set[str], int]:
+    """(ids whose newest row, over every row file, is a success; bytes of `own` kept). `own`'s
+    partial last line is cut off (every file's when `repair_all`: no other writer is running);
+    another writer's line being written is not read. A failed rollout is not done: a resume runs it again."""
+    newest: dict[str, dict[str, Any]] = {}
+    kept = 0
+    for path in row_files(root):
+        if repair_all or path.name == own:
+            keep = _cut_partial_line(path)
+            kept = keep if path.name == own else kept
+            data = _read_rows(path)[:keep]
+        else:
+            data = _read_rows(path)
+            data = data[:data.rfind(b"\n") + 1]
+        _merge_rows(newest, (_parse_row(line, n, path.name) for n, line in enumerate(data.splitlines(), 1)))
+    return {i for i, row in newest.items() if row.get("error") is None}, kept
+
+
+def _merge_rows(newest: dict[str, dict[str, Any]], rows: Iterator[dict[str, Any]]) -> None:
+    """Keep each id's newest row: a success supersedes any failure (a done id is never run again),
+    and among failures (or successes) the later one wins."""
+    for row in rows:
+        old = newest.get(row["id"])
+        if old is None or row.get("error") is None or old.get("error") is not None:
+            newest[row["id"]] = row
 
 
 def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -466,7 +535,7 @@ class RunReader:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.root = Path(run_dir)
-        if not (self.root / ROWS).is_file():
+        if not row_files(self.root):
             raise StoreError(f"{self.root} has no {ROWS}")
 
     def manifest(self) -> dict[str, Any] | None:
@@ -483,18 +552,21 @@ class RunReader:
         return manifest
 
     def rows(self, *, all_rows: bool = False) -> Iterator[dict[str, Any]]:
-        """The newest row of each rollout, in file order (a resume's retry supersedes the failed
-        row); `all_rows=True` yields every row, each with `"superseded": bool`."""
-        data = _read_rows(self.root / ROWS)
-        lines = data.split(b"\n")
-        if lines[-1]:
-            raise StoreError(f"{ROWS}:{len(lines)} is truncated")
-        parsed = [_parse_row(line, n, ROWS) for n, line in enumerate(lines[:-1], 1)]
-        last = {row["id"]: k for k, row in enumerate(parsed)}
-        for k, row in enumerate(parsed):
+        """The newest row of each rollout over every row file (the single writer's, then each
+        worker's), in that order (a resume's retry supersedes the failed row); `all_rows=True`
+        yields every row, each with `"superseded": bool`."""
+        parsed: list[dict[str, Any]] = []
+        for path in row_files(self.root):
+            lines = _read_rows(path).split(b"\n")
+            if lines[-1]:
+                raise StoreError(f"{path.name}:{len(lines)} is truncated")
+            parsed.extend(_parse_row(line, n, path.name) for n, line in enumerate(lines[:-1], 1))
+        newest: dict[str, dict[str, Any]] = {}
+        _merge_rows(newest, iter(parsed))
+        for row in parsed:
             if all_rows:
-                yield row | {"superseded": last[row["id"]] != k}
-            elif last[row["id"]] == k:
+                yield row | {"superseded": newest[row["id"]] is not row}
+            elif newest[row["id"]] is row:
                 yield row
 
     def trajectory(self, row: Mapping[str, Any]) -> Trajectory:

@@ -53,7 +53,8 @@ class Server:
 
 
 def start_server(model_dir: Path, family: str, port: int = PORT, dtype: str = "float32", extra_args: str = "") -> int:
-    env = {**os.environ, "VLLM_EXTRA_ARGS": f"--dtype {dtype} {extra_args}".strip()}
+    # VLLM_SERVER_DEV_MODE mounts vLLM's RL endpoints (/pause, /resume, /update_weight_version).
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_EXTRA_ARGS": f"--dtype {dtype} {extra_args}".strip()}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_server.sh"), str(model_dir), str(port), family],
                          capture_output=True, text=True, env=env, check=False, timeout=400)
     if out.returncode != 0:
@@ -288,6 +289,44 @@ async def test_a_short_rollout_run_against_vllm(server: Server, tmp_path: Path) 
     for t in reader.trajectories():
         (sample,) = builder.build(t)
         assert sample.num_loss_tokens == sum(len(s.completion_ids) for s in t.steps)
+
+
+async def test_a_weight_update_mid_run_through_a_pool_against_vllm(server: Server) -> None:
+    """A pool (one replica: X-Session-ID on every request) under a PausableEngine: a pause (wait),
+    /update_weight_version and /resume in the middle of a run; every step carries the version vLLM
+    reports in weight_versions, no rollout fails, and images go again after the pause (vLLM wiped
+    its multimodal cache)."""
+    import asyncio
+
+    from rollwire.engines.pool import EnginePool
+    from rollwire.engines.weights import PausableEngine
+
+    renderer = create_renderer(server.model_dir)
+    pool = EnginePool.for_renderer([server.url], renderer)
+    engine = PausableEngine(pool, version=3)
+    config = RunConfig(env="shapes", n_prompts=2, group=2, concurrency=1, env_kwargs={"turns": 3},
+                       rollout=RolloutConfig(max_turns=3, max_tokens=4))
+    results: list[Any] = []
+
+    async def update_mid_run() -> None:
+        while pool.engines[0].stats.requests < 4:
+            await asyncio.sleep(0.02)
+        await engine.update_weights(4)
+
+    async with engine:
+        updater = asyncio.create_task(update_mid_run())
+        summary = await run_rollouts(config, renderer, engine, on_result=results.append, progress=False)
+        await updater
+        sent = pool.engines[0].stats.images_sent
+    assert summary.done == 4 and summary.failed == 0, summary.errors
+    versions = [[s.policy_version for s in r.trajectory.steps] for r in results]
+    assert {v for vs in versions for v in vs} == {3, 4} and all(vs == sorted(vs) for vs in versions)
+    # One at a time, each unique image would go once; the pause wiped vLLM's cache, so some went again.
+    assert sent > summary.unique_images == 6
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get("/weight_info")).json() == {"weight_version": "4"}
+        assert (await http.get("/is_paused")).json() == {"is_paused": False}
+    FIGURES[f"{server.family} weight update mid-run: step versions"] = str(versions)
 
 
 def test_the_openai_front_over_vllm_samples_what_the_engine_samples(server: Server, tmp_path: Path) -> None:

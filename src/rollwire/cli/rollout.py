@@ -31,7 +31,13 @@ def rollout(
     out: Annotated[Path | None, typer.Option(
         help="Run directory (rerunning with the same one resumes; required, here or in --config).")] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
-    server: Annotated[str | None, typer.Option(help="vLLM (or rollwire serve) base URL; default: embedded.")] = None,
+    server: Annotated[list[str] | None, typer.Option(
+        help="vLLM (or rollwire serve) base URL; default: embedded. Repeat for several servers: a pool "
+             "(each GRPO group on one, new groups to the least loaded, failover).")] = None,
+    servers_file: Annotated[Path | None, typer.Option(help="A file of server URLs, one a line.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Rollout workers on Ray (a local cluster unless --ray-address).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto': the running one).")] = None,
     served_name: Annotated[str | None, typer.Option(help="Served model name (default: from /v1/models).")] = None,
     prompts: Annotated[int, typer.Option("-n", "--prompts", min=1, help="Prompts (environment seeds).")] = D.prompts,
     group: Annotated[int, typer.Option(min=1, help="Samples per prompt (GRPO group size).")] = D.group,
@@ -63,6 +69,8 @@ def rollout(
             flags["env_args"] = parse_env_args(env_args)
         if out is not None:
             flags["out"] = str(out)
+        if servers_file is not None:
+            flags["servers_file"] = str(servers_file)
         s = resolve_settings(read_config_file(config) if config else {}, flags, source=f"config file {config}")
         if os.getcwd() not in sys.path:  # --env mymod:make_env finds mymod.py in the current directory
             sys.path.insert(0, os.getcwd())
@@ -72,10 +80,19 @@ def rollout(
                                               max_total_tokens=s.max_total_tokens, temperature=s.temperature))
         model_dir = resolve_model(s.model)
         out = Path(str(s.out))
-        summary = asyncio.run(run_to_dir(run, out, model=model_dir, renderer=create_renderer(model_dir),
-                                         server=s.server, served_name=s.served_name,
-                                         retry_deadline=s.retry_deadline, progress=s.progress,
-                                         resolved=s.record()))
+        servers = s.server_urls()
+        lost: list[str] = []
+        if s.workers is not None or s.ray_address is not None:
+            from rollwire.rollout.workers import run_on_ray
+
+            summary, lost = run_on_ray(run, out, model=model_dir, workers=s.workers or 1, address=s.ray_address,
+                                       servers=servers, served_name=s.served_name,
+                                       retry_deadline=s.retry_deadline, resolved=s.record())
+        else:
+            summary = asyncio.run(run_to_dir(run, out, model=model_dir, renderer=create_renderer(model_dir),
+                                             server=servers or None, served_name=s.served_name,
+                                             retry_deadline=s.retry_deadline, progress=s.progress,
+                                             resolved=s.record()))
     except RollwireError as exc:
         raise fail(exc) from exc
     table = Table("", "value", title=f"rollouts → {out}")
@@ -98,11 +115,15 @@ def rollout(
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    for message in lost:
+        err_console.print(f"[red]{message}[/red] (rerun with the same --out to redo its rollouts)",
+                          highlight=False)
     if not summary.ok:
         err_console.print(f"[red]{summary.failed} failed, {summary.unwritten} not written[/red] "
                           "(rerun with the same --out to retry them); most common errors:", highlight=False)
         for message, count in summary.top_errors(5):
             err_console.print(f"  {count} × {message}", highlight=False, markup=False)
+    if lost or not summary.ok:
         raise typer.Exit(code=EXIT_INCOMPLETE)
 
 

@@ -34,6 +34,7 @@ import msgspec
 
 from rollwire.engines.httpd import JSONHTTPServer, wait_for_signal
 from rollwire.engines.local import LocalEngine
+from rollwire.engines.pausing import GenerationPause
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, SamplingParams
 from rollwire.engines.wire import BAN_BIAS, GENERATE_PATH, RENDER_PATH, WireError, decode_image_kwargs, features_payload
 from rollwire.errors import (
@@ -296,6 +297,7 @@ class EngineServer:
         self._http_thread: threading.Thread | None = None
         self._max_model_len = 0
         self._requests = self._ok = self._received = self._hits = self._misses = 0
+        self.pausing = GenerationPause()  # /pause, /resume and the weight version (engines/pausing.py)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -424,8 +426,13 @@ class EngineServer:
         routes: dict[str, tuple[str, Callable[[bytes], tuple[int, dict[str, Any] | None]]]] = {
             "/health": ("GET", lambda _: (200, None)),
             "/v1/models": ("GET", lambda _: (200, self._models())),
-            GENERATE_PATH: ("POST", self._generate),
+            GENERATE_PATH: ("POST", self._generate_unless_paused),
             RENDER_PATH: ("POST", self._render),
+            "/pause": ("POST", lambda _: self._pause(path)),
+            "/resume": ("POST", lambda _: self._resume()),
+            "/is_paused": ("GET", lambda _: (200, {"is_paused": self.pausing.paused})),
+            "/update_weight_version": ("POST", self._update_weight_version),
+            "/weight_info": ("GET", lambda _: (200, {"weight_version": self.pausing.version})),
         }
         if route not in routes:
             return 404, {"detail": "Not Found"}
@@ -446,6 +453,49 @@ class EngineServer:
                 "owned_by": "rollwire", "root": str(self.model_dir), "parent": None,
                 "max_model_len": self._max_model_len}
         return {"object": "list", "data": [card]}
+
+    def _generate_unless_paused(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
+        """503 while paused; choices carry `weight_versions`, or end "abort" if /pause?mode=abort came."""
+        ticket = self.pausing.enter()
+        if ticket is None:
+            return 503, {"error": {"message": "Generation is paused", "type": "ServiceUnavailableError",
+                                   "param": None, "code": 503}}
+        try:
+            status, payload = self._generate(raw)
+        finally:
+            aborted = self.pausing.leave(ticket)
+        for choice in (payload or {}).get("choices", []) if status == 200 else []:
+            if aborted:
+                choice.update(finish_reason="abort", stop_reason=None, token_ids=[],
+                              logprobs=None if choice["logprobs"] is None else {"content": []})
+            else:
+                choice["weight_versions"] = [{"version": ticket.version, "start": 0, "end": len(choice["token_ids"])}]
+        return status, payload
+
+    def _pause(self, path: str) -> tuple[int, dict[str, Any] | None]:
+        query = dict(part.partition("=")[::2] for part in path.partition("?")[2].split("&") if part)
+        mode = query.get("mode", "abort")
+        if mode not in ("abort", "wait"):
+            raise _bad_request(f"pause mode {mode!r} is not supported by rollwire serve (abort or wait)")
+        if not self.pausing.pause(mode):
+            return 500, {"error": f"requests still running after the wait timeout: failed to pause ({mode})"}
+        if query.get("clear_cache", "true").lower() != "false":
+            self.forget_cache()  # vLLM clears its multimodal cache on pause
+        return 200, {"status": "paused"}
+
+    def _resume(self) -> tuple[int, dict[str, Any] | None]:
+        self.pausing.resume()
+        return 200, {"status": "resumed"}
+
+    def _update_weight_version(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
+        try:
+            version = msgspec.json.decode(raw).get("new_version")
+        except (msgspec.DecodeError, AttributeError):
+            version = None
+        if not isinstance(version, str) or not version:
+            raise _bad_request("update_weight_version needs {\"new_version\": \"...\"}")
+        self.pausing.set_version(version)
+        return 200, {"success": True, "new_version": version}
 
     def _generate(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
         with self._lock:

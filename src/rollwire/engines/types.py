@@ -33,6 +33,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     images: tuple[ImageRef, ...] = ()
     sampling: SamplingParams
     request_id: str | None = None
+    # Session affinity key (a trajectory or a GRPO group): sent as `X-Session-ID` so that a pool or
+    # an external router (vllm-router) keeps the session, and the images it holds, on one replica.
+    session_id: str | None = None
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,6 +43,9 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: list[float] | None  # one per completion token, of the sampled token
     finish_reason: FinishReason
     stop_reason: int | str | None = None
+    # The weights that sampled it: the server's `weight_versions` label where it reports one (the
+    # oldest, when a weight update happened mid-completion), else the caller's policy version.
+    policy_version: int | str | None = None
 
 
 class Timings(msgspec.Struct, frozen=True, kw_only=True):

@@ -43,6 +43,7 @@ from rollwire.features import FeatureStore, compute_features
 from rollwire.render.placeholders import validate_placeholders
 from rollwire.render.types import Renderer
 
+from .pausing import policy_version_of
 from .types import Completion, FinishReason, GenerateRequest, GenerateResult, Timings
 from .wire import GENERATE_PATH, RENDER_PATH, PixelFormat, decode_image_kwargs, features_payload, generate_body
 
@@ -307,7 +308,7 @@ class VLLMEngine:
             image_bytes += nbytes
             self.stats.bytes_sent += len(body)
             self.stats.image_bytes_sent += nbytes
-            status, payload, error = await self._send(body)
+            status, payload, error = await self._send(body, request.session_id)
             if status == 200 and payload is not None:
                 try:
                     completions = parse_choices(payload, n=request.sampling.n, logprobs=request.sampling.logprobs)
@@ -359,11 +360,14 @@ class VLLMEngine:
         """Assume the server holds no image (e.g. after it was restarted)."""
         self._server_has.clear()
 
-    async def _send(self, body: bytes) -> tuple[int | None, Any, str]:
-        """(status, JSON body, error text); status None for a connection-level failure."""
+    async def _send(self, body: bytes, session_id: str | None = None) -> tuple[int | None, Any, str]:
+        """(status, JSON body, error text); status None for a connection-level failure. The session id
+        goes as `X-Session-ID`, which routers with session affinity (vllm-router) pin on."""
+        headers = {"content-type": "application/json"}
+        if session_id is not None:
+            headers["x-session-id"] = session_id
         try:
-            response = await self._client.post(GENERATE_PATH, content=body,
-                                               headers={"content-type": "application/json"})
+            response = await self._client.post(GENERATE_PATH, content=body, headers=headers)
         except httpx.RequestError as exc:
             return None, None, f"{type(exc).__name__}: {exc}"
         try:
@@ -508,7 +512,8 @@ def parse_choices(payload: Any, *, n: int, logprobs: bool) -> list[Completion]:
         if stop_reason is not None and type(stop_reason) not in (int, str):
             raise MalformedResponseError(f"{where} has stop_reason {stop_reason!r:.100} (an int, string or null)")
         out.append(Completion(token_ids=ids, logprobs=values, finish_reason=_FINISH.get(finish, "error"),
-                              stop_reason=stop_reason))
+                              stop_reason=stop_reason,
+                              policy_version=policy_version_of(choice.get("weight_versions"), where)))
     return out
 
 

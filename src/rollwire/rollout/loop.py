@@ -141,9 +141,13 @@ async def run_rollout(
     prompt_index: int = 0,
     sample_index: int = 0,
     sampling_seed: int | None = None,
+    session_id: str | None = None,
 ) -> RolloutResult:
+    """`session_id` (default: the trajectory id; a runner passes the GRPO group's) keeps the
+    rollout's requests on one server replica."""
     state = _State(Trajectory(id=trajectory_id, env=env.name, prompt_index=prompt_index,
-                              sample_index=sample_index, seed=seed), _Images(renderer))
+                              sample_index=sample_index, seed=seed), _Images(renderer),
+                   session_id=session_id or trajectory_id)
     try:
         error = await _turns(state, env, renderer, engine, config, sampling_seed)
     except Exception as exc:  # a bug anywhere in one rollout must not take down the others
@@ -156,6 +160,7 @@ class _State:
     traj: Trajectory
     images: _Images
     conversation: list[Message] = field(default_factory=list)
+    session_id: str | None = None
     metrics: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -205,7 +210,7 @@ async def _turns(
             with images.pinned(prompt):  # the request's images stay in the store until it returns
                 result = await engine.generate(GenerateRequest(
                     prompt_token_ids=prompt.token_ids, images=prompt.images, sampling=sampling,
-                    request_id=f"{traj.id}-{turn}"))
+                    request_id=f"{traj.id}-{turn}", session_id=state.session_id))
         except PromptTooLongError as exc:
             return _error("overlong_prompt", exc, turn)
         except Exception as exc:
@@ -231,7 +236,7 @@ async def _turns(
             completion_logprobs=completion.logprobs, finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason, status=parsed.status, parse_error=parsed.error,
             message=_record(parsed.message), bridged=bridged, render_reason=reason, branch=branch,
-            timings={"generate_s": generate_s}))
+            timings={"generate_s": generate_s}, policy_version=completion.policy_version))
         state.conversation = [*state.conversation, parsed.message]
         turns.append(_Turn(state.conversation, prompt, list(completion.token_ids)))
         metrics["turns"] += 1

@@ -9,20 +9,31 @@ the store reads rollout types, and the embedded engine needs torch.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rollwire.engines.types import Engine
 from rollwire.render.types import Renderer
 from rollwire.rollout.env import make_env
-from rollwire.rollout.runner import RunConfig, RunSummary, run_manifest, run_rollouts
+from rollwire.rollout.runner import RunConfig, RunSummary, run_manifest, run_rollouts, trajectory_id
 
 
-def make_engine(renderer: Renderer, model_dir: str | Path, server: str | None = None,
+def all_ids(config: RunConfig) -> list[str]:
+    """Every trajectory id of the run, group by group."""
+    return [trajectory_id(config, i, j) for i in range(config.n_prompts) for j in range(config.group)]
+
+
+def make_engine(renderer: Renderer, model_dir: str | Path, server: str | Sequence[str] | None = None,
                 served_name: str | None = None, retry_deadline: float = 60.0) -> Any:
-    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability), else the
-    embedded engine on `model_dir`."""
+    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability), a pool of
+    clients when it names several URLs, else the embedded engine on `model_dir`."""
+    if server is not None and not isinstance(server, str):
+        if len(server) > 1:
+            from rollwire.engines.pool import EnginePool
+
+            return EnginePool.for_renderer(server, renderer, model=served_name, deadline_s=retry_deadline)
+        server = server[0] if server else None
     if server:
         from rollwire.engines.vllm import RetryPolicy, VLLMEngine
 
@@ -40,11 +51,13 @@ async def run_to_dir(
     model: str | Path,
     renderer: Renderer | None = None,
     engine: Engine | None = None,
-    server: str | None = None,
+    server: str | Sequence[str] | None = None,
     served_name: str | None = None,
     retry_deadline: float = 60.0,
     progress: bool = False,
     resolved: Mapping[str, Any] | None = None,
+    worker: str | None = None,
+    only: Collection[str] | None = None,
 ) -> RunSummary:
     """Run `config`'s rollouts on the model directory `model` and write them to `out`.
 
@@ -53,7 +66,9 @@ async def run_to_dir(
     environment spec that names nothing, an unreachable server or a resume with other settings
     raise before anything is written. `resolved` (the whole configuration) goes into `run.json`, and
     so does the environment's `fingerprint` attribute when it has one (a resume after its data
-    changed is refused).
+    changed is refused). `server` may list several URLs (an `EnginePool`). A Ray worker
+    (`rollout/workers.py`) passes its `worker` name (its own row and shard files) and the trajectory
+    ids it runs (`only`).
     """
     from rollwire.features import FeatureStore
     from rollwire.render import create_renderer
@@ -75,14 +90,18 @@ async def run_to_dir(
                 await connect()
             server_version = getattr(engine, "server_version", None)
             version = await server_version() if server_version is not None else None
-        manifest = run_manifest(config, model_dir=model, family=renderer.family, server_url=server,
+        server_url = server if server is None or isinstance(server, str) else ",".join(server)
+        manifest = run_manifest(config, model_dir=model, family=renderer.family, server_url=server_url,
                                 server_version=version, resolved=resolved,
                                 env_fingerprint=fingerprint if isinstance(fingerprint, str) else None)
-        with RunWriter(out, store, manifest=manifest) as writer:
+        with RunWriter(out, store, manifest=manifest, worker=worker) as writer:
             if engine is None:
                 engine = make_engine(renderer, model, None, served_name, retry_deadline)
+            skip = set(writer.done_ids)
+            if only is not None:
+                skip |= set(all_ids(config)) - set(only)
             return await run_rollouts(
-                config, renderer, engine, skip_ids=set(writer.done_ids), progress=progress,
+                config, renderer, engine, skip_ids=skip, progress=progress,
                 on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals, r.features))
     finally:
         if own and engine is not None:

@@ -48,6 +48,11 @@ def trajectory_id(config: RunConfig, prompt_index: int, sample_index: int) -> st
     return f"{config.env}-s{config.seed}-p{prompt_index}-g{sample_index}"
 
 
+def group_id(config: RunConfig, prompt_index: int) -> str:
+    """The GRPO group of a prompt's samples: their session on the servers (they share its images)."""
+    return f"{config.env}-s{config.seed}-p{prompt_index}"
+
+
 def env_seed(config: RunConfig, prompt_index: int) -> int:
     """The environment seed of a prompt: every sample of a group starts from the same prompt."""
     return config.seed * 1_000_003 + prompt_index
@@ -222,7 +227,7 @@ async def run_rollouts(
                 result = await run_rollout(
                     env, renderer, engine, config.rollout, seed=env_seed(config, i),
                     trajectory_id=trajectory_id(config, i, j), prompt_index=i, sample_index=j,
-                    sampling_seed=sampling_seed(config, i, j))
+                    sampling_seed=sampling_seed(config, i, j), session_id=group_id(config, i))
         kept = True
         if on_result is not None:
             try:

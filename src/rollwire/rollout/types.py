@@ -46,6 +46,7 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     render_reason: str | None = None  # why a full render was needed (None when bridged)
     branch: int = 0  # increments when the environment rewrites history (compaction)
     timings: dict[str, float] = {}
+    policy_version: int | str | None = None  # the weights that sampled it (see `Completion.policy_version`)
 
 
 class RolloutError(msgspec.Struct, frozen=True, kw_only=True):
