@@ -36,7 +36,7 @@ ANSWER = "The square moved to the left."
 def _content_parts_builder() -> Any:
     """The `wire` branch's content_parts body builder, when it is on this tree (else None)."""
     try:
-        from rollwire.engines import content_parts  # type: ignore[attr-defined]
+        from rollwire.engines import content_parts
     except ImportError:
         return None
     return getattr(content_parts, "content_parts", None)
