@@ -166,7 +166,7 @@ class FakeVLLM:
                 self.pixels_received.append(mm_hash)
                 if self.engines == 1:
                     self.cache.add(mm_hash)
-        n = body["sampling_params"]["n"]
+        n = body["sampling_params"].get("n", 1)
         self.requests.append(n)
         return httpx.Response(200, json={"choices": [  # choice k samples [11, 12 + k]
             {"index": k, "token_ids": [11, 12 + k], "finish_reason": "length",

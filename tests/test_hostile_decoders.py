@@ -403,8 +403,9 @@ def _features(item: Any, offset: int = 1, length: int = 4) -> dict[str, Any]:
 SERVER = [
     ("empty", b"", "not JSON"),
     ("not-utf8", b'{"token_ids": "\xff\xfe"}', "not JSON|invalid"),
+    # content_parts is a typed list of parts now (vllm_wire.ContentPart): refused at the first level.
     ("nested-5k", b'{"token_ids": [1], "sampling_params": {}, "content_parts": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-     "nested too deeply"),
+     "Expected `object`, got `array` - at `\\$.content_parts\\[0\\]`"),
     ("render-style-nested", b'{"token_ids": [1], "sampling_params": {}, "features": ' + b"[" * 5000 + b"]" * 5000
      + b"}", "invalid request"),
     ("a-list", b"[]", "Expected `object`"),

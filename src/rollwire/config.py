@@ -12,7 +12,7 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 
@@ -43,6 +43,7 @@ class RolloutSettings(pydantic.BaseModel):
     seed: int = 0
     retry_deadline: Annotated[float, pydantic.Field(ge=0.0)] = 60.0
     progress: bool = True
+    wire: Literal["features", "content-parts", "content_parts", "auto"] = "auto"  # how images reach a server
 
     def server_urls(self) -> list[str]:
         """`server` (one or a list) and the lines of `servers_file`, in that order."""

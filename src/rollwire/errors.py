@@ -176,9 +176,30 @@ class PixelFormatError(EngineError):
     `probe_answered` is False when the server could not be asked (no render endpoint).
     """
 
-    def __init__(self, message: str, *, probe_answered: bool = True) -> None:
+    def __init__(self, message: str, *, probe_answered: bool = True, status: int | None = None) -> None:
         super().__init__(message)
         self.probe_answered = probe_answered
+        self.status = status  # the probe's HTTP status, when it was answered with one
+
+
+class UnsupportedServerError(InvalidRequestError):
+    """The server cannot take what rollwire sends (a wire mode, an endpoint); the message says what
+    to change on the server or in rollwire's settings. Nothing was generated."""
+
+
+class EngineDeadError(ServerError):
+    """The server's engine core died (vLLM answers a generic message and does not recover until
+    it is restarted); the request was not served."""
+
+
+class ServerPausedError(ServerError):
+    """The server answered "Generation is paused" (vLLM 0.33's 503 during a weight update) for
+    longer than the retry deadline."""
+
+
+class ExpansionMismatchError(ServerError):
+    """In `content_parts` mode the server expanded the prompt's images differently from rollwire's
+    own render (token ids or placeholder runs differ); its completion is not used."""
 
 
 class EngineTimeoutError(EngineError, TimeoutError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rollwire.cli import render, rollout, serve, view  # noqa: F401  (each module registers its commands)
+from rollwire.cli import bench, render, rollout, serve, view  # noqa: F401  (each module registers its commands)
 from rollwire.cli.app import app
 from rollwire.cli.inputs import MAX_MESSAGES_FILE_BYTES, load_messages_file, read_json_file
 

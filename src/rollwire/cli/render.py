@@ -15,6 +15,10 @@ from rollwire.cli.inputs import ANY_IMAGE_PATH_HELP, IMAGE_ROOT_HELP, image_limi
 from rollwire.errors import RollwireError
 from rollwire.rollout.rundir import make_engine
 
+WIRE_HELP = ("How images reach a vLLM server: features (processed uint8 patches), content-parts (each image once as "
+             "PNG, by uuid afterwards; the server's expansion is checked), or auto (features where the server "
+             "supports it, else content-parts, e.g. vLLM's Rust frontend).")
+
 
 @app.command()
 def render(
@@ -72,6 +76,7 @@ def generate(
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    wire: Annotated[str, typer.Option(help=WIRE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     image_root: Annotated[list[Path] | None, typer.Option(help=IMAGE_ROOT_HELP)] = None,
     any_image_path: Annotated[bool, typer.Option(help=ANY_IMAGE_PATH_HELP)] = False,
@@ -92,7 +97,7 @@ def generate(
             sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                                     stop_token_ids=renderer.stop_token_ids,
                                     banned_token_ids=renderer.vision_token_ids))
-        result = asyncio.run(_generate_once(renderer, model_dir, server, served_name, request))
+        result = asyncio.run(_generate_once(renderer, model_dir, server, served_name, request, wire))
     except RollwireError as exc:
         raise fail(exc) from exc
     completion = result.completions[0]
@@ -114,8 +119,8 @@ def generate(
 
 
 async def _generate_once(renderer: Any, model_dir: Path, server: str | None, served_name: str | None,
-                         request: Any) -> Any:
-    engine = make_engine(renderer, model_dir, server, served_name)
+                         request: Any, wire: str = "auto") -> Any:
+    engine = make_engine(renderer, model_dir, server, served_name, wire=wire)
     try:
         return await engine.generate(request)
     finally:

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from rollwire.cli.app import MODEL_HELP, app, console, err_console, fail, resolve_model
+from rollwire.cli.render import WIRE_HELP
 from rollwire.config import DEFAULTS as D
 from rollwire.config import parse_env_args, read_config_file, resolve_settings
 from rollwire.errors import RollwireError
@@ -52,6 +53,7 @@ def rollout(
         min=0.0, help="Seconds of server unavailability to wait out (backoff) before a request fails.")
     ] = D.retry_deadline,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = D.progress,
+    wire: Annotated[str, typer.Option(help=WIRE_HELP)] = D.wire,
 ) -> None:
     """Run many multi-turn rollouts and write them to a run directory.
 
@@ -92,7 +94,7 @@ def rollout(
             summary = asyncio.run(run_to_dir(run, out, model=model_dir, renderer=create_renderer(model_dir),
                                              server=servers or None, served_name=s.served_name,
                                              retry_deadline=s.retry_deadline, progress=s.progress,
-                                             resolved=s.record()))
+                                             wire=s.wire, resolved=s.record()))
     except RollwireError as exc:
         raise fail(exc) from exc
     table = Table("", "value", title=f"rollouts → {out}")

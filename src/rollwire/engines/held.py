@@ -181,13 +181,13 @@ class HeldImages:
 
 def weight_versions(payload: Any) -> list[str]:
     """The weight versions a generate response names (vLLM >= 0.3x: `choices[].weight_versions`,
-    spans `{version, start, end}`), in order; [] when it names none or their shape is unknown."""
+    spans `{version, start, end}`, as dicts or structs), in order; [] when it names none."""
     out: list[str] = []
-    choices = payload.get("choices") if isinstance(payload, dict) else None
+    choices = payload.get("choices") if isinstance(payload, dict) else getattr(payload, "choices", None)
     for choice in choices if isinstance(choices, list) else ():
-        spans = choice.get("weight_versions") if isinstance(choice, dict) else None
+        spans = choice.get("weight_versions") if isinstance(choice, dict) else getattr(choice, "weight_versions", None)
         for span in spans if isinstance(spans, list) else ():
-            version = span.get("version") if isinstance(span, dict) else None
+            version = span.get("version") if isinstance(span, dict) else getattr(span, "version", None)
             if isinstance(version, str) and (not out or out[-1] != version):
                 out.append(version[:200])
     return out

@@ -32,10 +32,22 @@ from typing import Any
 
 import msgspec
 
+from rollwire.engines.content_parts import expand
 from rollwire.engines.httpd import JSONHTTPServer, wait_for_signal
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.pausing import GenerationPause
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, SamplingParams
+from rollwire.engines.vllm_wire import (
+    Choice,
+    ContentPart,
+    Features,
+    GenerateBody,
+    GenerateResponse,
+    LogprobEntry,
+    Logprobs,
+    Range,
+    Sampling,
+)
 from rollwire.engines.wire import BAN_BIAS, GENERATE_PATH, RENDER_PATH, WireError, decode_image_kwargs, features_payload
 from rollwire.errors import (
     EngineError,
@@ -121,58 +133,7 @@ def _internal_error(log_reason: str) -> _HTTPFailure:
     return _HTTPFailure(500, INTERNAL_ERROR_BODY)
 
 
-# --- the request body, declared once (msgspec validates types and required fields) -------------
-
-
-class _Range(msgspec.Struct, forbid_unknown_fields=True):
-    offset: int
-    length: int
-
-
-class _Features(msgspec.Struct):
-    mm_hashes: dict[str, list[str]]
-    mm_placeholders: dict[str, list[_Range]]
-    kwargs_data: dict[str, list[str | None]] | None = None
-
-
-class _Sampling(msgspec.Struct, forbid_unknown_fields=True):
-    """vLLM's sampling_params. Options rollwire does not implement are accepted only at their
-    no-op value, so a request is never silently sampled differently from what it asked for;
-    text options (detokenize, skip_special_tokens, ...) are accepted and moot: no text is returned."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    n: int = 1
-    seed: int | None = None
-    stop_token_ids: list[int] | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
-    detokenize: bool = True
-    stop: list[str] | str | None = None
-    min_tokens: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
-    prompt_logprobs: int | None = None
-    include_stop_str_in_output: bool = False
-    spaces_between_special_tokens: bool = True
-
-
-class _GenerateBody(msgspec.Struct):
-    token_ids: list[int]
-    sampling_params: _Sampling
-    model: str | None = None
-    request_id: str | None = None
-    features: _Features | None = None
-    content_parts: Any = None
-    stream: bool = False
-    cache_salt: str | None = None
-    priority: int = 0
+# --- the request body: the client's structs (vllm_wire), plus the render endpoint's ---------------
 
 
 class _RenderBody(msgspec.Struct):
@@ -188,8 +149,8 @@ _UNSUPPORTED_DEFAULTS = {
 }
 
 
-def _sampling_params(sp: _Sampling, *, prompt_len: int, max_model_len: int) -> SamplingParams:
-    """`SamplingParams` from vLLM `sampling_params` (a `_Sampling`); raises `_HTTPFailure` 400."""
+def _sampling_params(sp: Sampling, *, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """`SamplingParams` from vLLM `sampling_params`; raises `_HTTPFailure` 400."""
     for name, neutral in _UNSUPPORTED_DEFAULTS.items():
         if getattr(sp, name) != neutral:
             raise _bad_request(f"sampling_params.{name}={getattr(sp, name)!r} is not supported by rollwire serve")
@@ -231,14 +192,14 @@ def _sampling_params(sp: _Sampling, *, prompt_len: int, max_model_len: int) -> S
         logprobs=sp.logprobs is not None, n=sp.n)
 
 
-def _choice(index: int, completion: Completion) -> dict[str, Any]:
-    logprobs: dict[str, Any] | None = None
+def _choice(index: int, completion: Completion) -> Choice:
+    logprobs = None
     if completion.logprobs is not None:
         # rank is not known to the local engine (it keeps only the sampled token's logprob).
-        logprobs = {"content": [{"token_id": t, "logprob": lp, "rank": None, "top_logprobs": []}
-                                for t, lp in zip(completion.token_ids, completion.logprobs, strict=True)]}
-    return {"index": index, "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
-            "token_ids": completion.token_ids, "logprobs": logprobs}
+        logprobs = Logprobs(content=[LogprobEntry(token_id=t, logprob=lp)
+                                     for t, lp in zip(completion.token_ids, completion.logprobs, strict=True)])
+    return Choice(index=index, finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                  token_ids=completion.token_ids, logprobs=logprobs)
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -509,29 +470,75 @@ class EngineServer:
             status = self.faults.status
             return status, {"error": {"message": f"injected fault: HTTP {status}", "type": "ServiceUnavailableError",
                                       "param": None, "code": status}}
-        body = self._decode(raw, _GenerateBody)
+        body = self._decode(raw, GenerateBody)
         self._check_model(body.model)
         if body.stream:
             raise _bad_request("stream=true is not supported by rollwire serve")
-        if body.content_parts is not None:
-            raise _bad_request("content_parts is not supported by rollwire serve: send features")
-        sampling = _sampling_params(body.sampling_params, prompt_len=len(body.token_ids),
-                                      max_model_len=self._max_model_len)
-        refs = self._image_refs(body.features)
+        if body.output_mode != "tokens":
+            raise _bad_request(f"output_mode={body.output_mode!r} is not supported by rollwire serve: it returns "
+                               "tokens only")
+        if body.content_parts and body.features:
+            raise _bad_request("content_parts and features are mutually exclusive")
+        token_ids, refs = (self._expand(body.token_ids, body.content_parts) if body.content_parts
+                           else (body.token_ids, self._image_refs(body.features)))
+        sampling = _sampling_params(body.sampling_params, prompt_len=len(token_ids),
+                                    max_model_len=self._max_model_len)
         request_id = body.request_id or f"gen-{uuid.uuid4().hex}"
-        request = GenerateRequest(prompt_token_ids=body.token_ids, images=refs, sampling=sampling,
+        request = GenerateRequest(prompt_token_ids=token_ids, images=refs, sampling=sampling,
                                   request_id=request_id)
         result = self._run(request)
         with self._lock:
             self._ok += 1
         completions = result.completions
-        return 200, {
-            "request_id": request_id,
-            "choices": [_choice(i, c) for i, c in enumerate(completions)],
-            "usage": {"prompt_tokens": len(body.token_ids),
-                      "completion_tokens": sum(len(c.token_ids) for c in completions),
-                      "total_tokens": len(body.token_ids) + sum(len(c.token_ids) for c in completions)},
-        }
+        n_out = sum(len(c.token_ids) for c in completions)
+        echo = bool(body.return_token_ids)
+        response = GenerateResponse(
+            request_id=request_id, choices=[_choice(i, c) for i, c in enumerate(completions)],
+            prompt_token_ids=token_ids if echo else None,
+            mm_placeholders={"image": [Range(r.offset, r.length) for r in refs]} if echo and refs else None,
+            usage={"prompt_tokens": len(token_ids), "completion_tokens": n_out, "total_tokens": len(token_ids) + n_out})
+        return 200, msgspec.to_builtins(response)
+
+    def _expand(self, token_ids: list[int], parts: list[ContentPart]) -> tuple[list[int], tuple[ImageRef, ...]]:
+        """content_parts: each image processed here (or taken from the cache by uuid), and each of
+        the prompt's single pad tokens expanded to the image's run, as vLLM does."""
+        if self._store is None:
+            raise _bad_request(f"{self.model_dir.name} is a text-only model; the request has images")
+        with self._lock:
+            if self._renderer is None:
+                self._renderer = create_renderer(self.model, feature_store=self._store)
+            pad_id, store = self._renderer.image_pad_id, self._store
+        feats: list[ImageFeatures] = []
+        for k, part in enumerate(parts):
+            if part.type != "image_url":
+                raise _bad_request(f"content_parts[{k}]: type {part.type!r} is not supported (image_url only)")
+            if part.url is None:
+                with self._lock:
+                    found = store.get(part.uuid) if part.uuid is not None and part.uuid in store else None
+                    self._hits, self._misses = self._hits + (found is not None), self._misses + (found is None)
+                if found is None:
+                    raise _bad_request(f"Cache miss for image at index {k} but data is not provided.")
+                feats.append(found)
+                continue
+            if part.url[:5].lower() != "data:":
+                raise _bad_request(f"content_parts[{k}]: images must be data: URLs (this server fetches no URLs)")
+            try:
+                got = store.get_or_process(part.url)
+            except (ImageError, FeatureError) as exc:
+                raise _bad_request(f"content_parts[{k}]: {exc}") from None
+            if part.uuid is not None:
+                got = ImageFeatures(part.uuid, got.pixel_values, got.grid_thw, got.merge_size)
+                with self._lock:
+                    if part.uuid in store and store.get(part.uuid) != got:
+                        raise _internal_error(f"image {k}: the client-provided multimodal UUID {part.uuid!r} may "
+                                              "have been reused for different content")
+                    store.put(got)
+                    self._received += 1
+            feats.append(got)
+        try:
+            return expand(token_ids, feats, pad_id=pad_id)  # type: ignore[arg-type]
+        except WireError as exc:
+            raise _bad_request(str(exc)) from None
 
     def _run(self, request: GenerateRequest) -> GenerateResult:
         loop, engine = self._loop, self._engine
@@ -555,7 +562,7 @@ class EngineServer:
         except RollwireError as exc:
             raise _internal_error(f"{type(exc).__name__}: {exc}") from None
 
-    def _image_refs(self, features: _Features | None) -> tuple[ImageRef, ...]:
+    def _image_refs(self, features: Features | None) -> tuple[ImageRef, ...]:
         if features is None:
             return ()
         kwargs_data = features.kwargs_data or {}

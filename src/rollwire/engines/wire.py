@@ -1,5 +1,6 @@
 """The vLLM token-in/token-out wire format (`POST /inference/v1/generate`), without importing vLLM.
 
+The body's structs are in `vllm_wire` (shared with `rollwire serve`); this module builds them.
 One versioned encoder: `VLLM_WIRE` names the vLLM versions whose multimodal `kwargs_data`
 layout it writes (the layout is version-specific; older vLLM used another one). Pixels are
 sent in the format the server expects (`PixelFormat`), which the client negotiates; a wrong
@@ -21,8 +22,9 @@ from rollwire.features import FeatureStore, ImageFeatures, ImageProcessor, Pixel
 from rollwire.render.types import ImageRef
 
 from .types import GenerateRequest, SamplingParams
+from .vllm_wire import VLLM_WIRE_VERSIONS, ContentPart, Features, GenerateBody, Range, Sampling, encode_body
 
-VLLM_WIRE = "vllm>=0.30,<0.33 (msgpack kwargs_data with ExtType(3) raw arrays)"
+VLLM_WIRE = f"vllm {', '.join(VLLM_WIRE_VERSIONS)} (msgpack kwargs_data with ExtType(3) raw arrays)"
 _RAW_ARRAY_EXT = 3  # vLLM's msgpack extension code for raw C-order array bytes
 BAN_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]: -100 is its ban
 GENERATE_PATH = "/inference/v1/generate"
@@ -68,14 +70,14 @@ def encode_image_kwargs(features: ImageFeatures, store: FeatureStore, pixel_form
     return base64.b64encode(msgspec.msgpack.encode(payload)).decode("ascii")
 
 
-def features_payload(
+def image_features(
     images: Sequence[ImageRef],
     store: FeatureStore,
     *,
     pixel_format: PixelFormat,
     by_id_only: Iterable[str] = (),
-) -> tuple[dict[str, Any], int]:
-    """The request's `features` object and the bytes of pixel data in it.
+) -> tuple[Features, int]:
+    """The request's `features` and the bytes of pixel data in them.
 
     Images whose id is in `by_id_only` are sent as a null `kwargs_data` item: the server uses
     its cached copy (and answers an error naming the hash when it has none).
@@ -92,52 +94,55 @@ def features_payload(
             sent[ref.id] = encode_image_kwargs(store.get(ref.id), store, pixel_format)
             image_bytes += len(sent[ref.id])
         items.append(sent[ref.id])
-    payload = {
-        "mm_hashes": {"image": [ref.id for ref in images]},
-        "mm_placeholders": {"image": [{"offset": ref.offset, "length": ref.length} for ref in images]},
-        "kwargs_data": {"image": items},
-    }
-    return payload, image_bytes
+    features = Features(mm_hashes={"image": [ref.id for ref in images]},
+                        mm_placeholders={"image": [Range(ref.offset, ref.length) for ref in images]},
+                        kwargs_data={"image": items})
+    return features, image_bytes
+
+
+def features_payload(
+    images: Sequence[ImageRef],
+    store: FeatureStore,
+    *,
+    pixel_format: PixelFormat,
+    by_id_only: Iterable[str] = (),
+) -> tuple[dict[str, Any], int]:
+    """`image_features` as the plain JSON object (for callers that inspect or edit it)."""
+    features, image_bytes = image_features(images, store, pixel_format=pixel_format, by_id_only=by_id_only)
+    return msgspec.to_builtins(features), image_bytes
+
+
+def sampling_struct(params: SamplingParams) -> Sampling:
+    """vLLM `sampling_params`; banned ids get a -100 logit bias (vLLM's bound)."""
+    return Sampling(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else -1, n=params.n, seed=params.seed,
+        stop_token_ids=list(params.stop_token_ids) or None,
+        logit_bias={str(t): BAN_BIAS for t in params.banned_token_ids} or None,
+        logprobs=0 if params.logprobs else None,  # the sampled token's own logprob only
+        skip_special_tokens=False, detokenize=False)
 
 
 def sampling_payload(params: SamplingParams) -> dict[str, Any]:
-    """vLLM `sampling_params`; banned ids get a -100 logit bias (vLLM's bound)."""
-    out: dict[str, Any] = {
-        "max_tokens": params.max_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k if params.top_k > 0 else -1,
-        "n": params.n,
-        "skip_special_tokens": False,
-        "detokenize": False,
-    }
-    if params.seed is not None:
-        out["seed"] = params.seed
-    if params.stop_token_ids:
-        out["stop_token_ids"] = list(params.stop_token_ids)
-    if params.banned_token_ids:
-        out["logit_bias"] = {str(t): BAN_BIAS for t in params.banned_token_ids}
-    if params.logprobs:
-        out["logprobs"] = 0  # the sampled token's own logprob only
-    return out
+    return msgspec.to_builtins(sampling_struct(params))
 
 
 def generate_body(
     request: GenerateRequest,
     *,
     model: str,
-    features: dict[str, Any] | None,
+    features: Features | dict[str, Any] | None,
+    content_parts: list[ContentPart] | None = None,
+    return_token_ids: bool | None = None,
 ) -> bytes:
-    body: dict[str, Any] = {
-        "model": model,
-        "token_ids": request.prompt_token_ids,
-        "sampling_params": sampling_payload(request.sampling),
-    }
-    if request.request_id is not None:
-        body["request_id"] = request.request_id
-    if features is not None and request.images:
-        body["features"] = features
-    return msgspec.json.encode(body)
+    """The JSON body of one generate request (images as `features` XOR `content_parts`)."""
+    if isinstance(features, dict):
+        features = msgspec.convert(features, Features)
+    body = GenerateBody(
+        token_ids=request.prompt_token_ids, sampling_params=sampling_struct(request.sampling), model=model,
+        request_id=request.request_id, features=features if request.images else None,
+        content_parts=content_parts if request.images else None, return_token_ids=return_token_ids)
+    return encode_body(body)
 
 
 _DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16, "int64": np.int64}

@@ -27,7 +27,8 @@ from rollwire.features.processor import WireField, config_from
 if TYPE_CHECKING:
     from rollwire.features.store import ImageFeatures
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_VL_WIRE", "VisionConfig", "process_image", "smart_resize"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_VL_WIRE", "VisionConfig", "patchify", "process_image",
+           "smart_resize"]
 
 # vLLM's Qwen2-VL field factory (shared by Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.xV): pixel rows
 # flat, split per image by grid size; the grid batched, kept on the CPU.
@@ -229,21 +230,41 @@ def process_image(image: Image.Image, config: VisionConfig) -> tuple[np.ndarray,
         raise ImageError(f"process_image needs an RGB image (call to_rgb first), got mode {image.mode!r}")
     width, height = image.size
     new_h, new_w = smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
-    try:
-        resized = image.resize((new_w, new_h), resample=config.resample)
+    try:  # PIL's resize to the same size is a copy: skip it
+        resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), config.resample)
     except (ValueError, OSError, MemoryError) as exc:
         raise ImageError(f"cannot resize image {width}x{height} to {new_w}x{new_h}: {exc}") from None
     pixels = np.asarray(resized)  # (H, W, 3) uint8
     if pixels.dtype != np.uint8 or pixels.shape != (new_h, new_w, 3):
         raise ImageError(f"resized image has unexpected layout {pixels.dtype} {pixels.shape}")
-    p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
-    grid_h, grid_w = new_h // p, new_w // p
+    rows = patchify(pixels, config.patch_size, config.merge_size, config.temporal_patch_size)
+    return rows, (1, new_h // config.patch_size, new_w // config.patch_size)
+
+
+_BAND_BYTES = 1 << 18  # rows written per band: small enough to stay in the core's cache
+
+
+def patchify(pixels: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
+    """Read-only uint8 rows (C, T, P, P) of an (H, W, 3) image, in HF's patch order, written once.
+
+    Band by band (a few merged rows of patches): the first frame is gathered straight from the
+    image into the output, then copied to the other frames while the band is still in cache, so
+    the output's memory is touched once and no full-size intermediate is made.
+    """
+    height, width = pixels.shape[:2]
+    grid_h, grid_w = height // p, width // p
     # (H, W, C) -> (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p), as HF orders it.
-    patches = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
-    rows = np.ascontiguousarray(patches).reshape(grid_h * grid_w, 3 * t * p * p)
+    src = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+    out = np.empty((grid_h // m, grid_w // m, m, m, 3, t, p, p), dtype=np.uint8)
+    step = max(1, _BAND_BYTES // (grid_w * m * 3 * t * p * p))
+    for b in range(0, grid_h // m, step):
+        band = out[b : b + step]
+        band[:, :, :, :, :, 0] = src[b : b + step]
+        if t > 1:
+            band[:, :, :, :, :, 1:] = band[:, :, :, :, :, :1]
+    rows = out.reshape(grid_h * grid_w, 3 * t * p * p)
     rows.flags.writeable = False
-    return rows, (1, grid_h, grid_w)
+    return rows
 
 
 @functools.lru_cache(maxsize=16)

@@ -88,7 +88,7 @@ class TemplateRenderer:
         if self.image_pad is not None:
             if feature_store is None:
                 raise RenderError(f"the {self.family} renderer needs a feature store for images")
-            self._images = ImageTokens(tokenizer.token_id(self.image_pad), feature_store, limits)
+            self._images = ImageTokens(tokenizer.token_id(self.image_pad), feature_store, limits, self.image_pad)
 
     # --- what a family defines ------------------------------------------------------------
 

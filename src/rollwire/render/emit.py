@@ -5,6 +5,9 @@ as text), `Text` (message content: strings whose special-token look-alikes stay 
 and `ImagePart`s. Consecutive strings are tokenized as one run, exactly as a chat template's
 output string would be, so token boundaries match the HF reference; an image becomes the
 model's pad token repeated as its grid implies, and an `ImageRef` with an absolute offset.
+An image inside a run is written as its one pad token (a special token, so the tokenizer splits
+there as it would at the run's edge) and expanded afterwards: each run, however many images it
+holds, is one tokenizer call.
 
 The HF template tokenizes `<|im_end|>` inside a tool result as the control token, so a tool
 result can forge a whole turn. Here only the template's own markers are control tokens
@@ -24,7 +27,7 @@ from rollwire.render.tokens import TextTokenizer
 from rollwire.render.types import ImageRef, RenderedTokens
 
 if TYPE_CHECKING:
-    from rollwire.features import FeatureStore, ImageProcessor
+    from rollwire.features import FeatureStore, ImageFeatures, ImageProcessor
     from rollwire.images import ImageLimits
 
 Piece: TypeAlias = "str | ImagePart"
@@ -44,6 +47,7 @@ class ImageTokens:
     pad_id: int
     store: FeatureStore
     limits: ImageLimits | None = None
+    pad_text: str | None = None  # the pad token as text: images then tokenize inline, in one call per run
 
     @property
     def processor(self) -> ImageProcessor:
@@ -70,19 +74,30 @@ class Emitter:
         self.refs: list[ImageRef] = list(base.images) if base else []
         self._run: list[str] = []
         self._run_index: list[int] = []
+        # Images inside the current run, written as one pad token (char start, id, length, grid), so a
+        # run spanning images is still one tokenizer call; each pad is expanded when the run is encoded.
+        self._slots: list[tuple[int, ImageFeatures]] = []
+        self._run_chars = 0
+        self._pad_text = images.pad_text if images is not None else None
+        self._inline_images = bool(self._pad_text and tokenizer.special_pattern is not None
+                                   and tokenizer.special_pattern.fullmatch(self._pad_text))
 
     @property
     def image_count(self) -> int:
-        return len(self.refs)
+        return len(self.refs) + len(self._slots)
 
     def emit(self, index: int, pieces: Iterable[Piece]) -> None:
         for piece in pieces:
             if isinstance(piece, str):
                 if piece:
-                    self._run.append(piece)
-                    self._run_index.append(index)
+                    self._append(index, piece)
             else:
                 self._emit_image(index, piece)
+
+    def _append(self, index: int, piece: str) -> None:
+        self._run.append(piece)
+        self._run_index.append(index)
+        self._run_chars += len(piece)
 
     def tokens(self, index: int, token_ids: Sequence[int], *, sampled: bool) -> None:
         """Append already-tokenized ids (a sampled completion) without re-tokenizing them."""
@@ -104,11 +119,19 @@ class Emitter:
     def _emit_image(self, index: int, part: ImagePart) -> None:
         if self._images is None:
             raise RenderError("this renderer does not support images")
-        self._flush()
         features = self._images.store.get_or_process(part.image, limits=self._images.limits)
-        offset = len(self.token_ids)
+        if self._inline_images:
+            assert self._pad_text is not None
+            self._slots.append((self._run_chars, features))
+            self._append(index, self._pad_text)
+            return
+        self._flush()
+        self._add_image(index, features)
+
+    def _add_image(self, index: int, features: ImageFeatures) -> None:
+        assert self._images is not None
         length = features.num_tokens
-        self.refs.append(ImageRef(features.id, offset, length, features.grid_thw))
+        self.refs.append(ImageRef(features.id, len(self.token_ids), length, features.grid_thw))
         self.token_ids.extend([self._images.pad_id] * length)
         self.message_index.extend([index] * length)
         self.sampled_mask.extend([False] * length)
@@ -122,12 +145,27 @@ class Emitter:
         for chunk in self._run:
             starts.append(pos)
             pos += len(chunk)
+        slots = iter(self._slots)
+        slot = next(slots, None)
         for token_id, start in self._encode(text, starts):
+            index = self._run_index[bisect.bisect_right(starts, start) - 1]
+            if slot is not None and start == slot[0]:
+                assert self._images is not None
+                if token_id != self._images.pad_id:
+                    raise RenderError(f"internal error: the image placeholder at character {start} tokenized "
+                                      f"as {token_id}, not the pad token {self._images.pad_id}")
+                self._add_image(index, slot[1])
+                slot = next(slots, None)
+                continue
             self.token_ids.append(token_id)
-            self.message_index.append(self._run_index[bisect.bisect_right(starts, start) - 1])
+            self.message_index.append(index)
             self.sampled_mask.append(False)
+        if slot is not None:
+            raise RenderError(f"internal error: the image placeholder at character {slot[0]} was not tokenized")
         self._run.clear()
         self._run_index.clear()
+        self._slots.clear()
+        self._run_chars = 0
 
     def _encode(self, text: str, starts: list[int]) -> list[tuple[int, int]]:
         """(id, start offset) of each token of a run. Where content holds special-token text, the

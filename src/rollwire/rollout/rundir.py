@@ -25,19 +25,21 @@ def all_ids(config: RunConfig) -> list[str]:
 
 
 def make_engine(renderer: Renderer, model_dir: str | Path, server: str | Sequence[str] | None = None,
-                served_name: str | None = None, retry_deadline: float = 60.0) -> Any:
-    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability), a pool of
-    clients when it names several URLs, else the embedded engine on `model_dir`."""
+                served_name: str | None = None, retry_deadline: float = 60.0, wire: str = "auto") -> Any:
+    """The vLLM client for `server` (retrying for `retry_deadline` s of unavailability, images sent
+    as `wire` says: features, content-parts or auto), a pool of clients when it names several URLs,
+    else the embedded engine on `model_dir`."""
     if server is not None and not isinstance(server, str):
         if len(server) > 1:
             from rollwire.engines.pool import EnginePool
 
-            return EnginePool.for_renderer(server, renderer, model=served_name, deadline_s=retry_deadline)
+            return EnginePool.for_renderer(server, renderer, model=served_name, deadline_s=retry_deadline,
+                                           wire=wire)
         server = server[0] if server else None
     if server:
         from rollwire.engines.vllm import RetryPolicy, VLLMEngine
 
-        return VLLMEngine.for_renderer(server, renderer, model=served_name,
+        return VLLMEngine.for_renderer(server, renderer, model=served_name, wire=wire,
                                        retry=RetryPolicy(deadline_s=retry_deadline))
     from rollwire.engines.local import LocalEngine
 
@@ -55,6 +57,7 @@ async def run_to_dir(
     served_name: str | None = None,
     retry_deadline: float = 60.0,
     progress: bool = False,
+    wire: str = "auto",
     resolved: Mapping[str, Any] | None = None,
     worker: str | None = None,
     only: Collection[str] | None = None,
@@ -81,7 +84,7 @@ async def run_to_dir(
     store = renderer.feature_store if renderer.feature_store is not None else FeatureStore()
     own = engine is None
     if own and server:
-        engine = make_engine(renderer, model, server, served_name, retry_deadline)
+        engine = make_engine(renderer, model, server, served_name, retry_deadline, wire)
     try:
         version = None
         if engine is not None:

@@ -1,0 +1,182 @@
+"""`rollwire bench memory`: peak RSS and event-loop lag of K concurrent 8-turn rollouts, one new
+1024² picture per turn, against an instant in-process engine; one subprocess per configuration
+(peak RSS is per process), so configurations cannot inflate each other.
+
+floor = the child's RSS once everything is loaded, before any rollout, + K × (one picture as PIL
+holds it + its uint8 features): each in-flight rollout needs at most its newest, not yet sent
+picture. Loop lag: a 10 ms timer's lateness (p99 and max) while the rollouts run. Baseline
+(smallest K): the same run with rendering on the event loop instead of worker threads.
+
+A child stops itself when its RSS passes a cap (ROLLWIRE_BENCH_RSS_CAP_GIB, default 4.5: the
+machine is shared); its row then says so and gives the turns done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+KS, QUICK_KS = (16, 64, 256), (2, 4)
+TURNS, QUICK_TURNS = 8, 3
+SIDE, QUICK_SIDE = 1024, 256
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _picture(side: int, rollout: int, turn: int) -> Any:
+    from PIL import Image
+
+    rng = np.random.default_rng([rollout, turn])
+    return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def child(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, Any]:
+    import rollwire.rollout.loop as loop_module
+    from rollwire.bench.instant import Pictures, run_rollouts
+    from rollwire.features import FeatureStore
+    from rollwire.render import create_renderer
+    from rollwire.tiny_model import ensure_tiny_model
+
+    renderer: Any = create_renderer(ensure_tiny_model("qwen2_vl"))
+    store: FeatureStore = renderer.feature_store
+    probe = _picture(side, 1 << 20, 0)
+    features = store.get_or_process(probe)
+    per_image = side * side * 4 + features.pixel_values.nbytes  # PIL keeps RGB as 4 bytes a pixel
+    store.clear()
+    del probe, features
+    envs = [Pictures(partial(_picture, side, i), turns) for i in range(k)]
+    idle = _rss()
+    out: dict[str, Any] = {"k": k, "turns": turns, "side": side, "on_loop": on_loop, "idle_rss": idle,
+                           "per_image_bytes": per_image, "capped": False}
+
+    def watch() -> None:
+        while True:
+            if _rss() > cap:
+                out.update(capped=True, peak_rss=_rss(), turns_done=sum(e.turn for e in envs))
+                sys.stdout.write(json.dumps(out) + "\n")
+                sys.stdout.flush()
+                os._exit(0)
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    if on_loop and hasattr(loop_module, "_off_loop"):
+        async def inline(fn: Any, *args: Any) -> Any:
+            return fn(*args)
+
+        loop_module._off_loop = inline
+    elif on_loop:
+        out["on_loop_unavailable"] = True
+    lags: list[float] = []
+
+    async def main() -> list[Any]:
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lags.append(time.perf_counter() - t - 0.01)
+
+        tick = asyncio.ensure_future(ticker())
+        try:
+            return await run_rollouts(renderer, envs, turns)
+        finally:
+            stop.set()
+            await tick
+
+    start = time.perf_counter()
+    results = asyncio.run(main())
+    seconds = time.perf_counter() - start
+    lag = np.array(lags or [0.0]) * 1e3
+    out.update(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds=seconds,
+               rollouts_s=k / seconds, turns_s=sum(len(r.trajectory.steps) for r in results) / seconds,
+               failed=sum(r.trajectory.error is not None for r in results),
+               lag_p99_ms=float(np.percentile(lag, 99)), lag_max_ms=float(lag.max()),
+               errors=[r.trajectory.error.message for r in results if r.trajectory.error][:1])
+    return out
+
+
+def _spawn(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "rollwire.bench.memory", "--k", str(k), "--turns", str(turns), "--side", str(side),
+           "--cap", str(cap), *(["--on-loop"] if on_loop else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory child K={k} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def run(quick: bool = False, ks: tuple[int, ...] | None = None) -> Any:
+    from rollwire.bench.report import Report, Table
+
+    turns, side = (QUICK_TURNS, QUICK_SIDE) if quick else (TURNS, SIDE)
+    ks = ks or (QUICK_KS if quick else KS)
+    cap = int(float(os.environ.get("ROLLWIRE_BENCH_RSS_CAP_GIB", "4.5")) * 2**30)
+    table = Table(["K", "rendering", "peak RSS", "floor", "peak / floor", "loop lag p99 ms", "loop lag max ms",
+                   "rollouts/s", "failed"])
+    rows = []
+    for k in ks:
+        configs = [False, True] if k == min(ks) else [False]
+        for on_loop in configs:
+            r = _spawn(k, turns, side, on_loop, cap)
+            floor = r["idle_rss"] + k * r["per_image_bytes"]
+            r["floor_rss"] = floor
+            rows.append(r)
+            where = "on the loop (baseline)" if on_loop else "worker threads (rollwire)"
+            if r["capped"]:
+                table.add(k, where, f"> {_gib(r['peak_rss'])} (stopped at the cap)", _gib(floor),
+                          f"> {r['peak_rss'] / floor:.2f}×", "—", "—", "—", "—")
+            else:
+                table.add(k, where, _gib(r["peak_rss"]), _gib(floor), f"{r['peak_rss'] / floor:.2f}×",
+                          f"{r['lag_p99_ms']:.0f}", f"{r['lag_max_ms']:.0f}", f"{r['rollouts_s']:.2f}", r["failed"])
+    ours = [r for r in rows if not r["on_loop"]]
+    biggest = ours[-1]
+    summary = (f"K={biggest['k']}: peak RSS {_gib(biggest['peak_rss'])}"
+               f"{' (stopped at the cap)' if biggest['capped'] else ''} vs a floor of {_gib(biggest['floor_rss'])} "
+               f"(target ≤ 4 GB at K=256)")
+    if not biggest["capped"]:
+        summary += f"; loop lag p99 {biggest['lag_p99_ms']:.0f} ms, max {biggest['lag_max_ms']:.0f} ms (target ≤ 50 ms)"
+    return Report(
+        name="memory", command="rollwire bench memory" + (" --quick" if quick else ""), summary=summary + ".",
+        tables=[table],
+        notes=[f"K concurrent {turns}-turn rollouts, one new {side}² noise picture per turn (made when shown), the "
+               "tiny Qwen2-VL renderer, an engine that answers at once; one subprocess per row (peak RSS = its "
+               "ru_maxrss). floor = the child's RSS before the rollouts + K × (one picture as PIL holds it + its "
+               f"uint8 features). Rows that pass the RSS cap ({_gib(cap)}) are stopped there; the machine is shared."],
+        figures={"rows": rows, "cap_bytes": cap},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one memory benchmark configuration (a child process)")
+    parser.add_argument("--k", type=int, required=True)
+    parser.add_argument("--turns", type=int, default=TURNS)
+    parser.add_argument("--side", type=int, default=SIDE)
+    parser.add_argument("--cap", type=int, default=9 * 2**29)
+    parser.add_argument("--on-loop", action="store_true")
+    args = parser.parse_args()
+    sys.stdout.write(json.dumps(child(args.k, args.turns, args.side, args.on_loop, args.cap)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""`rollwire bench render`: what building turn T's prompt costs, at T = 4 .. 64, one new image per turn.
+
+- rollwire: `renderer.bridge` (previous prompt + completion + the new message only);
+- HF: `processor.apply_chat_template(tokenize=True)` over the whole conversation (every image
+  processed again: the re-render each turn that most stacks do);
+- renderers 0.1.12 (the seed library): `Qwen3VLRenderer.bridge_to_next_turn` on the same tokenizer
+  and HF image processor, when it is importable (timing only: its template is Qwen3-VL's);
+- floor: resize the new image + one copy of its rows + one tokenizer call over the new message's
+  text (what any renderer must do; no hashing, no checks).
+
+Each repetition brings a new picture (a feature-store miss, like a real turn), and all paths are
+timed on the same picture in turn, so load on the shared machine falls on each alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from rollwire.bench.images import photo
+from rollwire.bench.report import Report, Table, cpu_clock
+from rollwire.features.qwen_vl import smart_resize
+from rollwire.render import create_renderer
+from rollwire.render.tokens import TextTokenizer
+from rollwire.tiny_model import ensure_tiny_model
+
+TURNS = (4, 8, 16, 32, 64)
+QUICK_TURNS = (2, 4)
+SIDE = (640, 480)
+QUICK_SIDE = (160, 120)
+ANSWER = "The red square moved to the left and is a little smaller than before."
+
+
+def user(k: int, side: tuple[int, int]) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image", "image": photo(*side, seed=k)},
+                                        {"type": "text", "text": f"Turn {k}: what changed since the last picture?"}]}
+
+
+def hf_processor(model_dir: Any) -> tuple[Any, str]:
+    try:
+        from transformers import AutoProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+        processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))
+        return processor, ""
+    except Exception as exc:  # transformers or torchvision missing: the column says why
+        return None, f"HF processor unavailable: {type(exc).__name__}: {exc}"
+
+
+def seed_renderer(model_dir: Any, processor: Any) -> tuple[Any, str]:
+    try:
+        import renderers  # the seed library, renderers==0.1.12 (scripts/setup_baselines.sh)
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None, ("renderers 0.1.12 not importable here: run scripts/setup_baselines.sh and this command "
+                      "with .venv-baselines/bin/python")
+    if processor is None:
+        return None, "renderers needs the HF processor"
+    return renderers.Qwen3VLRenderer(AutoTokenizer.from_pretrained(str(model_dir)), processor=processor), ""
+
+
+class _Recorder:
+    """Records the strings a tokenizer is asked to encode (the floor tokenizes the same text once)."""
+
+    def __init__(self, tok: TextTokenizer) -> None:
+        self.tok, self.texts = tok, list[str]()
+        self._encode = tok.encode
+
+    def __enter__(self) -> _Recorder:
+        def encode(text: str) -> Any:
+            self.texts.append(text)
+            return self._encode(text)
+
+        self.tok.encode = encode  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.tok.encode
+
+
+def _timed(fn: Callable[[], object], kept: list[object]) -> float:
+    t = cpu_clock()
+    kept.append(fn())
+    return cpu_clock() - t
+
+
+def _floor(image: Any, size: tuple[int, int], resample: int, pixels: np.ndarray, tok: TextTokenizer,
+           texts: list[str]) -> object:
+    """Resize the new image, copy its rows once, tokenize the new text once."""
+    return image.resize(size, resample), np.copy(pixels), [tok.backend.encode(t, add_special_tokens=False)
+                                                           for t in texts]
+
+
+def run(quick: bool = False) -> Report:
+    model_dir = ensure_tiny_model("qwen2_vl")
+    renderer: Any = create_renderer(model_dir)
+    processor, hf_why = hf_processor(model_dir)
+    seed, seed_why = seed_renderer(model_dir, processor)
+    side = QUICK_SIDE if quick else SIDE
+    turns = QUICK_TURNS if quick else TURNS
+    reps = 2 if quick else 5
+    store = renderer.feature_store
+    assert store is not None
+    config: Any = store.config
+    resample = int(getattr(config, "resample", 3))
+    new_h, new_w = smart_resize(side[1], side[0], config.factor, config.min_pixels, config.max_pixels)
+    tok = renderer.tokenizer
+    completion = [*tok.encode_ids(ANSWER), renderer.im_end_id]
+
+    table = Table(["T", "rollwire ms", "floor ms", "rollwire / floor", "HF re-render ms", "HF / rollwire",
+                   "renderers 0.1.12 ms", "renderers / rollwire"])
+    figures: dict[str, dict[str, float | None]] = {}
+    history = [user(0, side)]
+    prompt = renderer.render(history)
+    seed_prompt = seed.render(history, add_generation_prompt=True).token_ids if seed else None
+    done = 1
+    for T in turns:
+        while done < T - 1:  # grow the conversation to T - 1 turns (untimed)
+            new = user(done, side)
+            prompt = renderer.bridge(prompt, completion, [new]).tokens
+            if seed:
+                seed_prompt = seed.bridge_to_next_turn(seed_prompt, completion, [new]).token_ids
+            history += [{"role": "assistant", "content": ANSWER}, new]
+            done += 1
+        samples: dict[str, list[float]] = {"rollwire": [], "floor": [], "hf": [], "seed": []}
+        kept: list[object] = []
+        for r in range(reps):
+            new = user(10_000 + 100 * T + r, side)
+            with _Recorder(tok) as rec:
+                samples["rollwire"].append(_timed(partial(renderer.bridge, prompt, completion, [new]), kept))
+            bridged = kept[-1].tokens  # type: ignore[attr-defined]
+            pixels = store.get(bridged.images[-1].id).pixel_values
+            samples["floor"].append(_timed(partial(_floor, new["content"][0]["image"], (new_w, new_h), resample,
+                                                   pixels, tok, list(rec.texts)), kept))
+            if processor is not None and (T <= 32 or r < 2):
+                conversation = [*history, {"role": "assistant", "content": ANSWER}, new]
+                samples["hf"].append(_timed(partial(processor.apply_chat_template, conversation, tokenize=True,
+                                                    return_dict=True, return_tensors="np",
+                                                    add_generation_prompt=True), kept))
+            if seed is not None:
+                samples["seed"].append(_timed(partial(seed.bridge_to_next_turn, seed_prompt, completion, [new]),
+                                              kept))
+            kept.clear()
+        ms = {k: statistics.median(v) * 1e3 if v else None for k, v in samples.items()}
+        ours, fl, hf, sd = ms["rollwire"], ms["floor"], ms["hf"], ms["seed"]
+        assert ours is not None and fl is not None
+        table.add(T, f"{ours:.2f}", f"{fl:.2f}", f"{ours / fl:.2f}×", f"{hf:.1f}" if hf else "—",
+                  f"{hf / ours:.1f}×" if hf else "—", f"{sd:.2f}" if sd else "—", f"{sd / ours:.2f}×" if sd else "—")
+        figures[str(T)] = {"rollwire_ms": ours, "floor_ms": fl, "hf_ms": hf, "renderers_ms": sd,
+                           "rollwire_vs_floor": ours / fl, "hf_vs_rollwire": hf / ours if hf else None,
+                           "renderers_vs_rollwire": sd / ours if sd else None}
+    worst = max(f["rollwire_vs_floor"] or 0.0 for f in figures.values())
+    notes = [f"{side[0]}×{side[1]} photo-like pictures (resized to {new_w}×{new_h}), one per user turn, on the tiny "
+             f"Qwen2-VL model's tokenizer and processor; median of {reps} turns per T, each with a new picture. "
+             "rollwire's cost includes the BLAKE3 image id; the floor's does not. Times are the thread's CPU time "
+             "(other jobs on the shared machine do not count)."]
+    notes += [why for why in (hf_why, seed_why) if why]
+    return Report(
+        name="render", command="rollwire bench render" + (" --quick" if quick else ""),
+        summary=(f"per-turn prompt cost at worst {worst:.2f}× the floor (target ≤ 1.2×), flat in T; the HF re-render "
+                 "grows with T."),
+        tables=[table], notes=notes, figures={"turns": figures, "worst_rollwire_vs_floor": worst,
+                                              "hf": not hf_why, "renderers": not seed_why},
+    )
