@@ -21,7 +21,6 @@ import pytest
 
 from conftest import FIGURES
 from rollwire.errors import SampleError
-from rollwire.rollout.types import Step
 from rollwire.training import (
     RopeIndex,
     Sample,
@@ -80,20 +79,21 @@ def test_loss_mask_and_logprobs_align_with_the_sampled_turns(shapes_run: Run, sa
 
 
 def test_policy_version_is_the_oldest_trained_steps(shapes_run: Run) -> None:
-    """A rollout whose steps record `policy_version` (a weight update mid-rollout) gives the oldest."""
-
-    class VersionedStep(Step, frozen=True, kw_only=True):
-        policy_version: int | None = None
-
+    """A rollout whose steps record `policy_version` (a weight update mid-rollout) gives the oldest:
+    the smallest number, or the first sampled label when the server's labels are not numbers."""
     trajectory = next(t for t in shapes_run.trajectories.values() if len(t.steps) == TURNS)
-    versioned = [VersionedStep(**msgspec.structs.asdict(s), policy_version=v)
+    versioned = [msgspec.structs.replace(s, policy_version=v)
                  for s, v in zip(trajectory.steps, (7, 5, 6), strict=True)]
     builder = SampleBuilder.for_renderer(shapes_run.renderer)
     shapes_run.reader.load_features(builder.features, trajectory)  # type: ignore[arg-type]
     [sample] = builder.build(msgspec.structs.replace(trajectory, steps=versioned))
     assert sample.policy_version == 5 and sample.policy_versions == (7, 5, 6)
-    bad = [msgspec.structs.replace(versioned[0], policy_version="v1"), *versioned[1:]]  # type: ignore[arg-type]
-    with pytest.raises(SampleError, match="policy_version must be an int"):
+    labelled = [msgspec.structs.replace(s, policy_version=v) for s, v in zip(trajectory.steps, ("b", "a", "c"),
+                                                                             strict=True)]
+    [sample] = builder.build(msgspec.structs.replace(trajectory, steps=labelled))
+    assert sample.policy_version == "b" and sample.policy_versions == ("b", "a", "c")
+    bad = [msgspec.structs.replace(versioned[0], policy_version=1.5), *versioned[1:]]  # type: ignore[arg-type]
+    with pytest.raises(SampleError, match="policy_version must be an int or a str"):
         builder.build(msgspec.structs.replace(trajectory, steps=bad))
     with pytest.raises(SampleError, match="temperature"):
         SampleBuilder.for_renderer(shapes_run.renderer, temperature=float("nan"))

@@ -70,8 +70,8 @@ class Sample:
     reward: float | None = None
     advantage: float | None = None
     temperature: float | None = None
-    policy_version: int | None = None
-    policy_versions: tuple[int | None, ...] = ()  # per merged step
+    policy_version: int | str | None = None
+    policy_versions: tuple[int | str | None, ...] = ()  # per merged step
     finish_reason: str | None = None  # the engine's, of the last trained step (stop / length)
     position_ids: Array | None = None  # (3, L) int64 with a RopeIndex
 
@@ -218,7 +218,7 @@ class SampleBuilder:
             images=refs, step_indices=merged, trajectory_id=trajectory.id, image_inputs=image_inputs,
             env=trajectory.env, prompt_id=prompt_id(trajectory), group_id=group_id(trajectory),
             sample_index=trajectory.sample_index, reward=float(trajectory.reward), temperature=self.temperature,
-            policy_version=min(trained_versions, default=None), policy_versions=versions,
+            policy_version=_oldest(trained_versions), policy_versions=versions,
             finish_reason=steps[trained[-1]].finish_reason, position_ids=positions_out,
         )
 
@@ -310,14 +310,24 @@ def group_id(trajectory: Trajectory) -> str:
     return f"{trajectory.env}-e{trajectory.seed}-p{trajectory.prompt_index}"
 
 
-def _policy_version(step: Step, index: int) -> int | None:
-    """The step's `policy_version` when the rollout recorded one (older runs did not)."""
-    version = getattr(step, "policy_version", None)
+def _policy_version(step: Step, index: int) -> int | str | None:
+    """The step's `policy_version`: an int, or the server's label when it is not a number."""
+    version = step.policy_version
     if version is None:
         return None
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise SampleError(f"step {index}: policy_version must be an int, got {type(version).__name__}")
+    if not isinstance(version, int | str) or isinstance(version, bool):
+        raise SampleError(f"step {index}: policy_version must be an int or a str, got {type(version).__name__}")
     return version
+
+
+def _oldest(versions: list[int | str]) -> int | str | None:
+    """The oldest version: the smallest when all are numbers, else the first sampled (steps are in
+    sampling order, and weights only move forward during a rollout)."""
+    if not versions:
+        return None
+    if all(isinstance(v, int) for v in versions):
+        return min(versions)
+    return versions[0]
 
 
 def step_extends(previous: Step, step: Step) -> bool:
