@@ -48,8 +48,13 @@ async def test_run_to_dir_writes_a_run_and_resumes(tiny: Callable[[str], Path], 
     assert manifest["settings"]["env"] == "rollwire.rollout.envs.zoom:ZoomEnv"
     assert manifest["settings"]["env_kwargs"] == {"size": [120, 80]}
     assert manifest["about"]["config"] == {"note": "mine"}
+    # The run ends with its summary.json (what `rollwire inspect` shows): 4 rollouts, 2 turns each.
+    figures = json.loads((out / "summary.json").read_text())
+    assert figures["rollouts"]["done"] == 4 and figures["turns"]["total"] == 8
+    (out / "summary.json").unlink()
     again = await run_to_dir(config, out, model=model, renderer=renderer, engine=ScriptedEngine(renderer, []))
     assert (again.skipped, again.done) == (4, 0)
+    assert json.loads((out / "summary.json").read_text())["rollouts"]["done"] == 4  # written again on resume
 
 
 @pytest.mark.parametrize(("spec", "kwargs", "needle"), [

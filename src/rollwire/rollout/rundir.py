@@ -9,11 +9,13 @@ the store reads rollout types, and the embedded engine needs torch.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rollwire.engines.types import Engine
+from rollwire.errors import RollwireError
 from rollwire.render.types import Renderer
 from rollwire.rollout.env import make_env
 from rollwire.rollout.runner import RunConfig, RunSummary, run_manifest, run_rollouts, trajectory_id
@@ -103,9 +105,24 @@ async def run_to_dir(
             skip = set(writer.done_ids)
             if only is not None:
                 skip |= set(all_ids(config)) - set(only)
-            return await run_rollouts(
+            summary = await run_rollouts(
                 config, renderer, engine, skip_ids=skip, progress=progress, archive=writer,
                 on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals))
+        if worker is None:  # a Ray run's driver writes it once the workers are done
+            await asyncio.to_thread(write_run_summary, Path(out))
+        return summary
     finally:
         if own and engine is not None:
             await engine.close()
+
+
+def write_run_summary(out: Path) -> None:
+    """The run's `summary.json` (what `rollwire inspect` shows). A failure here loses no rollout:
+    the rows are written; it is reported as a warning and `rollwire inspect` writes it again."""
+    from rollwire.view import write_summary
+
+    try:
+        write_summary(out)
+    except (RollwireError, OSError) as exc:
+        warnings.warn(f"could not write {out / 'summary.json'}: {exc} (rerun `rollwire inspect {out}`)",
+                      stacklevel=2)

@@ -24,7 +24,7 @@ from typing import Any
 
 from rollwire.errors import RolloutConfigError, RollwireError
 from rollwire.rollout.loop import RolloutConfig
-from rollwire.rollout.rundir import run_to_dir
+from rollwire.rollout.rundir import run_to_dir, write_run_summary
 from rollwire.rollout.runner import RunConfig, RunSummary, run_manifest, trajectory_id
 
 
@@ -152,6 +152,7 @@ def run_on_ray(
     finally:
         if started:
             ray.shutdown()
+    write_run_summary(Path(out))  # of the merged run, once every worker is done
     return merge_summaries(parts, skipped=len(done), seconds=time.perf_counter() - start), lost
 
 
