@@ -6,32 +6,20 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import doc_blocks
 from rollwire.config import read_config_file, resolve_settings
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "write-an-environment.md"
-BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
-
-
-def blocks() -> list[tuple[str, str]]:
-    return BLOCK.findall(DOC.read_text())
+PAGE = "write-an-environment.md"
 
 
 def files() -> dict[str, str]:
-    """Code blocks whose first line is `# <file name>`."""
-    out = {}
-    for _lang, body in blocks():
-        first = body.splitlines()[0]
-        if re.fullmatch(r"# [\w.]+\.(py|toml)", first):
-            out[first[2:]] = body
-    return out
+    return doc_blocks.files(PAGE)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +36,7 @@ def test_the_environment_is_about_40_lines() -> None:
 
 
 def commands() -> list[list[str]]:
-    return [shlex.split(line)[1:] for lang, body in blocks() if lang == "bash" for line in body.splitlines()
-            if line.startswith("rollwire rollout")]
+    return [args for args in doc_blocks.rollwire_commands(PAGE) if args[0] == "rollout"]
 
 
 def test_the_command_runs_through_the_cli(workdir: Path, cache_dir: Path) -> None:
@@ -86,7 +73,7 @@ def test_the_dataset_command_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch
     from rollwire.store import RunReader
 
     args = next(a for a in commands() if "dataset" in a)
-    (workdir / "rows.jsonl").write_text(next(body for lang, body in blocks() if lang == "jsonl"))
+    (workdir / "rows.jsonl").write_text(doc_blocks.blocks(PAGE, "jsonl")[0])
     Image.new("RGB", (64, 48), "white").save(workdir / "dots.png")
     monkeypatch.chdir(workdir)
     monkeypatch.syspath_prepend(str(workdir))

@@ -5,7 +5,6 @@ the values they leave behind."""
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
@@ -13,13 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import doc_blocks
 from rollwire.cli import app
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "read-a-run.md"
+PAGE = "read-a-run.md"
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
+    return doc_blocks.blocks(PAGE, language)
 
 
 def test_read_a_run_doc_runs(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,7 +33,7 @@ def test_read_a_run_doc_runs(cache_dir: Path, tmp_path: Path, monkeypatch: pytes
     assert len(python) >= 4
     namespace: dict[str, object] = {}
     for k, code in enumerate(python):
-        exec(compile(code, f"{DOC.name}, python block {k + 1}", "exec"), namespace)
+        exec(compile(code, f"{PAGE}, python block {k + 1}", "exec"), namespace)
     samples = namespace["samples"]
     assert isinstance(samples, list) and len(samples) >= 4
     assert all(s.advantage is not None and s.position_ids is not None for s in samples)

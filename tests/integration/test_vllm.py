@@ -377,3 +377,14 @@ def test_the_openai_front_over_vllm_samples_what_the_engine_samples(server: Serv
     assert [c.token for c in answer.choices[0].logprobs.content] == [renderer.decode([t]) for t in ids]  # type: ignore[union-attr]
     (trajectory,) = RunReader(tmp_path).trajectories()
     assert trajectory.steps[0].completion_ids == ids
+
+
+def test_the_docs_pages_run_against_vllm(server: Server, tmp_path: Path, cache_dir: Path) -> None:
+    """docs/run-against-vllm.md as written, against this server: the write-an-environment page's
+    environment from the CLI (`--server`), and the Python block in both wire modes."""
+    if server.family != "qwen2_vl":
+        pytest.skip("the pages are run once, on the qwen2_vl server")
+    from test_doc_run_against_vllm import run_page
+
+    namespace = run_page(server.url, server.model_dir, tmp_path, cache_dir)
+    assert namespace["features"] == namespace["content_parts"] and len(namespace["features"]) >= 1
