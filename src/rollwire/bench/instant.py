@@ -54,9 +54,18 @@ class Instant:
         pass
 
 
-async def run_rollouts(renderer: Any, envs: Sequence[Pictures], turns: int, engine: Any | None = None) -> list[Any]:
-    """Run one rollout per environment concurrently; the results in order."""
+async def run_rollouts(renderer: Any, envs: Sequence[Pictures], turns: int, engine: Any | None = None,
+                       writer: Any | None = None) -> list[Any]:
+    """Run one rollout per environment concurrently; the results in order. With `writer` (a
+    `RunWriter`) the rollouts archive their images there and each is written when it ends, as
+    `rollwire rollout` does; without one they hold their originals (library use)."""
     engine = engine or Instant(renderer)
     config = RolloutConfig(max_turns=turns, max_tokens=16, max_total_tokens=1 << 22)
-    return await asyncio.gather(*(run_rollout(env, renderer, engine, config, seed=i, trajectory_id=f"r{i}")
-                                  for i, env in enumerate(envs)))
+
+    async def one(i: int, env: Pictures) -> Any:
+        result = await run_rollout(env, renderer, engine, config, seed=i, trajectory_id=f"r{i}", archive=writer)
+        if writer is not None:
+            await asyncio.to_thread(writer.write, result.trajectory, result.originals)
+        return result
+
+    return await asyncio.gather(*(one(i, env) for i, env in enumerate(envs)))

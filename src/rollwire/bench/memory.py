@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 KS, QUICK_KS = (16, 64, 256), (2, 4)
+STORE_GIB = 1.0  # the feature store's bound in these runs (FeatureStore(max_bytes=...))
 TURNS, QUICK_TURNS = 8, 3
 SIDE, QUICK_SIDE = 1024, 256
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -45,15 +46,22 @@ def _picture(side: int, rollout: int, turn: int) -> Any:
     return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
-def child(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, Any]:
+def child(k: int, turns: int, side: int, on_loop: bool, cap: int, *, archive: bool = True,
+          store_gib: float = STORE_GIB) -> dict[str, Any]:
+    import tempfile
+
     import rollwire.rollout.loop as loop_module
     from rollwire.bench.instant import Pictures, run_rollouts
     from rollwire.features import FeatureStore
     from rollwire.render import create_renderer
+    from rollwire.store import RunWriter
     from rollwire.tiny_model import ensure_tiny_model
 
-    renderer: Any = create_renderer(ensure_tiny_model("qwen2_vl"))
-    store: FeatureStore = renderer.feature_store
+    model = ensure_tiny_model("qwen2_vl")
+    default_store = create_renderer(model).feature_store
+    assert default_store is not None
+    store = FeatureStore(default_store.config, max_bytes=int(store_gib * 2**30))
+    renderer: Any = create_renderer(model, feature_store=store)
     probe = _picture(side, 1 << 20, 0)
     features = store.get_or_process(probe)
     per_image = side * side * 4 + features.pixel_values.nbytes  # PIL keeps RGB as 4 bytes a pixel
@@ -62,7 +70,8 @@ def child(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, A
     envs = [Pictures(partial(_picture, side, i), turns) for i in range(k)]
     idle = _rss()
     out: dict[str, Any] = {"k": k, "turns": turns, "side": side, "on_loop": on_loop, "idle_rss": idle,
-                           "per_image_bytes": per_image, "capped": False}
+                           "per_image_bytes": per_image, "capped": False, "archive": archive,
+                           "store_bytes": store.max_bytes}
 
     def watch() -> None:
         while True:
@@ -94,7 +103,10 @@ def child(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, A
 
         tick = asyncio.ensure_future(ticker())
         try:
-            return await run_rollouts(renderer, envs, turns)
+            if not archive:
+                return await run_rollouts(renderer, envs, turns)
+            with tempfile.TemporaryDirectory(prefix="rollwire-bench-") as run_dir, RunWriter(run_dir, store) as writer:
+                return await run_rollouts(renderer, envs, turns, writer=writer)
         finally:
             stop.set()
             await tick
@@ -107,13 +119,14 @@ def child(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, A
                rollouts_s=k / seconds, turns_s=sum(len(r.trajectory.steps) for r in results) / seconds,
                failed=sum(r.trajectory.error is not None for r in results),
                lag_p99_ms=float(np.percentile(lag, 99)), lag_max_ms=float(lag.max()),
+               processed_twice=store.stats().misses - k * turns + store.stats().reloaded,
                errors=[r.trajectory.error.message for r in results if r.trajectory.error][:1])
     return out
 
 
-def _spawn(k: int, turns: int, side: int, on_loop: bool, cap: int) -> dict[str, Any]:
+def _spawn(k: int, turns: int, side: int, on_loop: bool, cap: int, archive: bool = True) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "rollwire.bench.memory", "--k", str(k), "--turns", str(turns), "--side", str(side),
-           "--cap", str(cap), *(["--on-loop"] if on_loop else [])]
+           "--cap", str(cap), *(["--on-loop"] if on_loop else []), *([] if archive else ["--hold-originals"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -136,33 +149,39 @@ def run(quick: bool = False, ks: tuple[int, ...] | None = None) -> Any:
                    "rollouts/s", "failed"])
     rows = []
     for k in ks:
-        configs = [False, True] if k == min(ks) else [False]
-        for on_loop in configs:
-            r = _spawn(k, turns, side, on_loop, cap)
+        # rollwire (a run directory archives each image when first seen); the baselines: every image
+        # held until its rollout ends (no archive, as before), and, at the smallest K, rendering on the loop.
+        configs = [(False, True), (False, False)] + ([(True, True)] if k == min(ks) else [])
+        for on_loop, archive in configs:
+            r = _spawn(k, turns, side, on_loop, cap, archive)
             floor = r["idle_rss"] + k * r["per_image_bytes"]
             r["floor_rss"] = floor
             rows.append(r)
-            where = "on the loop (baseline)" if on_loop else "worker threads (rollwire)"
+            where = ("rendering on the loop (baseline)" if on_loop else
+                     "rollwire: ids only, images archived" if archive else "every image held (baseline)")
             if r["capped"]:
                 table.add(k, where, f"> {_gib(r['peak_rss'])} (stopped at the cap)", _gib(floor),
                           f"> {r['peak_rss'] / floor:.2f}×", "—", "—", "—", "—")
             else:
                 table.add(k, where, _gib(r["peak_rss"]), _gib(floor), f"{r['peak_rss'] / floor:.2f}×",
                           f"{r['lag_p99_ms']:.0f}", f"{r['lag_max_ms']:.0f}", f"{r['rollouts_s']:.2f}", r["failed"])
-    ours = [r for r in rows if not r["on_loop"]]
+    ours = [r for r in rows if not r["on_loop"] and r["archive"]]
     biggest = ours[-1]
     summary = (f"K={biggest['k']}: peak RSS {_gib(biggest['peak_rss'])}"
                f"{' (stopped at the cap)' if biggest['capped'] else ''} vs a floor of {_gib(biggest['floor_rss'])} "
                f"(target ≤ 4 GB at K=256)")
     if not biggest["capped"]:
-        summary += f"; loop lag p99 {biggest['lag_p99_ms']:.0f} ms, max {biggest['lag_max_ms']:.0f} ms (target ≤ 50 ms)"
+        summary += (f"; loop lag p99 {biggest['lag_p99_ms']:.0f} ms, max {biggest['lag_max_ms']:.0f} ms "
+                    f"(target ≤ 50 ms); {biggest['processed_twice']} images processed again after an eviction")
     return Report(
         name="memory", command="rollwire bench memory" + (" --quick" if quick else ""), summary=summary + ".",
         tables=[table],
         notes=[f"K concurrent {turns}-turn rollouts, one new {side}² noise picture per turn (made when shown), the "
                "tiny Qwen2-VL renderer, an engine that answers at once; one subprocess per row (peak RSS = its "
                "ru_maxrss). floor = the child's RSS before the rollouts + K × (one picture as PIL holds it + its "
-               f"uint8 features). Rows that pass the RSS cap ({_gib(cap)}) are stopped there; the machine is shared."],
+               f"uint8 features). Rows that pass the RSS cap ({_gib(cap)}) are stopped there; the machine is shared. "
+               f"The feature store is bounded at {STORE_GIB:g} GiB; rollwire's rows write a run directory (each image "
+               "archived when first seen, rows written as rollouts end), as `rollwire rollout` does."],
         figures={"rows": rows, "cap_bytes": cap},
     )
 
@@ -174,8 +193,10 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=SIDE)
     parser.add_argument("--cap", type=int, default=9 * 2**29)
     parser.add_argument("--on-loop", action="store_true")
+    parser.add_argument("--hold-originals", action="store_true", help="no run directory: rollouts hold originals")
     args = parser.parse_args()
-    sys.stdout.write(json.dumps(child(args.k, args.turns, args.side, args.on_loop, args.cap)) + "\n")
+    result = child(args.k, args.turns, args.side, args.on_loop, args.cap, archive=not args.hold_originals)
+    sys.stdout.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
