@@ -270,6 +270,7 @@ def test_wandb_without_wandb_is_a_typed_error(view_runs: dict[str, Path], tmp_pa
         require_wandb()
     run = tmp_path / "run"
     shutil.copytree(view_runs["shapes"], run)
+    (run / SUMMARY).unlink(missing_ok=True)  # the run wrote one when it ended
     result = CliRunner().invoke(app, ["inspect", str(run), "--wandb"])
     assert result.exit_code == 2 and "MissingExtraError" in result.output and "rollwire[wandb]" in result.output
     assert not (run / SUMMARY).exists()  # nothing done before the missing extra was found

@@ -24,11 +24,16 @@ forgets those ids and the client re-sends in full.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rollwire.features import FeatureStore
+    from rollwire.render.types import ImageRef
 
 DEFAULT_SERVER_CACHE_BYTES = 4 * 2**30  # vLLM's --mm-processor-cache-gb default
 
@@ -200,3 +205,10 @@ def data_parallel_engines(metrics: str) -> int:
     """How many engines a vLLM server's Prometheus `/metrics` reports (one `engine` label value per
     data-parallel rank behind its internal load balancer; 1 when it names none)."""
     return max(1, len({m for m in _ENGINE_LABEL.findall(metrics[:4_000_000]) if m}))
+
+
+def held_sizes(images: Sequence[ImageRef], store: FeatureStore | None, pixel_format: str | None) -> dict[str, int]:
+    """Bytes a server's cache keeps per image (its pixels as sent), for the held set's bound."""
+    itemsize = 1 if pixel_format in (None, "uint8") else (2 if pixel_format == "bfloat16" else 4)
+    row = store.config.row_size if store is not None else 0
+    return {ref.id: math.prod(ref.grid_thw) * row * itemsize for ref in images}

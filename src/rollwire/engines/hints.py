@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rollwire.errors import ServerError, ServerPausedError
+
 RUST_FRONTEND = ("the opt-in Rust frontend (VLLM_USE_RUST_FRONTEND=1) has no `features` support: "
                  "use --wire content-parts (or auto), or unset VLLM_USE_RUST_FRONTEND")
 ENGINE_DEAD = ("EngineCore encountered an issue", "Engine loop is not running", "EngineDeadError",
@@ -56,3 +58,15 @@ def is_engine_dead(status: int | None, message: str) -> bool:
 def is_content_cache_miss(status: int | None, message: str) -> bool:
     """vLLM's answer to a `content_parts` item sent by uuid only that its cache no longer holds."""
     return status is not None and status in (400, 500) and "cache miss for image" in message.lower()
+
+
+def give_up_error(base_url: str, status: int | None, error: str, *, attempts: int, elapsed: float,
+                  deadline_s: float | None) -> ServerError:
+    """The error for a request that failed past the retry deadline: a pause that outlasted it is
+    named as one (and what ends it), anything else is a `ServerError` with the last answer."""
+    if is_paused(status, error):
+        return ServerPausedError(
+            f"{base_url} kept answering 503 'Generation is paused' for {elapsed:.1f} s, past the retry deadline "
+            f"({deadline_s} s): resume it (POST /resume) or allow a longer pause with RetryPolicy(deadline_s=...)",
+            status=status)
+    return ServerError(f"{base_url} failed after {attempts} attempts in {elapsed:.1f} s: {error}", status=status)

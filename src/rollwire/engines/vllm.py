@@ -16,7 +16,6 @@ images are re-sent in full once before the retry policy (retry.py) applies. hint
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from rollwire.errors import (
     InvalidRequestError,
     PixelFormatError,
     ServerError,
-    ServerPausedError,
     UnsupportedServerError,
     WireError,
 )
@@ -41,8 +39,8 @@ from rollwire.render.types import Renderer
 
 from . import content_parts as cp
 from .checks import check_request
-from .held import DEFAULT_SERVER_CACHE_BYTES, HeldImages, data_parallel_engines, weight_versions
-from .hints import RUST_FRONTEND, is_content_cache_miss, is_engine_dead, is_paused, server_hint
+from .held import DEFAULT_SERVER_CACHE_BYTES, HeldImages, data_parallel_engines, held_sizes, weight_versions
+from .hints import RUST_FRONTEND, give_up_error, is_content_cache_miss, is_engine_dead, server_hint
 from .http import ServerConnection
 from .pixel_format import settle_pixel_format
 from .retry import RetryPolicy
@@ -205,7 +203,8 @@ class VLLMEngine:
             result, versions = await self._exchange(request, set(plan.by_id))
             ok, aborted = True, any(c.finish_reason == "abort" for c in result.completions)
         finally:
-            self.held.settle(plan, ok=ok, sizes=self._held_sizes(request), weight_versions=versions, aborted=aborted)
+            self.held.settle(plan, ok=ok, sizes=held_sizes(request.images, self.store, self.pixel_format),
+                             weight_versions=versions, aborted=aborted)
         return result
 
     async def _exchange(self, request: GenerateRequest, by_id: set[str]) -> tuple[GenerateResult, list[str]]:
@@ -246,14 +245,8 @@ class VLLMEngine:
             first_failure = first_failure if first_failure is not None else time.monotonic()
             wait = self.retry.next_delay(attempt, first_failure)
             if wait is None:
-                elapsed = time.monotonic() - first_failure
-                if is_paused(status, error):
-                    raise ServerPausedError(
-                        f"{self.base_url} kept answering 503 'Generation is paused' for {elapsed:.1f} s, past the "
-                        f"retry deadline ({self.retry.deadline_s} s): resume it (POST /resume) or allow a longer "
-                        "pause with RetryPolicy(deadline_s=...)", status=status)
-                raise ServerError(f"{self.base_url} failed after {attempt + 1} attempts in {elapsed:.1f} s: {error}",
-                                  status=status)
+                raise give_up_error(self.base_url, status, error, attempts=attempt + 1,
+                                    elapsed=time.monotonic() - first_failure, deadline_s=self.retry.deadline_s)
             await asyncio.sleep(wait)
             attempt += 1
             self.stats.retries += 1
@@ -290,14 +283,6 @@ class VLLMEngine:
             cp.check_expansion(response, request.prompt_token_ids, request.images, base_url=self.base_url,
                                required=self.wire == "content_parts")
             self._features_checked = self.wire == "features"
-
-    # --- images the server holds (one place) ------------------------------------------------
-
-    def _held_sizes(self, request: GenerateRequest) -> dict[str, int]:
-        """Bytes the server's cache keeps per image (its pixels as sent), for the held set's bound."""
-        itemsize = 1 if self.pixel_format in (None, "uint8") else (2 if self.pixel_format == "bfloat16" else 4)
-        row = self.store.config.row_size if self.store is not None else 0
-        return {ref.id: math.prod(ref.grid_thw) * row * itemsize for ref in request.images}
 
     def forget_server_cache(self) -> None:
         """Assume the server holds no image (e.g. after it was restarted): `new_epoch`."""
