@@ -117,11 +117,14 @@ class HeldImages:
         return Plan(self.epoch, by_id, carry, claims)
 
     def settle(self, plan: Plan, *, ok: bool, sizes: Mapping[str, int] | None = None,
-               weight_versions: Sequence[str] = (), aborted: bool = False) -> None:
+               weight_versions: Sequence[str] = (), aborted: bool = False,
+               carried: Iterable[str] | None = None) -> None:
         """The request's outcome: on a 200 (`ok`) in the plan's epoch its carried images are held.
 
-        `weight_versions` are the versions the response names (in order), `aborted` whether a
-        choice finished with `abort`; either may start a new epoch (see the module docstring).
+        `carried` is what the answered attempt really carried (the plan's carry, plus any id-only
+        image it re-sent in full after a miss; default: the plan's). `weight_versions` are the
+        versions the response names (in order), `aborted` whether a choice finished with `abort`;
+        either may start a new epoch (see the module docstring).
         """
         try:
             epoch = plan.epoch
@@ -132,7 +135,7 @@ class HeldImages:
                     epoch = self.epoch
                 ok = self._observe(weight_versions, aborted)
             if ok and self.enabled and epoch == self.epoch:
-                for image_id in plan.carry:
+                for image_id in plan.carry if carried is None else set(carried):
                     self._hold(image_id, (sizes or {}).get(image_id, 0))
         finally:
             for image_id, claim in plan._claims.items():

@@ -198,17 +198,20 @@ class VLLMEngine:
 
     async def _generate(self, request: GenerateRequest) -> GenerateResult:
         plan = await self.held.plan(ref.id for ref in request.images)
-        ok, versions, aborted = False, list[str](), False
+        ok, versions, aborted, by_id = False, list[str](), False, set(plan.by_id)
         try:
-            result, versions = await self._exchange(request, set(plan.by_id))
+            result, versions = await self._exchange(request, by_id)  # by_id: what the last attempt sent by id
             ok, aborted = True, any(c.finish_reason == "abort" for c in result.completions)
         finally:
             self.held.settle(plan, ok=ok, sizes=held_sizes(request.images, self.store, self.pixel_format),
-                             weight_versions=versions, aborted=aborted)
+                             weight_versions=versions, aborted=aborted,
+                             carried={ref.id for ref in request.images} - by_id)
         return result
 
     async def _exchange(self, request: GenerateRequest, by_id: set[str]) -> tuple[GenerateResult, list[str]]:
-        """Send (and re-send) until a parsed 200: the result and the weight versions it names."""
+        """Send (and re-send) until a parsed 200: the result and the weight versions it names. `by_id`
+        is emptied in place when the images must go in full (a cache miss; the server unreachable, so
+        perhaps restarted). Bytes count only for attempts the server answered."""
         start = time.perf_counter()
         sent = image_bytes = misses = attempt = 0
         first_failure: float | None = None
@@ -216,12 +219,14 @@ class VLLMEngine:
         while True:
             body, nbytes, check = (await asyncio.to_thread(self._body, request, by_id) if request.images
                                    else self._body(request, by_id))  # image encoding runs off the event loop
-            sent, image_bytes = sent + len(body), image_bytes + nbytes
-            self.stats.bytes_sent += len(body)
-            self.stats.image_bytes_sent += nbytes
             status, response, error = await self._http.generate(body, headers)
             if status is None:
                 self.held.unreachable()
+                by_id.clear()  # it may have restarted without its cache: the retry carries every image
+            else:
+                sent, image_bytes = sent + len(body), image_bytes + nbytes
+                self.stats.bytes_sent += len(body)
+                self.stats.image_bytes_sent += nbytes
             if response is not None:
                 try:
                     self._check_answer(response, request, check)
@@ -234,7 +239,7 @@ class VLLMEngine:
                 self.stats.cache_misses += 1
                 misses += 1
                 self.held.evicted(by_id)
-                by_id = set()
+                by_id.clear()
                 continue
             if is_engine_dead(status, error):
                 raise EngineDeadError(f"{self.base_url}'s engine core died ({status}: {error}); it does not recover "
