@@ -121,6 +121,24 @@ class JSONHTTPServer(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
 
+class ServedAddress:
+    """`port` and `url` of an app a `JSONHTTPServer` serves: the bound port once started (port 0
+    asks for a free one), else the one asked for."""
+
+    host: str
+    _requested_port: int
+    _httpd: JSONHTTPServer | None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1]) if self._httpd is not None else self._requested_port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "rollwire"

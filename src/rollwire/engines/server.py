@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 
 from rollwire.engines.content_parts import expand
-from rollwire.engines.httpd import JSONHTTPServer, wait_for_signal
+from rollwire.engines.httpd import JSONHTTPServer, ServedAddress, wait_for_signal
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.pausing import GenerationPause
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, SamplingParams
@@ -205,7 +205,7 @@ def _choice(index: int, completion: Completion) -> Choice:
 # --- the server -----------------------------------------------------------------------------------
 
 
-class EngineServer:
+class EngineServer(ServedAddress):
     """A `LocalEngine` served over HTTP in vLLM 0.32's wire format (see the module docstring).
 
     `start()` loads the model and returns once the socket listens (port 0 picks a free one);
@@ -310,15 +310,6 @@ class EngineServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1]) if self._httpd is not None else self._requested_port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
     @property
     def max_model_len(self) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rollwire import __version__
-from rollwire.engines.httpd import JSONHTTPServer, error_body
+from rollwire.engines.httpd import JSONHTTPServer, ServedAddress, error_body
 from rollwire.engines.types import Engine, GenerateRequest, GenerateResult, SamplingParams
 from rollwire.errors import (
     CompletionError,
@@ -77,7 +77,7 @@ class _Failure(Exception):
         self.status, self.body = status, error_body(message, status, kind, param)
 
 
-class FrontServer:
+class FrontServer(ServedAddress):
     """Serves `/v1/chat/completions` and `/v1/models` over an engine, recording sessions to `run_dir`.
 
     `upstream`: a vLLM (or `rollwire serve`) base URL, or None / "embedded" for the in-process
@@ -218,15 +218,6 @@ class FrontServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1]) if self._httpd is not None else self._requested_port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         loop = self._loop
