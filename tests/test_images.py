@@ -409,3 +409,19 @@ def test_hash_timing_sanity() -> None:
     for _ in range(5):
         image_hash(image, "fp")
     print(f"image_hash 1024x1024: {(time.perf_counter() - start) / 5 * 1000:.2f} ms")
+
+
+def test_load_encoded_returns_the_bytes_it_decoded_for_each_kind_of_source(tmp_path):
+    from rollwire.images import load_encoded
+
+    buf = io.BytesIO()
+    Image.new("RGB", (9, 7), (10, 200, 30)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg)
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    for source in (jpeg, path, str(path), path.as_uri(), url):
+        image, data = load_encoded(source)
+        assert data == jpeg and image.size == (9, 7) and image.format == "JPEG"
+    pil = Image.new("RGB", (3, 3))
+    assert load_encoded(pil) == (pil, None)

@@ -46,7 +46,9 @@ __all__ = [
     "ImageLimits",
     "decode_image",
     "image_hash",
+    "load_encoded",
     "load_image",
+    "read_source",
     "to_rgb",
 ]
 
@@ -90,35 +92,62 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
     Encoded sources get their EXIF orientation applied (as `transformers.image_utils.load_image`
     does); a PIL image is taken as given, like the HF processor takes it.
     """
+    return load_encoded(source, limits)[0]
+
+
+def load_encoded(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[Image.Image, bytes | None]:
+    """`load_image`, and the encoded bytes it decoded (None for a PIL image): the original file as the
+    user gave it, to archive or send as it is instead of encoding the pixels again."""
     if isinstance(source, Image.Image):
-        return _checked_pil(source, limits)
+        return _checked_pil(source, limits), None
+    data = read_source(source, limits)
+    return decode_image(data, limits, what=_what(source)), data
+
+
+def read_source(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """The encoded bytes an image source names (bytes, a path, a file/data/http(s) URL), within the
+    limits and not decoded; `ImageSourceError` for a PIL image or anything else."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(source), limits, what="image bytes")
+        return bytes(source)
     if isinstance(source, os.PathLike):
         path = os.fspath(source)
         if not isinstance(path, str):
             raise ImageSourceError(f"image path must be text, got {type(path).__name__}")
-        return decode_image(_read_path(path, limits), limits, what=path)
+        return _read_path(path, limits)
     if not isinstance(source, str):
         raise ImageSourceError(f"unsupported image source type {type(source).__name__}")
     if not source.strip():
         raise ImageSourceError("empty image source")
     lowered = source[:16].lower()
     if lowered.startswith("data:"):
-        return decode_image(_data_url_bytes(source, limits), limits, what="data URL")
+        return _data_url_bytes(source, limits)
     if lowered.startswith("file://"):
-        path = _file_url_path(source)
-        return decode_image(_read_path(path, limits), limits, what=path)
+        return _read_path(_file_url_path(source), limits)
     if lowered.startswith(("http://", "https://")):
         if not limits.allow_remote:
             raise RemoteImageNotAllowedError(
                 f"remote image URLs are disabled (ImageLimits.allow_remote=False): {source[:100]}"
             )
-        return decode_image(_fetch_remote(source, limits), limits, what=source[:100])
+        return _fetch_remote(source, limits)
     scheme, sep, _ = source.partition("://")
     if sep and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         raise ImageSourceError(f"unsupported image URL scheme {scheme!r}")
-    return decode_image(_read_path(source, limits), limits, what=source)
+    return _read_path(source, limits)
+
+
+def _what(source: ImageSource) -> str:
+    """How an error names an encoded source (a path as it is, a URL cut short)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "image bytes"
+    if isinstance(source, os.PathLike):
+        return str(os.fspath(source))
+    assert isinstance(source, str)
+    lowered = source[:16].lower()
+    if lowered.startswith("data:"):
+        return "data URL"
+    if lowered.startswith("file://"):
+        return _file_url_path(source)
+    return source[:100] if lowered.startswith(("http://", "https://")) else source
 
 
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, what: str = "image") -> Image.Image:
