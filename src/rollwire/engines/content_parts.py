@@ -1,9 +1,11 @@
 """The `content_parts` wire mode: encoded images the server processes itself, checked afterwards.
 
-The prompt carries one image-pad token per image (`collapse`); each image goes as a lossless PNG
-data URL with rollwire's content id as `uuid`, and later by `uuid` alone while the server holds
-it. The PNG is the image rollwire's processor resized (rebuilt from its own patch rows), so the
-server's processor, which resizes nothing at that size, sees exactly rollwire's pixels.
+The prompt carries one image-pad token per image (`collapse`); each image goes as a data URL with
+rollwire's content id as `uuid`, and later by `uuid` alone while the server holds it. The data is
+the user's original encoded bytes (`Original`) where the server was found to process that kind of
+image exactly as rollwire does (originals.py asks it once per kind); otherwise a lossless PNG of
+the image rollwire's processor resized (rebuilt from its own patch rows), which the server's
+processor, resizing nothing at that size, reads as exactly rollwire's pixels.
 
 The server expands each pad into the image's run and returns `prompt_token_ids` and
 `mm_placeholders` (`return_token_ids`); `check_expansion` compares them with rollwire's own full
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 from PIL import Image
 
@@ -25,7 +29,9 @@ from rollwire.features import FeatureStore, ImageFeatures, ImageProcessor
 from rollwire.render.types import ImageRef
 
 from .hints import RUST_FRONTEND
+from .types import GenerateRequest
 from .vllm_wire import ContentPart, GenerateResponse, Range
+from .wire import generate_body
 
 
 def collapse(token_ids: Sequence[int], images: Sequence[ImageRef], pad_id: int) -> list[int]:
@@ -85,16 +91,64 @@ def resized_image(features: ImageFeatures, processor: ImageProcessor) -> Image.I
 
 
 def image_url(features: ImageFeatures, processor: ImageProcessor) -> str:
+    """The resized image as a lossless PNG data URL (exact on any server that does not resize it)."""
     buf = io.BytesIO()
     resized_image(features, processor).save(buf, format="PNG", compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def content_parts(images: Sequence[ImageRef], store: FeatureStore, *,
-                  by_id_only: Collection[str] = ()) -> tuple[list[ContentPart], int]:
+@dataclass(frozen=True)
+class Original:
+    """An image's encoded bytes as the user gave them, in a form a server decodes to rollwire's RGB
+    pixels: decoded mode RGB, no transparency to composite, no EXIF orientation to apply."""
+
+    data: bytes
+    format: str  # PIL's name: "JPEG", "PNG", "WEBP", ...
+    resized: bool  # rollwire's processor resizes it, so the server's must resize it the same way
+
+    @property
+    def kind(self) -> tuple[str, bool]:
+        """What a server is checked for once: its decoder for the format, its resize if any."""
+        return self.format, self.resized
+
+    def describe(self) -> str:
+        return f"{self.format} images that {'need' if self.resized else 'need no'} resize"
+
+    def url(self) -> str:
+        mime = Image.MIME.get(self.format, f"image/{self.format.lower()}")
+        return f"data:{mime};base64," + base64.b64encode(self.data).decode("ascii")
+
+
+def original(features: ImageFeatures, store: FeatureStore) -> Original | None:
+    """The image's original, if the store kept its encoded bytes and they can go as they are."""
+    data = store.encoded(features.id)
+    patch = getattr(store.config, "patch_size", None)
+    if data is None or not isinstance(patch, int):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # the header only
+            fmt, mode, size, info = image.format, image.mode, image.size, image.info
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # it decoded once; a header PIL cannot read again goes as the PNG
+        return None
+    if not fmt or mode != "RGB" or "transparency" in info or orientation != 1:
+        return None
+    _, gh, gw = features.grid_thw
+    return Original(data, fmt, resized=(gw * patch, gh * patch) != size)
+
+
+def data_url(features: ImageFeatures, store: FeatureStore, accepts: Callable[[Original], bool] | None = None) -> str:
+    """The original where `accepts` (the server's verdict for its kind) says so, else the PNG."""
+    found = original(features, store) if accepts is not None else None
+    return found.url() if found is not None and accepts is not None and accepts(found) else \
+        image_url(features, store.config)
+
+
+def content_parts(images: Sequence[ImageRef], store: FeatureStore, *, by_id_only: Collection[str] = (),
+                  accepts: Callable[[Original], bool] | None = None) -> tuple[list[ContentPart], int]:
     """One part per image occurrence, in prompt order, and the bytes of image data in them. Held
     ids go by `uuid` only; an image not held goes with its data at every occurrence (vLLM looks
-    all of a request's uuids up before it processes any)."""
+    all of a request's uuids up before it processes any); originals go where `accepts` says."""
     urls: dict[str, str] = {}
     parts: list[ContentPart] = []
     nbytes = 0
@@ -102,10 +156,20 @@ def content_parts(images: Sequence[ImageRef], store: FeatureStore, *,
         if ref.id in by_id_only:
             parts.append(ContentPart("image_url", uuid=ref.id))
             continue
-        url = urls.get(ref.id) or urls.setdefault(ref.id, image_url(store.get(ref.id), store.config))
+        url = urls.get(ref.id) or urls.setdefault(ref.id, data_url(store.get(ref.id), store, accepts))
         nbytes += len(url)
         parts.append(ContentPart("image_url", url=url, uuid=ref.id))
     return parts, nbytes
+
+
+def request_body(request: GenerateRequest, store: FeatureStore, *, model: str, pad_id: int,
+                 by_id_only: Collection[str], accepts: Callable[[Original], bool] | None) -> tuple[bytes, int]:
+    """A content_parts request body (the prompt collapsed, the server asked to return its expansion)
+    and the bytes of image data in it."""
+    parts, nbytes = content_parts(request.images, store, by_id_only=by_id_only, accepts=accepts)
+    prompt = collapse(request.prompt_token_ids, request.images, pad_id)
+    short = msgspec.structs.replace(request, prompt_token_ids=prompt)
+    return generate_body(short, model=model, features=None, content_parts=parts, return_token_ids=True), nbytes
 
 
 def check_expansion(response: GenerateResponse, prompt_token_ids: Sequence[int], images: Sequence[ImageRef],

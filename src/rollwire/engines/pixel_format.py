@@ -75,6 +75,10 @@ async def detect_pixel_format(post_json: PostJson, store: FeatureStore, *, model
         if not np.array_equal(pixels, ours.pixel_values):
             raise PixelFormatError("server uint8 pixels differ from rollwire's for the probe image")
         return "uint8"
+    if dtype_name == "float32" and np.array_equal(pixels, ours.pixel_values):
+        # The HF processor's PIL backend (--mm-processor-kwargs '{"use_fast": false}') hands the unrescaled
+        # values as floats; the server still normalises on its side and takes uint8 rows (measured, vLLM 0.32).
+        return "uint8"
     for name in ("float32", "bfloat16"):
         if dtype_name != name:
             continue

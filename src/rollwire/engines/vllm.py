@@ -1,16 +1,16 @@
 """The vLLM client: rollwire's token ids + images to `POST /inference/v1/generate`.
 
-Before a request leaves: placeholders are valid (DESIGN invariant 3; a too long one kills a vLLM
-0.32 server, a wrong one silently changes the output), the prompt fits `max_model_len`, and images
-go in a form the server reads exactly as rollwire does: `features` (uint8 patches in the format the
-server expects, pixel_format.py) or `content_parts` (one PNG per image, the server's expansion
-checked against rollwire's render, content_parts.py); `auto` takes features where the server can
-render a probe, content_parts where it cannot (the Rust frontend). The body: vllm_wire.py.
+Before a request leaves: placeholders are valid (DESIGN invariant 3; a too long one kills a vLLM 0.32 server,
+a wrong one silently changes the output), the prompt fits `max_model_len`, and images go in a form the server
+reads exactly as rollwire does: `features` (uint8 patches in the format the server expects, pixel_format.py)
+or `content_parts` (the original where the server was found to process it as rollwire does, originals.py, else
+a PNG; the server's expansion checked against rollwire's render, content_parts.py); `auto` takes features where
+the server can render a probe, content_parts where it cannot (the Rust frontend). The body: vllm_wire.py.
 
-Images the server holds go by id only; which ones it holds (per server epoch) and the
-deduplication of new images in flight are held.py's. A miss (eviction, restart, a /pause) is a
-bare 500 in features mode, a 400 naming the image in content_parts mode; either way the request's
-images are re-sent in full once before the retry policy (retry.py) applies. hints.py reads refusals.
+Images the server holds go by id only; which ones it holds (per server epoch) and the deduplication of new
+images in flight are held.py's. A miss (eviction, restart, a /pause) is a bare 500 in features mode, a 400
+naming the image in content_parts mode; either way the request's images are re-sent in full once before the
+retry policy (retry.py) applies. hints.py reads refusals.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .checks import check_request
 from .held import DEFAULT_SERVER_CACHE_BYTES, HeldImages, data_parallel_engines, held_sizes, weight_versions
 from .hints import RUST_FRONTEND, give_up_error, is_content_cache_miss, is_engine_dead, server_hint
 from .http import ServerConnection
+from .originals import ServerOriginals
 from .pixel_format import settle_pixel_format
 from .retry import RetryPolicy
 from .types import GenerateRequest, GenerateResult, Timings
@@ -67,9 +68,9 @@ class VLLMEngine:
                  merge_size: int = 2, model: str | None = None, wire: WireMode | str = "features",
                  pixel_format: PixelFormat | Literal["auto"] = "auto", verify_pixel_format: bool = True,
                  images_by_id: bool | Literal["auto"] = "auto", stop_token_ids: Sequence[int] = (),
-                 banned_token_ids: Sequence[int] = (),
-                 max_in_flight: int = 32, timeout: float = 600.0, connect_timeout: float = 10.0,
-                 retry: RetryPolicy | None = None, server_cache_bytes: int = DEFAULT_SERVER_CACHE_BYTES,
+                 banned_token_ids: Sequence[int] = (), max_in_flight: int = 32, timeout: float = 600.0,
+                 connect_timeout: float = 10.0, retry: RetryPolicy | None = None,
+                 server_cache_bytes: int = DEFAULT_SERVER_CACHE_BYTES,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.store, self.image_pad_id, self.merge_size, self.model = feature_store, image_pad_id, merge_size, model
@@ -82,14 +83,16 @@ class VLLMEngine:
         self.max_model_len: int | None = None
         self.stats = VLLMStats()
         self._semaphore = asyncio.Semaphore(max_in_flight)
-        self._ready_lock, self._ready = asyncio.Lock(), False
+        self._ready_lock, self._ready, self._closed = asyncio.Lock(), False, False
         self._features_checked = False  # one features request has been checked for being honoured
         # Images the server holds, per epoch ("auto": by id unless the server has no image cache).
         self.held = HeldImages(enabled=images_by_id is not False, max_bytes=server_cache_bytes)
-        self._closed = False
         self._http = ServerConnection(self.base_url, retry=self.retry, timeout=timeout,
                                       connect_timeout=connect_timeout, max_in_flight=max_in_flight, transport=transport,
                                       on_retry=self._count_retry)
+        self.originals = ServerOriginals(self._http.post_json, base_url=self.base_url)  # which may go as they are
+        if self.wire == "content_parts" and feature_store is not None:
+            self._use_content_parts(feature_store)
 
     def _count_retry(self) -> None:
         self.stats.retries += 1
@@ -132,8 +135,7 @@ class VLLMEngine:
             self._ready = True
 
     async def _check_image_cache(self) -> None:
-        """Id-only sending needs the server's image cache, which vLLM has only without data-parallel
-        internal load balancing; /metrics names one `engine` per data-parallel rank it serves."""
+        """Id-only sending needs vLLM's image cache, absent with internal-LB data parallelism (/metrics: engines)."""
         metrics = await self._http.text("/metrics")
         engines = data_parallel_engines(metrics) if metrics is not None else 1
         if engines > 1:
@@ -141,13 +143,16 @@ class VLLMEngine:
                               "balancer: vLLM keeps no image cache there, every image goes with its pixels")
 
     def new_epoch(self, reason: str) -> None:
-        """The server holds no image any more (a weight update paused it, it slept or restarted):
-        the next requests carry their pixels. Weight-update hooks call this."""
+        """The server holds no image any more (paused for a weight update, slept, restarted): images go in full."""
         self.held.new_epoch(reason)
+
+    def _use_content_parts(self, store: FeatureStore) -> None:
+        """Send encoded images: the store keeps each one's original bytes from now on (originals.py)."""
+        cp.check_processor(store.config)
+        self.wire, store.keep_encoded = "content_parts", True
 
     async def _settle_wire(self, store: FeatureStore) -> None:
         if self.wire == "content_parts":
-            cp.check_processor(store.config)
             return
         if self.pixel_format is not None and not self.verify_pixel_format:
             self.wire = "features"
@@ -159,8 +164,7 @@ class VLLMEngine:
         except PixelFormatError as exc:
             if self.wire != "auto" or exc.status != 404:
                 raise
-            cp.check_processor(store.config)
-            self.wire = "content_parts"  # no render endpoint, so no features support either
+            self._use_content_parts(store)  # no render endpoint, so no features support either
 
     async def server_version(self) -> str | None:
         """The server's `/version` (vLLM has one), for a run manifest; None when it has none."""
@@ -180,8 +184,7 @@ class VLLMEngine:
                 except UnsupportedServerError as exc:  # auto: a server that refuses or ignores `features`
                     if not (self._auto and self.wire == "features" and RUST_FRONTEND in str(exc) and self.store):
                         raise
-                    cp.check_processor(self.store.config)
-                    self.wire = "content_parts"
+                    self._use_content_parts(self.store)
                     return await self._generate(request)
         except TimeoutError:
             raise EngineTimeoutError(f"no answer from {self.base_url} within {self.timeout} s (a server paused with "
@@ -200,6 +203,8 @@ class VLLMEngine:
         plan = await self.held.plan(ref.id for ref in request.images)
         ok, versions, aborted, by_id = False, list[str](), False, set(plan.by_id)
         try:
+            if self.wire == "content_parts" and self.store is not None:  # may the new ones go as they are?
+                await self.originals.check([r for r in request.images if r.id not in by_id], self.store, self.model)
             result, versions = await self._exchange(request, by_id)  # by_id: what the last attempt sent by id
             ok, aborted = True, any(c.finish_reason == "abort" for c in result.completions)
         finally:
@@ -270,11 +275,8 @@ class VLLMEngine:
             return generate_body(request, model=self.model, features=None), 0, False
         assert self.store is not None and self.image_pad_id is not None
         if self.wire == "content_parts":
-            parts, nbytes = cp.content_parts(request.images, self.store, by_id_only=by_id)
-            short = msgspec.structs.replace(
-                request, prompt_token_ids=cp.collapse(request.prompt_token_ids, request.images, self.image_pad_id))
-            return generate_body(short, model=self.model, features=None, content_parts=parts,
-                                 return_token_ids=True), nbytes, True
+            return (*cp.request_body(request, self.store, model=self.model, pad_id=self.image_pad_id, by_id_only=by_id,
+                                     accepts=self.originals.accepts), True)
         assert self.pixel_format is not None
         features, nbytes = image_features(request.images, self.store, pixel_format=self.pixel_format,
                                           by_id_only=by_id)

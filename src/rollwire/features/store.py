@@ -7,6 +7,9 @@ processor's fingerprint (the settings that shape its features). The store works 
 An in-flight request pins the images it must send (they are not evicted while it runs) and makes
 the others reloadable: one the store evicted is recomputed on `get` from the source the request
 names (its archived original), so callers never keep features of their own to put back.
+
+With `keep_encoded`, an image that came as encoded bytes keeps them beside its features (counted in
+the byte bound, evicted with them): `encoded(id)` is the original a content_parts request can send.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from PIL import Image
 
 from rollwire.errors import FeatureError, ImageReloadError, UnknownImageError
 from rollwire.features.processor import ImageProcessor
-from rollwire.images import DEFAULT_LIMITS, ImageLimits, image_hash, load_image, to_rgb
+from rollwire.images import DEFAULT_LIMITS, ImageLimits, image_hash, load_encoded, load_image, to_rgb
 from rollwire.messages import ImageSource
 
 if TYPE_CHECKING:
@@ -139,7 +142,7 @@ class FeatureStore:
     """
 
     def __init__(self, config: ImageProcessor | None = None, *, max_bytes: int = 4 * 2**30,
-                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
+                 limits: ImageLimits = DEFAULT_LIMITS, keep_encoded: bool = False) -> None:
         if max_bytes < 0:
             raise FeatureError(f"max_bytes must be >= 0, got {max_bytes}")
         if config is None:
@@ -157,16 +160,21 @@ class FeatureStore:
         self._hits = self._misses = self._evictions = self._oversized = self._reloaded = 0
         self._pins: dict[str, int] = {}  # image id -> in-flight requests that need it
         self._reloads: dict[str, list[Reload]] = {}  # image id -> where pinners can reload it from
+        self.keep_encoded = keep_encoded  # keep each image's encoded bytes beside its features
+        self._encoded: dict[str, bytes] = {}  # image id -> the bytes it was decoded from (stored items only)
 
     def get_or_process(self, source: ImageSource, *, limits: ImageLimits | None = None) -> ImageFeatures:
-        rgb = to_rgb(load_image(source, limits or self.limits))
+        image, data = load_encoded(source, limits or self.limits)
+        rgb = to_rgb(image)
         image_id = image_hash(rgb, self._fingerprint)
+        data = data if self.keep_encoded else None
         while True:
             with self._lock:
                 found = self._items.get(image_id)
                 if found is not None:
                     self._items.move_to_end(image_id)
                     self._hits += 1
+                    self._keep(image_id, data)
                     return found
                 pending = self._pending.get(image_id)
                 owner = pending is None
@@ -186,6 +194,7 @@ class FeatureStore:
             features = ImageFeatures(image_id, rows, grid, self.config.merge_size)
             with self._lock:
                 self._insert(features)
+                self._keep(image_id, data)
                 pending.result = features
         finally:
             with self._lock:
@@ -238,6 +247,17 @@ class FeatureStore:
             self._reloaded += 1
         return features
 
+    def encoded(self, image_id: str) -> bytes | None:
+        """The encoded bytes a stored image was decoded from (`keep_encoded`), else None."""
+        with self._lock:
+            return self._encoded.get(image_id)
+
+    def _keep(self, image_id: str, data: bytes | None) -> None:  # caller holds the lock
+        if data is not None and image_id in self._items and image_id not in self._encoded:
+            self._encoded[image_id] = data
+            self._bytes += len(data)
+            self._evict()
+
     def __contains__(self, image_id: object) -> bool:
         """Whether `get` can return it: stored, or pinned with a source to recompute it from."""
         with self._lock:
@@ -251,6 +271,7 @@ class FeatureStore:
         """Drop every stored image (the counters stay)."""
         with self._lock:
             self._items.clear()
+            self._encoded.clear()
             self._bytes = 0
 
     def stats(self) -> StoreStats:
@@ -320,5 +341,5 @@ class FeatureStore:
             if self._bytes <= self.max_bytes:
                 break
             evicted = self._items.pop(image_id)
-            self._bytes -= evicted.nbytes
+            self._bytes -= evicted.nbytes + len(self._encoded.pop(image_id, b""))
             self._evictions += 1
