@@ -1,0 +1,177 @@
+"""content_parts sends the user's original image bytes where the server processes that kind of image
+exactly as rollwire does, and the resized PNG elsewhere, against `rollwire serve`: one that processes
+as rollwire does, one whose processor resizes differently (bilinear: a real server, its preprocessor
+config changed), and one without the render endpoint the check asks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import make_image
+from rollwire.bench.images import encoded, photo
+from rollwire.engines import content_parts as cp
+from rollwire.engines.server import EngineServer
+from rollwire.engines.types import GenerateRequest, GenerateResult, SamplingParams
+from rollwire.engines.vllm import VLLMEngine
+from rollwire.engines.wire import RENDER_PATH
+from rollwire.features import FeatureStore
+from rollwire.render import create_renderer
+from rollwire.render.types import RenderedTokens, Renderer
+
+# 112x112 needs no resize (a multiple of 28); 100x80 is resized to 112x84.
+SAME, RESIZED = (112, 112), (100, 80)
+
+
+def jpeg_url(size: tuple[int, int], seed: int) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(encoded(photo(*size, seed=seed), "JPEG")).decode()
+
+
+def user(*urls: str, say: str = "hi") -> dict[str, Any]:
+    return {"role": "user", "content": [*({"type": "image", "image": u} for u in urls), {"type": "text", "text": say}]}
+
+
+@pytest.fixture(scope="module")
+def served(tiny: Callable[[str], Path]) -> Iterator[EngineServer]:
+    with EngineServer(tiny("qwen2_vl"), served_model_name="tiny") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bilinear(tiny: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineServer]:
+    """A server whose processor resizes with another filter: same grids, other pixels when it resizes."""
+    model_dir = tmp_path_factory.mktemp("bilinear") / "model"
+    shutil.copytree(tiny("qwen2_vl"), model_dir)
+    config = json.loads((model_dir / "preprocessor_config.json").read_text())
+    (model_dir / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 2}))
+    with EngineServer(model_dir, served_model_name="tiny") as server:
+        yield server
+
+
+async def generate(engine: VLLMEngine, prompt: RenderedTokens) -> GenerateResult:
+    return await engine.generate(GenerateRequest(prompt_token_ids=prompt.token_ids, images=prompt.images,
+                                                 sampling=SamplingParams(max_tokens=3, temperature=0.0, logprobs=1)))
+
+
+async def two_turns(url: str, renderer: Renderer, wire: str, urls: list[str], **kw: Any,
+                    ) -> tuple[list[GenerateResult], VLLMEngine]:
+    engine = VLLMEngine.for_renderer(url, renderer, wire=wire, **kw)
+    prompt = renderer.render([user(*urls[:2])])
+    first = await generate(engine, prompt)
+    bridged = renderer.bridge(prompt, first.completions[0].token_ids, [user(*urls[2:], say="again")])
+    assert bridged.tokens is not None
+    second = await generate(engine, bridged.tokens)
+    await engine.close()
+    return [first, second], engine
+
+
+def outputs(results: list[GenerateResult]) -> list[Any]:
+    return [(r.completions[0].token_ids, r.completions[0].logprobs) for r in results]
+
+
+URLS = [jpeg_url(SAME, 1), jpeg_url(RESIZED, 2), jpeg_url(SAME, 3), jpeg_url(RESIZED, 4)]
+
+
+async def test_originals_go_as_they_are_to_a_server_that_processes_them_as_rollwire(
+        served: EngineServer, tiny: Callable[[str], Path]) -> None:
+    feats, _ = await two_turns(served.url, create_renderer(tiny("qwen2_vl")), "features", URLS)
+    parts, engine = await two_turns(served.url, create_renderer(tiny("qwen2_vl")), "content-parts", URLS)
+    assert outputs(parts) == outputs(feats)
+    assert parts[0].image_bytes_sent == len(URLS[0]) + len(URLS[1])  # the JPEGs themselves
+    assert parts[1].image_bytes_sent == len(URLS[2]) + len(URLS[3])  # the first two by uuid
+    assert engine.originals.checks == 2  # one render check per kind, none for the second turn's
+    assert engine.originals.verdicts() == {"JPEG": True, "JPEG resized": True}
+
+
+async def test_a_server_that_resizes_differently_gets_the_png_and_the_reason_once(
+        bilinear: EngineServer, tiny: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:
+    feats, _ = await two_turns(bilinear.url, create_renderer(tiny("qwen2_vl")), "features", URLS)
+    renderer = create_renderer(tiny("qwen2_vl"))
+    with caplog.at_level(logging.WARNING, logger="rollwire.engines"):
+        parts, engine = await two_turns(bilinear.url, renderer, "content-parts", URLS)
+    assert outputs(parts) == outputs(feats)  # the server saw rollwire's pixels, not its own resize
+    store = renderer.feature_store
+    assert store is not None
+    png = [len(cp.image_url(store.get_or_process(u), store.config)) for u in URLS]
+    assert parts[0].image_bytes_sent == len(URLS[0]) + png[1]
+    assert parts[1].image_bytes_sent == len(URLS[2]) + png[3]
+    assert png[1] > len(URLS[1])  # the fallback costs bytes
+    assert engine.originals.verdicts() == {"JPEG": True, "JPEG resized": False}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "JPEG images that need resize" in warnings[0] and "resizes differently" in warnings[0]
+    assert '"use_fast": false' in warnings[0] and "of its pixel values differ" in warnings[0]
+
+
+class NoRender(httpx.AsyncBaseTransport):
+    """The real server, but its render endpoint answers 404 (a server without it)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == RENDER_PATH:
+            return httpx.Response(404, json={"detail": "Not Found"})
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_server_that_cannot_be_asked_gets_the_png(
+        served: EngineServer, tiny: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:
+    renderer = create_renderer(tiny("qwen2_vl"))
+    with caplog.at_level(logging.WARNING, logger="rollwire.engines"):
+        parts, engine = await two_turns(served.url, renderer, "content-parts", URLS, transport=NoRender())
+    store = renderer.feature_store
+    assert store is not None
+    png = [len(cp.image_url(store.get_or_process(u), store.config)) for u in URLS]
+    assert [r.image_bytes_sent for r in parts] == [png[0] + png[1], png[2] + png[3]]
+    assert engine.originals.checks == 1 and engine.originals.refused is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot be asked" in warnings[0] and "404" in warnings[0], warnings
+
+
+def jpeg_bytes(image: Image.Image, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_only_plain_rgb_originals_go_as_they_are(tiny: Callable[[str], Path]) -> None:
+    store = FeatureStore(create_renderer(tiny("qwen2_vl")).feature_store.config, keep_encoded=True)  # type: ignore[union-attr]
+    rgb = photo(*RESIZED, seed=5)
+    plain = jpeg_bytes(rgb)
+    found = cp.original(store.get_or_process(plain), store)
+    assert found is not None and found.data == plain and found.kind == ("JPEG", True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: the server may not apply it as rollwire does
+    rgba = io.BytesIO()
+    make_image(56, 56, "RGBA", 1).save(rgba, format="PNG")
+    for data in (jpeg_bytes(rgb, exif=exif), jpeg_bytes(rgb.convert("L")), rgba.getvalue()):
+        assert cp.original(store.get_or_process(data), store) is None
+    assert cp.original(store.get_or_process(photo(*SAME, seed=6)), store) is None  # a PIL image has no bytes
+    unkept = FeatureStore(store.config)
+    assert cp.original(unkept.get_or_process(plain), unkept) is None  # the store was not asked to keep them
+
+
+def test_kept_bytes_count_in_the_bound_and_leave_with_their_features(tiny: Callable[[str], Path]) -> None:
+    config = create_renderer(tiny("qwen2_vl")).feature_store.config  # type: ignore[union-attr]
+    one, two = jpeg_bytes(photo(*SAME, seed=7)), jpeg_bytes(photo(*SAME, seed=8))
+    rows = FeatureStore(config).get_or_process(one).nbytes
+    store = FeatureStore(config, max_bytes=rows + len(one) + len(two) // 2, keep_encoded=True)
+    first = store.get_or_process(one)
+    assert store.encoded(first.id) == one and store.stats().bytes == rows + len(one)
+    second = store.get_or_process(two)  # both do not fit: the first leaves, with its bytes
+    assert first.id not in store and store.encoded(first.id) is None
+    assert store.encoded(second.id) == two and store.stats().bytes == second.nbytes + len(two)
