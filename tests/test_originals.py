@@ -175,3 +175,11 @@ def test_kept_bytes_count_in_the_bound_and_leave_with_their_features(tiny: Calla
     second = store.get_or_process(two)  # both do not fit: the first leaves, with its bytes
     assert first.id not in store and store.encoded(first.id) is None
     assert store.encoded(second.id) == two and store.stats().bytes == second.nbytes + len(two)
+
+
+def test_bench_wire_sends_the_originals_once() -> None:
+    from rollwire.bench.wire import rollout_bytes
+
+    r = rollout_bytes("photo", 3, 112)
+    assert r["image_bytes"]["content_parts_once"] == r["data_urls_once"]  # each JPEG's data URL, once
+    assert r["image_bytes"]["content_parts_png"] > r["data_urls_once"]

@@ -4,8 +4,12 @@ Qwen2-VL model, through rollwire and through verifiers 0.4.0's client path.
 verifiers 0.4.0 sends multimodal prompts with renderers 0.1.12's `generate(process_multimodal=
 False)`: the prompt bridged (or rendered) by its Qwen3-VL renderer with one pad per image, and
 `content_parts` with every image of the conversation, as its data URL, on every turn. rollwire
-sends its features (each image's uint8 patches once, later turns by id). Both run their
-conversations concurrently; request bytes are counted on the wire (httpx request hooks).
+runs the same conversations (the same JPEG data URLs) in both its modes: `features` (each image's
+uint8 patches once, later turns by id) and `content_parts` (each image once, as the JPEG itself
+where the server was checked to process it as rollwire does, else as the resized PNG; later turns
+by uuid), and checks that the two give the same tokens and logprobs. All run their conversations
+concurrently; request bytes are counted on the wire (rollwire's engine counts each body it sends;
+verifiers' through httpx request hooks).
 Needs `.venv-baselines` (scripts/setup_baselines.sh) for the verifiers side; without it, only
 rollwire's side is measured and the table says so.
 """
@@ -13,7 +17,7 @@ rollwire's side is measured and the table says so.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import base64
 import os
 import subprocess
 import time
@@ -33,8 +37,10 @@ MAX_TOKENS = 12
 QUESTION = "What changed?"
 
 
-def _picture(conversation: int, turn: int) -> Any:
-    return photo(SIDE, SIDE, seed=1000 * conversation + turn)
+def _picture(conversation: int, turn: int) -> str:
+    """The turn's picture as a JPEG data URL, as an environment hands it over (the same for every client)."""
+    data = encoded(photo(SIDE, SIDE, seed=1000 * conversation + turn), "JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def start_server(model_dir: Path) -> int:
@@ -63,12 +69,7 @@ def stop_server(pid: int) -> None:
     os.killpg(pid, 9)
 
 
-def rollwire_modes() -> list[str]:
-    """The wire modes this tree's vLLM client has (`content-parts` once the wire work is in)."""
-    from rollwire.engines.vllm import VLLMEngine
-
-    return ["features", "content-parts"] if "wire" in inspect.signature(VLLMEngine.__init__).parameters else \
-        ["features"]
+MODES = ("features", "content-parts")
 
 
 async def rollwire_side(url: str, model_dir: Path, n: int, mode: str = "features") -> dict[str, Any]:
@@ -76,12 +77,11 @@ async def rollwire_side(url: str, model_dir: Path, n: int, mode: str = "features
     from rollwire.render import create_renderer
 
     renderer: Any = create_renderer(model_dir)
-    extra = {} if mode == "features" else {"wire": mode}
-    engine = VLLMEngine.for_renderer(url, renderer, model="qwen2_vl", **extra)
+    engine = VLLMEngine.for_renderer(url, renderer, model="qwen2_vl", wire=mode)
     try:
-        envs = [Pictures(partial(_picture, i), TURNS) for i in range(n)]
-        await run_rollouts(renderer, envs[:1], TURNS, engine)  # warm-up (its images are not reused)
-        envs = [Pictures(partial(_picture, i), TURNS) for i in range(n)]
+        warm = [Pictures(cast(Any, partial(_picture, 10_000)), TURNS)]  # its images are not reused
+        await run_rollouts(renderer, warm, TURNS, engine)
+        envs = [Pictures(cast(Any, partial(_picture, i)), TURNS) for i in range(n)]
         start = time.perf_counter()
         results = await run_rollouts(renderer, envs, TURNS, engine)
         seconds = time.perf_counter() - start
@@ -91,7 +91,8 @@ async def rollwire_side(url: str, model_dir: Path, n: int, mode: str = "features
     errors = [t.error.message for t in trajs if t.error]
     return {"seconds": seconds, "rollouts_s": n / seconds, "turns": sum(len(t.steps) for t in trajs),
             "bytes": int(sum(t.metrics.get("bytes_sent", 0) for t in trajs)), "failed": len(errors),
-            "errors": errors[:1]}
+            "errors": errors[:1], "originals": engine.originals.verdicts(),
+            "outputs": [[(s.completion_ids, s.completion_logprobs) for s in t.steps] for t in trajs]}
 
 
 def _vllm_032_logprobs(original: Any) -> Any:
@@ -132,9 +133,7 @@ async def verifiers_side(url: str, model_dir: Path, n: int) -> dict[str, Any]:
                                          processor=AutoProcessor.from_pretrained(str(model_dir)))
 
     def user(i: int, turn: int) -> dict[str, Any]:
-        data = encoded(_picture(i, turn), "JPEG")
-        url_ = "data:image/jpeg;base64," + __import__("base64").b64encode(data).decode()
-        return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url_}},
+        return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _picture(i, turn)}},
                                             {"type": "text", "text": QUESTION}]}
 
     async def conversation(i: int) -> int:
@@ -181,8 +180,7 @@ def run(quick: bool = False, server: str | None = None) -> Report:
         pid = start_server(model_dir)
         server = f"http://127.0.0.1:{PORT}"
     try:
-        modes = rollwire_modes()
-        ours_by_mode = {mode: asyncio.run(rollwire_side(server, model_dir, n, mode)) for mode in modes}
+        ours_by_mode = {mode: asyncio.run(rollwire_side(server, model_dir, n, mode)) for mode in MODES}
         ours = ours_by_mode["features"]
         try:
             import renderers  # noqa: F401
@@ -196,8 +194,10 @@ def run(quick: bool = False, server: str | None = None) -> Report:
         if pid is not None:
             stop_server(pid)
     table = Table(["client", "conversations × turns", "seconds", "rollouts/s", "request bytes", "failed"])
+    same = ours_by_mode["features"].pop("outputs") == ours_by_mode["content-parts"].pop("outputs")
     for mode, r in ours_by_mode.items():
-        label = "features: each image's patches once" if mode == "features" else "content_parts: each image once"
+        label = "features: each image's patches once" if mode == "features" else \
+            "content_parts: each JPEG once, then by uuid"
         table.add(f"rollwire ({label})", f"{n} × {TURNS}", f"{r['seconds']:.2f}", f"{r['rollouts_s']:.2f}",
                   f"{r['bytes']:,}", r["failed"])
     if theirs is not None:
@@ -205,19 +205,24 @@ def run(quick: bool = False, server: str | None = None) -> Report:
                   f"{theirs['seconds']:.2f}", f"{theirs['rollouts_s']:.2f}", f"{theirs['bytes']:,}", theirs["failed"])
     summary = "; ".join(f"rollwire {mode} {r['rollouts_s']:.2f} rollouts/s, {r['bytes']:,} request bytes"
                         for mode, r in ours_by_mode.items())
+    summary += f" (tokens and logprobs {'identical' if same else 'DIFFERENT'} in the two modes)"
     if theirs is not None:
         summary += (f"; verifiers 0.4.0 {theirs['rollouts_s']:.2f} rollouts/s, {theirs['bytes']:,} bytes "
-                    f"({theirs['bytes'] / max(ours['bytes'], 1):.2f}× rollwire features')")
+                    f"({theirs['bytes'] / max(ours['bytes'], 1):.2f}× rollwire features', "
+                    f"{theirs['bytes'] / max(ours_by_mode['content-parts']['bytes'], 1):.2f}× rollwire content_parts')")
     return Report(
         name="e2e", command="rollwire bench e2e" + (" --quick" if quick else "") + (f" --server {server}" if pid is None
                                                                                   else ""), summary=summary + ".",
         tables=[table],
-        notes=[f"{n} conversations of {TURNS} turns, a new {SIDE}² photo-like picture per turn (verifiers: as a JPEG "
-               f"data URL), greedy, {MAX_TOKENS} tokens a turn, all conversations at once, against one CPU vLLM 0.32 "
+        notes=[f"{n} conversations of {TURNS} turns, a new {SIDE}² photo-like picture per turn (a JPEG data URL, the "
+               f"same for every client), greedy, {MAX_TOKENS} tokens a turn, all conversations at once, against one "
+               "CPU vLLM 0.32 "
                "(scripts/vllm_server.sh, float32) on the tiny Qwen2-VL model; one warm-up conversation each first. "
                "renderers 0.1.12 reads vLLM < 0.32 logprob entries ({\"token\": \"token_id:N\"}) and rejects 0.32's "
                "({\"token_id\": N}); the bench adapts that one parse function and nothing else. "
                "verifiers' renderer is renderers' Qwen3-VL one (the Qwen-VL renderer it has), so its prompts differ "
-               f"slightly from the Qwen2-VL template. {why}."],
-        figures={"rollwire": ours_by_mode, "verifiers": theirs, "conversations": n, "turns": TURNS},
+               f"slightly from the Qwen2-VL template. rollwire content_parts' render check of the server: "
+               f"{ours_by_mode['content-parts']['originals']} (True: such JPEGs go as they are). {why}."],
+        figures={"rollwire": ours_by_mode, "verifiers": theirs, "conversations": n, "turns": TURNS,
+                 "modes_identical": same},
     )
