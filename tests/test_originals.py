@@ -183,3 +183,51 @@ def test_bench_wire_sends_the_originals_once() -> None:
     r = rollout_bytes("photo", 3, 112)
     assert r["image_bytes"]["content_parts_once"] == r["data_urls_once"]  # each JPEG's data URL, once
     assert r["image_bytes"]["content_parts_png"] > r["data_urls_once"]
+
+
+def render_answer(pixels: Any, grid: tuple[int, int, int]) -> dict[str, Any]:
+    """A render answer in vLLM 0.32's layout carrying these pixel rows (dtype as given)."""
+    import msgspec
+    import numpy as np
+
+    def array(a: Any) -> list[Any]:
+        return [a.dtype.name, list(a.shape), msgspec.msgpack.Ext(3, np.ascontiguousarray(a).tobytes())]
+
+    item = {"pixel_values": {"data": array(pixels), "field": ["flat", {"keep_on_cpu": False,
+                                                                      "slices": [[[0, len(pixels), None]]], "dim": 0}]},
+            "image_grid_thw": {"data": array(np.array(grid, np.int64)), "field": ["batched", {"keep_on_cpu": True}]}}
+    return {"features": {"kwargs_data": {"image": [base64.b64encode(msgspec.msgpack.encode(item)).decode()]}}}
+
+
+async def test_a_pil_backend_server_renders_unrescaled_floats_and_takes_uint8(tiny: Callable[[str], Path]) -> None:
+    """vLLM with `use_fast: false` renders float32 0..255 values (measured on 0.32) and normalises
+    uint8 rows on its side: pixel-format detection says uint8, the originals check says equal."""
+    import numpy as np
+
+    from rollwire.engines.originals import compare
+    from rollwire.engines.pixel_format import detect_pixel_format
+    from rollwire.errors import PixelFormatError
+
+    store = create_renderer(tiny("qwen2_vl")).feature_store
+    assert store is not None
+
+    def server(transform: Callable[[Any], Any]) -> Callable[[str, Any], Any]:
+        async def post(path: str, body: Any) -> Any:
+            url = body["messages"][0]["content"][0]["image_url"]["url"]
+            features = store.get_or_process(url)
+            return render_answer(transform(features.pixel_values), features.grid_thw)
+        return post
+
+    raw = server(lambda rows: rows.astype(np.float32))
+    assert await detect_pixel_format(raw, store, model="tiny", base_url="x") == "uint8"
+    features = store.get_or_process(URLS[1])
+    assert compare(render_answer(features.pixel_values.astype(np.float32), features.grid_thw), features, store) is None
+    bumped = features.pixel_values.copy()
+    bumped.flat[::97] ^= 1  # one level off, on ~1% of the values
+    off = bumped.astype(np.float32)
+    assert compare(render_answer(off, features.grid_thw), features, store) == (
+        "its float32 pixels are neither rollwire's values nor their normalised form")
+    assert compare(render_answer(bumped, features.grid_thw), features, store) == (
+        "1.03% of its pixel values differ from rollwire's, by up to 1")
+    with pytest.raises(PixelFormatError, match="not rollwire's normalised"):
+        await detect_pixel_format(server(lambda rows: rows.astype(np.float32) + 1), store, model="tiny", base_url="x")

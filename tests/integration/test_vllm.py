@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import os
 import subprocess
 import time
@@ -23,6 +24,8 @@ import pytest
 from PIL import Image
 
 from conftest import FIGURES, make_image
+from rollwire.bench.images import encoded, photo
+from rollwire.engines import content_parts as cp
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.types import GenerateRequest, SamplingParams
 from rollwire.engines.vllm import VLLMEngine
@@ -264,6 +267,47 @@ async def test_multi_turn_sends_each_image_once_and_survives_a_restart(server: S
     assert ids[3] == one_image and stats.requests == turns
     FIGURES[f"{server.family} image bytes per turn, full"] = full
     FIGURES[f"{server.family} image bytes per turn, id-only"] = ids
+
+
+def jpeg_url(w: int, h: int, seed: int) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(encoded(photo(w, h, seed=seed), "JPEG")).decode()
+
+
+async def test_a_jpeg_conversation_in_content_parts_mode_equals_features_mode_and_sends_the_jpegs_once(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    # 112x112 needs no resize: vLLM 0.32 decodes it to rollwire's pixels, so the JPEG goes as it is.
+    # 100x80 is resized, and vLLM's default (torchvision) processor resizes to other pixels: the PNG.
+    same, resized, later = jpeg_url(112, 112, 400), jpeg_url(100, 80, 401), jpeg_url(112, 112, 402)
+    turns = [[same, resized], [later]]
+    out: dict[str, Any] = {}
+    for wire in ("content-parts", "features"):  # content_parts first: the server processes the JPEGs itself
+        renderer = create_renderer(server.model_dir)
+        engine = VLLMEngine.for_renderer(server.url, renderer, wire=wire)
+        prompt, results = renderer.render([{"role": "user", "content": [
+            *({"type": "image", "image": u} for u in turns[0]), text("two")]}]), []
+        with caplog.at_level(logging.WARNING, logger="rollwire.engines"):
+            for t in range(len(turns)):
+                results.append(await engine.generate(GenerateRequest(
+                    prompt_token_ids=prompt.token_ids, images=prompt.images,
+                    sampling=SamplingParams(max_tokens=4, temperature=0.0, logprobs=1))))
+                if t + 1 < len(turns):
+                    new = [{"role": "user", "content": [*({"type": "image", "image": u} for u in turns[t + 1]),
+                                                        text("again")]}]
+                    bridged = renderer.bridge(prompt, results[-1].completions[0].token_ids, new)
+                    assert bridged.tokens is not None
+                    prompt = bridged.tokens
+        await engine.close()
+        out[wire] = ([(r.completions[0].token_ids, r.completions[0].logprobs) for r in results],
+                     [r.image_bytes_sent for r in results], engine, renderer)
+    assert out["content-parts"][0] == out["features"][0]  # token ids and logprobs identical
+    _, sent, engine, renderer = out["content-parts"]
+    assert engine.originals.verdicts() == {"JPEG": True, "JPEG resized": False}
+    store = renderer.feature_store
+    png = len(cp.image_url(store.get_or_process(resized), store.config))
+    assert sent == [len(same) + png, len(later)]  # the JPEGs themselves, once; the resized one as its PNG
+    warned = [r.getMessage() for r in caplog.records if "resizes differently" in r.getMessage()]
+    assert len(warned) == 1 and '"use_fast": false' in warned[0]
+    FIGURES[f"{server.family} content_parts image bytes per turn (JPEG, PNG fallback)"] = sent
 
 
 async def test_concurrent_requests_sharing_a_new_image_send_its_pixels_once(server: Server) -> None:

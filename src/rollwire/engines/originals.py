@@ -81,11 +81,11 @@ class ServerOriginals:
         self.checks += 1
         try:
             answer = await self._post(RENDER_PATH, {"model": model, "messages": messages})
-        except ServerError as exc:
-            if exc.status is None or exc.status >= 500 or exc.status == 429:
+        except ServerError as exc:  # after the connection's own retries
+            if exc.status is None:
                 logger.info("%s: cannot check %s now (%s); they go as PNG until it answers", self.base_url,
                             found.describe(), exc)
-                return  # no verdict: asked again with the next such image
+                return  # unreachable (restarting?): no verdict, asked again with the next such image
             self.refused = f"it cannot be asked how it processes them ({exc}){server_hint(exc.status)}"
             logger.warning("%s: every image goes as the resized PNG rollwire processed, not as the user's original: "
                            "%s", self.base_url, self.refused)
