@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from rollwire.bench.images import encoded, photo
-from rollwire.bench.instant import Pictures, run_rollouts
+from rollwire.bench.instant import Pictures
 from rollwire.bench.report import Report, Table
 
 PORT = 8871
@@ -75,6 +75,13 @@ MODES = ("features", "content-parts")
 async def rollwire_side(url: str, model_dir: Path, n: int, mode: str = "features") -> dict[str, Any]:
     from rollwire.engines.vllm import VLLMEngine
     from rollwire.render import create_renderer
+    from rollwire.rollout import RolloutConfig, run_rollout
+
+    config = RolloutConfig(max_turns=TURNS, max_tokens=MAX_TOKENS, temperature=0.0, max_total_tokens=1 << 22)
+
+    async def run_rollouts(renderer: Any, envs: list[Pictures], turns: int, engine: Any) -> list[Any]:
+        return await asyncio.gather(*(run_rollout(env, renderer, engine, config, seed=i, trajectory_id=f"r{i}")
+                                      for i, env in enumerate(envs)))
 
     renderer: Any = create_renderer(model_dir)
     engine = VLLMEngine.for_renderer(url, renderer, model="qwen2_vl", wire=mode)
