@@ -305,7 +305,11 @@ def _read_path(path: str, limits: ImageLimits) -> bytes:
             info = os.fstat(f.fileno())
             _check_regular(info.st_mode, path)
             size = info.st_size
-            data = f.read(cap + 1) if size <= cap else b""
+            # Read what fstat says is there (+1, to see growth), never a buffer of the limit's size:
+            # with a large limit (an archive's), f.read(cap + 1) would allocate that much.
+            data = f.read(min(size, cap) + 1) if size <= cap else b""
+            while size < len(data) <= cap and (more := f.read(min(1 << 24, cap + 1 - len(data)))):
+                data += more  # the file grew since fstat (or reports no size, as /proc files do)
     except ImageError:
         raise
     except (FileNotFoundError, NotADirectoryError):
