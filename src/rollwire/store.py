@@ -276,6 +276,9 @@ class RunWriter:
             self._release_locks()
             raise
         self._lock = threading.Lock()
+        # PIL imports its ~40 plugins on the first TIFF save or format check (0.1-0.6 s holding the GIL
+        # and the import lock): here, once, not in a worker thread while rollouts run.
+        Image.init()
         names = [p.name.removeprefix(self._shard_prefix).removesuffix(".bin")
                  for p in (self.root / "shards").glob(f"{self._shard_prefix}*.bin")]
         self._shard_index = max((int(n) for n in names if n.isdigit()), default=-1) + 1  # never after a torn tail
