@@ -79,3 +79,27 @@ def test_the_runner_sends_first_turns_of_a_group_as_one_request(renderer: Any) -
     firsts = [n for n, _ in engine.seen if n > 1]
     # Each prompt's 4 first turns went as one; the members' answers differ, so later turns go one by one.
     assert firsts == [4, 4] and sum(n for n, _ in engine.seen) == summary.turns
+
+
+async def test_with_members_a_batch_goes_when_they_have_all_joined_and_later_turns_go_straight(renderer: Any) -> None:
+    server = FakeVLLM()
+    request = msgspec.structs.replace(group_request(renderer, 10), session_id="g0")
+    grouped = GroupedEngine(client(renderer, server), group=4, window_s=30.0, members={"g0": 3})
+    # Three members of the session: sent as they join, not after the (long) window.
+    results = await asyncio.wait_for(asyncio.gather(*(grouped.generate(seeded(request, k)) for k in range(3))), 5.0)
+    assert server.requests == [3] and len(results) == 3
+    # The same prompt again in that session (a later turn) is not held back for other members.
+    await asyncio.wait_for(grouped.generate(seeded(request, 9)), 5.0)
+    other = msgspec.structs.replace(request, session_id="unknown")  # a session not listed: alone
+    await asyncio.wait_for(grouped.generate(other), 5.0)
+    await grouped.close()
+    assert server.requests == [3, 1, 1]
+
+
+async def test_a_member_that_never_comes_holds_the_batch_only_for_the_window(renderer: Any) -> None:
+    server = FakeVLLM()
+    request = msgspec.structs.replace(group_request(renderer, 11), session_id="g1")
+    grouped = GroupedEngine(client(renderer, server), group=4, window_s=0.05, members={"g1": 4})
+    results = await asyncio.wait_for(asyncio.gather(*(grouped.generate(seeded(request, k)) for k in range(3))), 5.0)
+    await grouped.close()
+    assert server.requests == [3] and [len(r.completions) for r in results] == [1, 1, 1]

@@ -189,6 +189,11 @@ def _error_key(message: str) -> str:
 
 _HASH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{16,}|[0-9a-f]{16,}")
 
+# How long a group's first batch waits for a member after the last one joined (only a member that
+# never comes, its environment having failed, makes it wait; members render off the loop, so a
+# cold process can take a few hundred ms between them).
+GROUP_WINDOW_S = 0.5
+
 OnResult = Callable[[RolloutResult], Awaitable[None] | None]
 
 
@@ -205,17 +210,20 @@ async def run_rollouts(
 ) -> RunSummary:
     """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends.
     `archive` (the run's `RunWriter`) takes each image when first seen, so rollouts hold ids only;
-    `group_requests` sends a group's shared first prompt as one `n = group` request (`GroupedEngine`)."""
+    `group_requests` sends a group's shared first prompt as one `n = group` request (`GroupedEngine`:
+    it is sent once the group's members to run, or as many as `concurrency` lets in, have joined)."""
+    jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
+            if trajectory_id(config, i, j) not in skip_ids]
     if group_requests and config.group > 1:
-        engine = GroupedEngine(engine, group=config.group)
+        members = Counter(group_id(config, i) for i, _ in jobs)
+        engine = GroupedEngine(engine, group=config.group, window_s=GROUP_WINDOW_S,
+                               members={g: min(n, config.concurrency) for g, n in members.items()})
     connect = getattr(engine, "connect", None)
     if connect is not None:  # reach the engine once: an unreachable one fails here, not in every rollout
         await connect()
     summary = RunSummary()
     store = renderer.feature_store
     stats0 = store.stats() if store is not None else None
-    jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
-            if trajectory_id(config, i, j) not in skip_ids]
     summary.skipped = config.n_prompts * config.group - len(jobs)
     if jobs:  # a spec that names nothing, or arguments the factory refuses, fail here, before any rollout
         make_env(config.env, **config.env_kwargs)
