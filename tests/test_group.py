@@ -103,3 +103,30 @@ async def test_a_member_that_never_comes_holds_the_batch_only_for_the_window(ren
     results = await asyncio.wait_for(asyncio.gather(*(grouped.generate(seeded(request, k)) for k in range(3))), 5.0)
     await grouped.close()
     assert server.requests == [3] and [len(r.completions) for r in results] == [1, 1, 1]
+
+
+class SlowEngine(CountingEngine):
+    """CountingEngine whose every request takes `delay_s`."""
+
+    def __init__(self, renderer: Any, delay_s: float) -> None:
+        super().__init__(renderer)
+        self.delay_s = delay_s
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        await asyncio.sleep(self.delay_s)
+        return await super().generate(request)
+
+
+def test_a_groups_members_start_together_when_concurrency_splits_the_groups(
+        renderer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrency 3, groups of 2: a group's second member must not wait for a slot while its first
+    one waits for it in GroupedEngine (its window is short here, as a member that never came)."""
+    import rollwire.rollout.runner as runner
+
+    monkeypatch.setattr(runner, "GROUP_WINDOW_S", 0.05)
+    engine = SlowEngine(renderer, delay_s=0.15)
+    config = RunConfig(env="shapes", n_prompts=4, group=2, concurrency=3,
+                       rollout=RolloutConfig(max_turns=2, max_tokens=4))
+    summary = asyncio.run(run_rollouts(config, renderer, engine, progress=False, group_requests=True))
+    assert summary.done == 8
+    assert [n for n, _ in engine.seen if n > 1] == [2, 2, 2, 2] and sum(n for n, _ in engine.seen) == summary.turns
