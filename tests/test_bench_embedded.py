@@ -64,7 +64,7 @@ def test_quick_run_writes_its_section(tmp_path: Path, tiny: Callable[[str], Path
     figures = report["figures"]
     config = json.loads((tiny("qwen2_vl") / "config.json").read_text())
     assert figures["vocab"] == config["text_config"]["vocab_size"] == 151669  # Qwen2-VL's real vocabulary
-    assert set(figures["variants"]) == {"current", "old sampler", "before"}
+    assert set(figures["variants"]) == {"current", "old sampler", "before"} and figures["torch_threads"] == 1
     w = figures["workload"]
     for name, v in figures["variants"].items():
         (run,) = v["runs"]

@@ -30,6 +30,9 @@ ROUNDS, QUICK_ROUNDS = 3, 1
 WORKLOAD = {"n_prompts": 8, "group": 2, "max_turns": 4, "max_tokens": 32, "concurrency": 8}
 QUICK_WORKLOAD = {"n_prompts": 1, "group": 2, "max_turns": 2, "max_tokens": 4, "concurrency": 2}
 DRAWS, QUICK_DRAWS = 60, 5  # sampler-alone timings per sampler
+# One torch thread by default: on a machine shared with other jobs, torch's two-thread parallel
+# regions wait for a descheduled thread (here the same run took 9x longer with 2 threads than with 1).
+THREADS = 1
 
 
 def multinomial_draw(torch: Any, logits: Any, generator: Any) -> int:
@@ -109,8 +112,20 @@ def _sampler_ms(torch: Any, vocab: int, draws: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def run(quick: bool = False) -> Report:
+def run(quick: bool = False, threads: int | None = THREADS) -> Report:
+    """`threads`: torch's intra-op threads for the whole benchmark (None: torch's default)."""
     import torch
+
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(torch, quick, torch.get_num_threads(), default_threads)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run(torch: Any, quick: bool, threads: int, default_threads: int) -> Report:
 
     from rollwire.engines.local import LocalEngine
     from rollwire.render import create_renderer
@@ -151,7 +166,7 @@ def run(quick: bool = False) -> Report:
         return statistics.median(fn(x) for x in runs[name])
 
     figures: dict[str, Any] = {"workload": workload, "rounds": rounds, "vocab": vocab, "sampler_ms_per_row": ms,
-                               "variants": {}}
+                               "torch_threads": threads, "variants": {}}
     for name in names:
         figures["variants"][name] = {
             "rollouts_per_s": median(name, lambda x: x["rollouts"] / x["seconds"]),
@@ -174,7 +189,8 @@ def run(quick: bool = False) -> Report:
     w = workload
     now = v["current"]["rollouts_per_s"]
     return Report(
-        name="embedded", command="rollwire bench embedded" + (" --quick" if quick else ""),
+        name="embedded", command="rollwire bench embedded" + (" --quick" if quick else "")
+        + (f" --threads {threads}" if threads != THREADS else ""),
         summary=(f"embedded shapes rollouts: {now:.2f}/s now, {v['old sampler']['rollouts_per_s']:.2f}/s with the old "
                  f"sampler ({now / v['old sampler']['rollouts_per_s']:.2f}×), {base:.2f}/s before "
                  f"({now / base:.2f}×); the draw alone {ms['current']:.2f} vs {ms['multinomial']:.2f} CPU ms per row."),
@@ -182,7 +198,8 @@ def run(quick: bool = False) -> Report:
         notes=[f"{w['n_prompts']} prompts × {w['group']} samples, up to {w['max_turns']} turns of "
                f"{w['max_tokens']} tokens, temperature 1, concurrency {w['concurrency']} (`rollwire rollout --env "
                f"shapes`'s defaults{', shrunk' if quick else ''}; shapes ends after 3 turns), written to a run "
-               "directory by `run_to_dir`, on the tiny Qwen2-VL model; median of "
+               f"directory by `run_to_dir`, on the tiny Qwen2-VL model, {threads} torch thread(s) (torch's "
+               f"default here: {default_threads}; `--threads`); median of "
                f"{rounds} round(s), the variants in rotating order, each with its own engine, in one process, new "
                "pictures every run. \"old sampler\" swaps `torch.multinomial` over the softmax of the filtered "
                "logits (the code the inverse CDF replaced) in for the draw; \"before\" also normalises every "
