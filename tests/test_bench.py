@@ -37,7 +37,8 @@ def test_codec_quick_json_has_the_expected_figures() -> None:
 def test_all_quick_writes_each_section(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nKept text.\n")
-    out = bench("all", "--quick", "--skip", "render", "--skip", "memory", "--skip", "e2e", "--write", str(doc))
+    out = bench("all", "--quick", "--skip", "render", "--skip", "memory", "--skip", "embedded", "--skip", "e2e",
+                "--write", str(doc))
     assert out.returncode == 0, out.stderr
     assert "rollwire / memcpy" in out.stdout and "packed / floor" in out.stdout
     text = doc.read_text()

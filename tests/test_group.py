@@ -79,3 +79,54 @@ def test_the_runner_sends_first_turns_of_a_group_as_one_request(renderer: Any) -
     firsts = [n for n, _ in engine.seen if n > 1]
     # Each prompt's 4 first turns went as one; the members' answers differ, so later turns go one by one.
     assert firsts == [4, 4] and sum(n for n, _ in engine.seen) == summary.turns
+
+
+async def test_with_members_a_batch_goes_when_they_have_all_joined_and_later_turns_go_straight(renderer: Any) -> None:
+    server = FakeVLLM()
+    request = msgspec.structs.replace(group_request(renderer, 10), session_id="g0")
+    grouped = GroupedEngine(client(renderer, server), group=4, window_s=30.0, members={"g0": 3})
+    # Three members of the session: sent as they join, not after the (long) window.
+    results = await asyncio.wait_for(asyncio.gather(*(grouped.generate(seeded(request, k)) for k in range(3))), 5.0)
+    assert server.requests == [3] and len(results) == 3
+    # The same prompt again in that session (a later turn) is not held back for other members.
+    await asyncio.wait_for(grouped.generate(seeded(request, 9)), 5.0)
+    other = msgspec.structs.replace(request, session_id="unknown")  # a session not listed: alone
+    await asyncio.wait_for(grouped.generate(other), 5.0)
+    await grouped.close()
+    assert server.requests == [3, 1, 1]
+
+
+async def test_a_member_that_never_comes_holds_the_batch_only_for_the_window(renderer: Any) -> None:
+    server = FakeVLLM()
+    request = msgspec.structs.replace(group_request(renderer, 11), session_id="g1")
+    grouped = GroupedEngine(client(renderer, server), group=4, window_s=0.05, members={"g1": 4})
+    results = await asyncio.wait_for(asyncio.gather(*(grouped.generate(seeded(request, k)) for k in range(3))), 5.0)
+    await grouped.close()
+    assert server.requests == [3] and [len(r.completions) for r in results] == [1, 1, 1]
+
+
+class SlowEngine(CountingEngine):
+    """CountingEngine whose every request takes `delay_s`."""
+
+    def __init__(self, renderer: Any, delay_s: float) -> None:
+        super().__init__(renderer)
+        self.delay_s = delay_s
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        await asyncio.sleep(self.delay_s)
+        return await super().generate(request)
+
+
+def test_a_groups_members_start_together_when_concurrency_splits_the_groups(
+        renderer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrency 3, groups of 2: a group's second member must not wait for a slot while its first
+    one waits for it in GroupedEngine (its window is short here, as a member that never came)."""
+    import rollwire.rollout.runner as runner
+
+    monkeypatch.setattr(runner, "GROUP_WINDOW_S", 0.05)
+    engine = SlowEngine(renderer, delay_s=0.15)
+    config = RunConfig(env="shapes", n_prompts=4, group=2, concurrency=3,
+                       rollout=RolloutConfig(max_turns=2, max_tokens=4))
+    summary = asyncio.run(run_rollouts(config, renderer, engine, progress=False, group_requests=True))
+    assert summary.done == 8
+    assert [n for n, _ in engine.seen if n > 1] == [2, 2, 2, 2] and sum(n for n, _ in engine.seen) == summary.turns

@@ -217,7 +217,7 @@ def test_images_are_archived_losslessly(mode: str) -> None:
     back = load_image(data)
     assert back.mode == image.mode and back.size == image.size
     np.testing.assert_array_equal(np.asarray(back), np.asarray(image))
-    assert ext == ("png" if mode in {"LA", "P", "RGBA", "L", "I;16"} else "tiff")
+    assert ext == ("png" if mode == "P" else "tiff")  # TIFF: a copy, no zlib; palettes as PNG
 
 
 class ModesEnv:
@@ -427,7 +427,7 @@ def test_the_writer_refuses_a_symlink_out_of_the_run_directory(renderer: Any, tm
     assert [p.name for p in outside.rglob("*")] == ["target"]
 
 
-@pytest.mark.parametrize("entry", ["blobs", "blobs/xx", "blobs/xx/features", "blobs/xx/png"])
+@pytest.mark.parametrize("entry", ["blobs", "blobs/xx", "blobs/xx/features", "blobs/xx/png", "blobs/xx/tiff"])
 async def test_the_writer_refuses_symlinked_blobs(renderer: Any, tmp_path: Path, entry: str) -> None:
     r = await run_rollout(ShapesEnv(turns=1), renderer, Answer(renderer), RolloutConfig(max_turns=1, max_tokens=4),
                           seed=0, trajectory_id="b")
@@ -437,7 +437,8 @@ async def test_the_writer_refuses_symlinked_blobs(renderer: Any, tmp_path: Path,
     (run_dir / "blobs" / image_id[:2]).mkdir(parents=True)
     name = {"blobs": "blobs", "blobs/xx": f"blobs/{image_id[:2]}",
             "blobs/xx/features": f"blobs/{image_id[:2]}/{image_id}.features",
-            "blobs/xx/png": f"blobs/{image_id[:2]}/{image_id}.png"}[entry]
+            "blobs/xx/png": f"blobs/{image_id[:2]}/{image_id}.png",
+            "blobs/xx/tiff": f"blobs/{image_id[:2]}/{image_id}.tiff"}[entry]
     link = run_dir / name
     shutil.rmtree(link) if link.is_dir() else None
     if entry.count("/") < 2:
@@ -500,27 +501,38 @@ def test_a_chmod_read_only_run_directory_is_a_store_error(renderer: Any, tmp_pat
 
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], dict[str, Any]]:
-    """A disk under `root` that fills up: while `state["full"]`, `os.write` to any file under it
-    writes a few bytes and then raises ENOSPC, as the kernel does."""
+    """A disk under `root` that fills up: while `state["full"]`, `os.write` or `os.writev` to any
+    file under it writes a few bytes and then raises ENOSPC, as the kernel does."""
 
     def install(root: Path) -> dict[str, Any]:
         state: dict[str, Any] = {"full": False, "refused": 0}
-        real_write = os.write
+        real_write, real_writev = os.write, os.writev
+
+        def refuse(fd: int, first: Any) -> int | None:
+            """None: write as asked; else the bytes a torn write wrote (or ENOSPC)."""
+            if not state["full"]:
+                return None
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if not target.startswith(str(root)):
+                return None
+            state["refused"] += 1
+            if len(first) > 8 and state["refused"] % 2:  # a torn write first, then nothing
+                return real_write(fd, bytes(first[:7]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         def fake_write(fd: int, data: Any) -> int:
-            if state["full"]:
-                try:
-                    target = os.readlink(f"/proc/self/fd/{fd}")
-                except OSError:
-                    target = ""
-                if target.startswith(str(root)):
-                    state["refused"] += 1
-                    if len(data) > 8 and state["refused"] % 2:  # a torn write first, then nothing
-                        return real_write(fd, bytes(data[:7]))
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_write(fd, data)
+            torn = refuse(fd, data)
+            return real_write(fd, data) if torn is None else torn
+
+        def fake_writev(fd: int, buffers: Any) -> int:
+            torn = refuse(fd, memoryview(buffers[0]).cast("B"))
+            return real_writev(fd, buffers) if torn is None else torn
 
         monkeypatch.setattr(os, "write", fake_write)
+        monkeypatch.setattr(os, "writev", fake_writev)
         return state
 
     return install

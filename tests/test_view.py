@@ -29,6 +29,11 @@ from view_runs import ANSWER, CROP, ENV_FAILURE, MARKUP, SCRIPT, STYLE, view_run
 DATA_URL = re.compile(r'"data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)"')
 
 
+def originals(run: Path) -> list[Path]:
+    """The run's archived originals (any format: a PIL image's TIFF, an encoded file as it was given)."""
+    return sorted(p for p in run.glob("blobs/*/*") if p.suffix != ".features")
+
+
 def raw_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
 
@@ -110,7 +115,7 @@ def test_page_escapes_everything_the_run_holds(view_runs: dict[str, Path]) -> No
     meta = next(a for t, a in tags.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy")
     assert "default-src 'none'" in (meta["content"] or "") and "img-src data:" in (meta["content"] or "")
     images = json.loads(re.search(r'<script type="application/json" id="rw-images">(.*?)</script>', page)[1])
-    assert sorted(images) == sorted(p.stem for p in view_runs["hostile"].glob("blobs/*/*.png"))
+    assert sorted(images) == sorted(p.stem for p in originals(view_runs["hostile"]))
 
 
 def test_page_embeds_each_image_once_as_a_bounded_thumbnail(view_runs: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
@@ -123,8 +128,8 @@ def test_page_embeds_each_image_once_as_a_bounded_thumbnail(view_runs: dict[str,
         thumb = Image.open(io.BytesIO(base64.b64decode(data)))
         assert max(thumb.size) == 256 and thumb.format.lower() == mime.removeprefix("image/")
     assert sorted(m for m, _ in urls) == ["image/jpeg"] * 4 + ["image/webp"]  # the RGBA image keeps its alpha
-    originals = sum(p.stat().st_size for p in run.glob("blobs/*/*.png"))
-    assert stats.bytes == len(page.encode()) < 600_000 and stats.bytes * 20 < originals  # 1024² noise: ~3 MB each
+    original_bytes = sum(p.stat().st_size for p in originals(run))
+    assert stats.bytes == len(page.encode()) < 600_000 and stats.bytes * 20 < original_bytes  # 1024² noise: ~3 MB each
     small = write_page(run, tmp_path / "small.html", max_side=64)
     assert small.bytes < stats.bytes / 4
     assert all(max(Image.open(io.BytesIO(base64.b64decode(d))).size) == 64
@@ -154,7 +159,7 @@ def test_tool_calls_and_the_images_tools_return(view_runs: dict[str, Path]) -> N
     page, stats = render_page(run)
     assert stats.turns == sum(r["turns"] for r in rows) == 4
     # Each rollout's picture and its crop (the two crops of the same corner may be the same pixels).
-    assert stats.images == len(list(run.glob("blobs/*/*.png"))) >= 3
+    assert stats.images == len(list(originals(run))) >= 3
     section = page[page.index(f'<h2>{rows[0]["id"]}</h2>'):]
     section = section[:section.index("</section>")]
     assert re.search(r'<div class="call">→ crop\(\{&quot;box&quot;: \[0, 0, 60, 40\]\}\)</div>', section)
@@ -184,7 +189,7 @@ def test_token_pieces_keep_split_characters_together(tiny) -> None:
 def test_a_missing_original_shows_a_placeholder(view_runs: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(view_runs["shapes"], run)
-    gone = sorted(run.glob("blobs/*/*.png"))[0]
+    gone = originals(run)[0]
     gone.unlink()
     page, stats = render_page(run)
     assert stats.missing_images == 1 and stats.images == 5

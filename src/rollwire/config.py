@@ -44,6 +44,7 @@ class RolloutSettings(pydantic.BaseModel):
     retry_deadline: Annotated[float, pydantic.Field(ge=0.0)] = 60.0
     progress: bool = True
     wire: Literal["features", "content-parts", "content_parts", "auto"] = "auto"  # how images reach a server
+    group_requests: bool = False  # a group's shared first prompt as one n = group request
 
     def server_urls(self) -> list[str]:
         """`server` (one or a list) and the lines of `servers_file`, in that order."""

@@ -4,7 +4,9 @@
 RUN_DIR/
   run.json                   the run's manifest: model fingerprint, sampling, environment, seed
   rollouts.jsonl             one honest-JSON row per finished rollout (the commit record)
-  blobs/ab/<id>.png          each unique image once: the original, lossless (.tiff for CMYK, F, I)
+  blobs/ab/<id>.jpg          each unique image once: the original as given, its encoded file as it
+                               is (.jpg, .png, .webp, ...); a PIL image as uncompressed TIFF
+                               (lossless, ~1 ms; a palette image as PNG); older runs hold .png
   blobs/ab/<id>.features     ...and its uint8 features, for training (codec msgpack + CRC)
   shards/shard-00000.bin     length + CRC framed records, one packed trajectory each
   rollouts-<w>.jsonl         ...the rows of writer `w` when several write at once (Ray workers),
@@ -22,6 +24,7 @@ corrupt or hostile with a `StoreError`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import io
@@ -33,7 +36,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +45,10 @@ from PIL import Image
 
 from rollwire.errors import ManifestMismatchError, RollwireError, StoreError, UnknownImageError
 from rollwire.features import FeatureStore, ImageFeatures
-from rollwire.images import ImageLimits, load_image, to_rgb
+from rollwire.images import ImageLimits, load_image, read_source, to_rgb
 from rollwire.messages import ImageSource
 from rollwire.rollout.types import Trajectory
-from rollwire.transport.codec import decode, encode
+from rollwire.transport.codec import decode, encode_parts
 from rollwire.transport.packing import pack, unpack
 
 ROWS = "rollouts.jsonl"
@@ -56,9 +59,16 @@ _BLOB_MAGIC = b"RWF1"
 _SHARD_NAME = re.compile(r"shard-(?:[A-Za-z0-9_]{1,32}-)?[0-9]{5,9}\.bin")
 _WORKER = re.compile(r"[A-Za-z0-9_]{1,32}")
 _WORKER_ROWS = re.compile(r"rollouts-([A-Za-z0-9_]{1,32})\.jsonl")
-_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})  # PNG holds these exactly
-_TIFF_MODES = frozenset({"PA", "CMYK", "YCbCr", "LAB", "I", "I;16B", "F"})  # ...and TIFF these
+# PIL images are archived as uncompressed TIFF, which holds these modes exactly and costs a copy (PNG
+# costs 0.1-0.9 s of zlib and filtering per 1024² image, the rollouts' CPU); palettes go as PNG.
+_TIFF_MODES = frozenset({"1", "L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I", "F", "CMYK", "YCbCr", "LAB", "PA"})
+_PNG_MODES = frozenset({"P"})
+# An encoded original keeps its file's bytes, named by its real format (the formats rollwire decodes).
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff",
+               "PPM": "ppm", "TGA": "tga", "ICO": "ico", "AVIF": "avif", "QOI": "qoi", "JPEG2000": "jp2"}
+_ORIGINAL_EXTS = tuple(dict.fromkeys(("png", "tiff", *_EXTENSIONS.values())))
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+_IOV_MAX = 512  # pieces a writev takes at once (Linux allows 1024)
 # Archived originals passed the rollout's image limits when first seen; a lossless copy can be
 # larger encoded, so only PIL's own bomb guard applies when one is read back.
 _ARCHIVE_LIMITS = ImageLimits(max_encoded_bytes=2**40, max_pixels=2**40)
@@ -104,13 +114,28 @@ def _open_regular(path: Path, flags: int, what: str) -> int:
         raise _os_error(exc, f"{what} {path}") from None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+Buffers = bytes | Sequence[bytes | memoryview]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_all(fd: int, data: Buffers) -> None:
+    """Write `data` (bytes, or pieces written in order with `os.writev`: the kernel copies them,
+    without the GIL, so a large blob is never joined in memory first)."""
+    if isinstance(data, bytes):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return
+    pieces = [view for piece in data if (view := memoryview(piece).cast("B")).nbytes]
+    while pieces:
+        written = os.writev(fd, pieces[:_IOV_MAX])
+        while written:
+            if written >= pieces[0].nbytes:
+                written -= pieces.pop(0).nbytes
+            else:
+                pieces[0], written = pieces[0][written:], 0
+
+
+def _atomic_write(path: Path, data: Buffers) -> None:
     """Write to a temporary file in the same folder, fsync, rename: readers see all or nothing."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -171,10 +196,15 @@ def _blob_dir(root: Path, image_id: str) -> Path:
     return root / "blobs" / image_id[:2]
 
 
-def encode_features(features: ImageFeatures) -> bytes:
-    payload = encode({"id": features.id, "grid_thw": list(features.grid_thw), "merge_size": features.merge_size,
-                      "pixel_values": np.ascontiguousarray(features.pixel_values)})
-    return _BLOB_MAGIC + struct.pack("<I", zlib.crc32(payload)) + payload
+def encode_features(features: ImageFeatures) -> list[bytes | memoryview]:
+    """A features blob (magic, CRC, codec payload) as pieces to write in order: the pixels are a view,
+    not a copy (joining 6 MB holds the GIL and faults in fresh pages: ~15-30 ms an image)."""
+    pieces = encode_parts({"id": features.id, "grid_thw": list(features.grid_thw), "merge_size": features.merge_size,
+                           "pixel_values": np.ascontiguousarray(features.pixel_values)})
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return [_BLOB_MAGIC + struct.pack("<I", crc), *pieces]
 
 
 def decode_features(data: bytes, image_id: str) -> ImageFeatures:
@@ -246,6 +276,9 @@ class RunWriter:
             self._release_locks()
             raise
         self._lock = threading.Lock()
+        # PIL imports its ~40 plugins on the first TIFF save or format check (0.1-0.6 s holding the GIL
+        # and the import lock): here, once, not in a worker thread while rollouts run.
+        Image.init()
         names = [p.name.removeprefix(self._shard_prefix).removesuffix(".bin")
                  for p in (self.root / "shards").glob(f"{self._shard_prefix}*.bin")]
         self._shard_index = max((int(n) for n in names if n.isdigit()), default=-1) + 1  # never after a torn tail
@@ -333,7 +366,8 @@ class RunWriter:
         return str(self._write_blobs(image_id, image, features))
 
     def restore_image(self, image_id: str) -> Image.Image:
-        """An archived original, decoded (to recompute the features of an evicted image)."""
+        """An archived original, decoded (to recompute the features of an evicted image; any format
+        this or an older writer archived)."""
         return _read_original(self.root, image_id)
 
     def _commit(self, line: bytes) -> None:
@@ -354,15 +388,41 @@ class RunWriter:
         """Write what is missing of an image's blobs; the original's path (None: not archived)."""
         folder = _real_dir(_real_dir(self.root / "blobs") / _blob_dir(self.root, image_id).name)
         feats = folder / f"{image_id}.features"
-        archived = next((p for p in (folder / f"{image_id}.{ext}" for ext in ("png", "tiff")) if _lexists(p)), None)
+        archived = _find_original(folder, image_id)
+        blob = None  # the original's (extension, bytes), made before anything is written
+        if archived is None and original is not None:
+            blob = (archive_image(original) if isinstance(original, Image.Image)
+                    else self._encoded_original(image_id, original))
         if not _lexists(feats):
             _atomic_write(feats, encode_features(features or self._features_of(image_id, original)))
-        if archived is not None or original is None:
+        if blob is None:
             return archived
-        image = original if isinstance(original, Image.Image) else load_image(original, _ARCHIVE_LIMITS)
-        ext, data = archive_image(image)
-        _atomic_write(folder / f"{image_id}.{ext}", data)
-        return folder / f"{image_id}.{ext}"
+        archived = folder / f"{image_id}.{blob[0]}"
+        _atomic_write(archived, blob[1])
+        return archived
+
+    def _encoded_original(self, image_id: str, source: ImageSource) -> tuple[str, bytes]:
+        """(extension of its real format, the bytes) of an image given encoded: the file as it is,
+        not decoded and encoded again. A file or URL is read again, so it is checked to still hold
+        the image that was rendered (bytes and data URLs cannot have changed)."""
+        remote = isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+        # The image passed the renderer's limits (and path roots) when first seen; a remote one is
+        # fetched again within the feature store's limits.
+        limits = (dataclasses.replace(self.features.limits, allow_remote=True, allowed_roots=None) if remote
+                  else _ARCHIVE_LIMITS)
+        try:
+            data = read_source(source, limits)
+            ext = _encoded_extension(data)
+            if not (isinstance(source, bytes) or (isinstance(source, str) and source[:5].lower() == "data:")):
+                got = self.features.image_id(data, limits=_ARCHIVE_LIMITS)
+                if got != image_id:
+                    raise StoreError(f"image {image_id[:12]}: its source changed since it was rendered (it now "
+                                     f"hashes to {got[:12]}); the run cannot archive what the model saw")
+        except RollwireError as exc:
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"image {image_id[:12]}: its original cannot be read again to archive it: {exc}") from None
+        return ext, data
 
     def _features_of(self, image_id: str, original: Any) -> ImageFeatures:
         """The store's features, or (it evicted them) the same features recomputed from the original."""
@@ -417,23 +477,40 @@ class RunWriter:
 
 
 def archive_image(image: Image.Image) -> tuple[str, bytes]:
-    """(extension, bytes) of a lossless copy: PNG where PNG holds the mode exactly, else TIFF
-    (CMYK, 32-bit int, float, ...). The few in-memory modes neither holds (HSV, "La") are kept as
-    the RGB the model saw."""
+    """(extension, bytes) of a lossless copy of a PIL image: uncompressed TIFF (every mode TIFF holds
+    exactly: RGB, RGBA, L, 16-bit, float, CMYK, ...), PNG for palette images. The few in-memory
+    modes neither holds (HSV, "La") are kept as the RGB the model saw."""
     buf = io.BytesIO()
     try:
         if image.mode in _PNG_MODES:
-            image.save(buf, format="PNG")
+            image.save(buf, format="PNG", compress_level=1)
             return "png", buf.getvalue()
         if image.mode in _TIFF_MODES:
             image.save(buf, format="TIFF")
             return "tiff", buf.getvalue()
-        to_rgb(image).save(buf, format="PNG")
+        to_rgb(image).save(buf, format="TIFF")
     except RollwireError as exc:
         raise StoreError(f"image of mode {image.mode!r} cannot be archived: {exc}") from None
     except Exception as exc:  # PIL encoders raise OSError, ValueError, ...
         raise StoreError(f"image of mode {image.mode!r} cannot be archived: {type(exc).__name__}: {exc}") from None
-    return "png", buf.getvalue()
+    return "tiff", buf.getvalue()
+
+
+def _encoded_extension(data: bytes) -> str:
+    """The file extension of encoded image bytes' real format (read from the header, not decoded)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=list(_EXTENSIONS)) as image:
+            fmt = image.format
+    except Exception as exc:  # PIL raises many types on a header it cannot read
+        raise StoreError(f"image bytes of no format rollwire archives: {type(exc).__name__}: {exc}"[:300]) from None
+    if fmt not in _EXTENSIONS:
+        raise StoreError(f"image bytes in format {fmt!r}, which rollwire does not archive")
+    return _EXTENSIONS[fmt]
+
+
+def _find_original(folder: Path, image_id: str) -> Path | None:
+    """The archived original of `image_id` in its blob folder, whatever its format (None: not archived)."""
+    return next((p for p in (folder / f"{image_id}.{ext}" for ext in _ORIGINAL_EXTS) if _lexists(p)), None)
 
 
 def trajectory_row(t: Trajectory) -> dict[str, Any]:
@@ -659,17 +736,22 @@ class RunReader:
                 store.put(self.features(image_id))
 
     def image(self, image_id: str) -> Image.Image:
-        """The archived original (PNG, or TIFF for modes PNG cannot hold)."""
+        """The archived original, decoded (its file as given: JPEG, PNG, ...; TIFF or PNG for a PIL image)."""
         return _read_original(self.root, image_id)
+
+    def original_path(self, image_id: str) -> Path:
+        """Where the archived original is (its extension names its format), to copy or serve it as it is."""
+        path = _find_original(_blob_dir(self.root, image_id), image_id)
+        if path is None:
+            raise StoreError(f"original image {image_id} is not archived")
+        return path
 
 
 def _read_original(root: Path, image_id: str) -> Image.Image:
-    folder = _blob_dir(root, image_id)
-    for ext in ("png", "tiff"):
-        path = folder / f"{image_id}.{ext}"
-        if os.path.lexists(path):
-            try:
-                return load_image(_read_rows(path), _ARCHIVE_LIMITS)
-            except RollwireError as exc:
-                raise StoreError(f"original image {image_id}: {exc}") from None
-    raise StoreError(f"original image {image_id} is not archived")
+    path = _find_original(_blob_dir(root, image_id), image_id)
+    if path is None:
+        raise StoreError(f"original image {image_id} is not archived")
+    try:
+        return load_image(_read_rows(path), _ARCHIVE_LIMITS)
+    except RollwireError as exc:
+        raise StoreError(f"original image {image_id}: {exc}") from None

@@ -7,14 +7,12 @@ bytes once, and recover from a cache the server lost (/pause + /resume clears it
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from test_vllm import REQUIRED, VENV, Server, img, start_server, stop_server, text
 
 from conftest import FIGURES
 from rollwire.engines import content_parts as cp
@@ -22,31 +20,17 @@ from rollwire.engines.types import GenerateRequest, SamplingParams
 from rollwire.engines.vllm import VLLMEngine
 from rollwire.render import create_renderer
 
-if not (VENV / "bin" / "python").exists():
-    if REQUIRED:
-        raise RuntimeError(f"ROLLWIRE_REQUIRE_VLLM=1 but there is no vLLM venv at {VENV}")
-    pytest.skip(f"no vLLM venv at {VENV}", allow_module_level=True)
+from .conftest import Server, img, port, served, text
 
 pytestmark = pytest.mark.vllm
-PORT = int(os.environ.get("ROLLWIRE_VLLM_PORT_CONTENT_PARTS", "18437"))
+PORT = port("CONTENT_PARTS", 18437)
 FAMILY = "qwen2_vl"
 
 
 @pytest.fixture(scope="module")
 def server(tiny: Callable[[str], Path]) -> Iterator[Server]:
-    model_dir = tiny(FAMILY)
-    old = os.environ.get("VLLM_SERVER_DEV_MODE")
-    os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # mounts /pause and /resume
-    try:
-        pid = start_server(model_dir, FAMILY, port=PORT)
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_SERVER_DEV_MODE")
-        else:
-            os.environ["VLLM_SERVER_DEV_MODE"] = old
-    srv = Server(FAMILY, model_dir, f"http://127.0.0.1:{PORT}", pid)
-    yield srv
-    stop_server(srv.pid)
+    with served(tiny(FAMILY), FAMILY, PORT) as srv:  # in dev mode: /pause and /resume are mounted
+        yield srv
 
 
 def clear_server_cache(url: str) -> None:

@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "codec": "transport codec encode/decode MB/s vs memcpy",
     "transport": "packed trajectories (refs + unique blobs) vs JSON of every image per step",
     "memory": "peak RSS and loop lag of K concurrent image rollouts vs the floor",
+    "embedded": "embedded-engine rollouts/s on shapes: the inverse-CDF sampler vs torch.multinomial row by row",
     "e2e": "multi-turn image rollouts against a CPU vLLM: rollwire vs verifiers 0.4.0",
 }
 

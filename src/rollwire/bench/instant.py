@@ -7,10 +7,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from PIL import Image
-
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, Timings
-from rollwire.messages import ImagePart, Message, TextPart
+from rollwire.messages import ImagePart, ImageSource, Message, TextPart
 from rollwire.rollout import EnvStep, Observation, RolloutConfig, run_rollout
 
 
@@ -20,7 +18,7 @@ class Pictures:
 
     name = "pictures"
 
-    def __init__(self, make: Callable[[int], Image.Image], turns: int) -> None:
+    def __init__(self, make: Callable[[int], ImageSource], turns: int) -> None:
         self.make, self.turns, self.turn = make, turns, 0
 
     async def _ask(self) -> Message:

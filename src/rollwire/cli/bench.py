@@ -51,7 +51,7 @@ def _register() -> None:
     from rollwire.bench import BENCHMARKS
 
     for name, help_text in BENCHMARKS.items():
-        if name not in ("memory", "e2e"):
+        if name not in ("memory", "e2e", "embedded"):
             _command(name, help_text)
 
 
@@ -66,6 +66,16 @@ def memory(
 ) -> None:
     """Peak RSS and loop lag of K concurrent 8-turn image rollouts vs the floor (a subprocess per K)."""
     _show(["memory"], quick, as_json, write, ks=tuple(k) if k else None)
+
+
+@bench_app.command("embedded")
+def embedded(
+    quick: QUICK = False, as_json: JSON = False, write: WRITE = None,
+    threads: Annotated[int, typer.Option(min=0, help="torch intra-op threads (0: torch's default; default 1: "
+                                                     "on a shared machine more threads wait on each other).")] = 1,
+) -> None:
+    """Embedded-engine rollouts/s on shapes: the inverse-CDF draw vs torch.multinomial, and the draw alone."""
+    _show(["embedded"], quick, as_json, write, threads=threads or None)
 
 
 @bench_app.command("e2e")

@@ -54,6 +54,10 @@ def rollout(
     ] = D.retry_deadline,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = D.progress,
     wire: Annotated[str, typer.Option(help=WIRE_HELP)] = D.wire,
+    group_requests: Annotated[bool, typer.Option(
+        help="Send a GRPO group's shared first prompt as one request with n = --group (the server prefills "
+             "it and receives its images once; completions are seeded per request, not per member).")
+    ] = D.group_requests,
 ) -> None:
     """Run many multi-turn rollouts and write them to a run directory.
 
@@ -89,12 +93,14 @@ def rollout(
 
             summary, lost = run_on_ray(run, out, model=model_dir, workers=s.workers or 1, address=s.ray_address,
                                        servers=servers, served_name=s.served_name,
-                                       retry_deadline=s.retry_deadline, resolved=s.record())
+                                       retry_deadline=s.retry_deadline, wire=s.wire,
+                                       group_requests=s.group_requests, resolved=s.record())
         else:
             summary = asyncio.run(run_to_dir(run, out, model=model_dir, renderer=create_renderer(model_dir),
                                              server=servers or None, served_name=s.served_name,
                                              retry_deadline=s.retry_deadline, progress=s.progress,
-                                             wire=s.wire, resolved=s.record()))
+                                             wire=s.wire, group_requests=s.group_requests,
+                                             resolved=s.record()))
     except RollwireError as exc:
         raise fail(exc) from exc
     table = Table("", "value", title=f"rollouts → {out}")

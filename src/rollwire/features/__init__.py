@@ -2,7 +2,7 @@
 
 from rollwire.features.processor import ImageProcessor, PixelFormat, WireField
 from rollwire.features.qwen_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionConfig, process_image, smart_resize
-from rollwire.features.store import FeatureStore, ImageFeatures, StoreStats, compute_features
+from rollwire.features.store import FeatureStore, ImageFeatures, PinLease, StoreStats, compute_features
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -10,6 +10,7 @@ __all__ = [
     "FeatureStore",
     "ImageFeatures",
     "ImageProcessor",
+    "PinLease",
     "PixelFormat",
     "StoreStats",
     "VisionConfig",

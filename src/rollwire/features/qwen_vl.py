@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,13 +23,14 @@ import numpy as np
 from PIL import Image
 
 from rollwire.errors import EmptyImageError, FeatureError, ImageError, ImageSizeUnsupportedError
+from rollwire.features.pixels import rgbx_pixels
 from rollwire.features.processor import WireField, config_from
 
 if TYPE_CHECKING:
     from rollwire.features.store import ImageFeatures
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_VL_WIRE", "VisionConfig", "patchify", "process_image",
-           "smart_resize"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_VL_WIRE", "VisionConfig", "patchify", "patchify_rgbx",
+           "process_image", "smart_resize"]
 
 # vLLM's Qwen2-VL field factory (shared by Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.xV): pixel rows
 # flat, split per image by grid size; the grid batched, kept on the CPU.
@@ -224,7 +226,8 @@ def process_image(image: Image.Image, config: VisionConfig) -> tuple[np.ndarray,
     run with do_rescale=False, do_normalize=False.
 
     The processor resizes the uint8 image with PIL (no float round trip), then patchifies to rows
-    laid out (C, T, P, P) with the single frame repeated over T.
+    laid out (C, T, P, P) with the single frame repeated over T. The patchify reads PIL's memory
+    in place (`rgbx_pixels`), so the rows are the one copy made after the resize.
     """
     if image.mode != "RGB":
         raise ImageError(f"process_image needs an RGB image (call to_rgb first), got mode {image.mode!r}")
@@ -234,11 +237,16 @@ def process_image(image: Image.Image, config: VisionConfig) -> tuple[np.ndarray,
         resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), config.resample)
     except (ValueError, OSError, MemoryError) as exc:
         raise ImageError(f"cannot resize image {width}x{height} to {new_w}x{new_h}: {exc}") from None
-    pixels = np.asarray(resized)  # (H, W, 3) uint8
-    if pixels.dtype != np.uint8 or pixels.shape != (new_h, new_w, 3):
-        raise ImageError(f"resized image has unexpected layout {pixels.dtype} {pixels.shape}")
-    rows = patchify(pixels, config.patch_size, config.merge_size, config.temporal_patch_size)
-    return rows, (1, new_h // config.patch_size, new_w // config.patch_size)
+    p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
+    rgbx = rgbx_pixels(resized)
+    if rgbx is not None:
+        rows = patchify_rgbx(rgbx, p, m, t)
+    else:  # no view of PIL's memory: take its bytes (one conversion more), same rows
+        pixels = np.asarray(resized)
+        if pixels.dtype != np.uint8 or pixels.shape != (new_h, new_w, 3):
+            raise ImageError(f"resized image has unexpected layout {pixels.dtype} {pixels.shape}")
+        rows = patchify(pixels, p, m, t)
+    return rows, (1, new_h // p, new_w // p)
 
 
 _BAND_BYTES = 1 << 18  # rows written per band: small enough to stay in the core's cache
@@ -265,6 +273,63 @@ def patchify(pixels: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
     rows = out.reshape(grid_h * grid_w, 3 * t * p * p)
     rows.flags.writeable = False
     return rows
+
+
+_SCRATCH_BYTES = 1 << 18  # RGBX pixels per band of `patchify_rgbx`: small enough to stay in the core's cache
+_scratch = threading.local()  # each thread's band buffers, reused (the patchify runs on worker threads)
+
+
+def patchify_rgbx(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
+    """`patchify` of an (H, W, 4) RGBX image (PIL's own layout: R, G, B, a pad byte): the same rows.
+
+    numpy moves short byte runs slowly (the strided copy of 14-byte runs was the old patchify's
+    cost), so each band of merged patch rows goes in wide moves through small reused buffers:
+    each patch row of 4-byte pixels as one `V{4p}` item into patch order; each channel out of the
+    4-byte pixels as one contiguous uint32 -> uint8 cast over a view shifted by the channel's byte
+    (`<u4`: its low byte is the first, on any machine); then each channel's p*p block as one
+    `V{p*p}` item into every frame of the rows.
+    """
+    height, width = rgbx.shape[:2]
+    if rgbx.dtype != np.uint8 or rgbx.ndim != 3 or rgbx.shape[2] != 4 or height % (p * m) or width % (p * m):
+        raise ImageError(f"patchify_rgbx needs (H, W, 4) uint8 in multiples of {p * m}, got {rgbx.dtype} "
+                         f"{rgbx.shape}")
+    if rgbx.strides != (4 * width, 4, 1):
+        rgbx = np.ascontiguousarray(rgbx)
+    bands, per_band = height // (p * m), width // p * m  # merged rows of patches; patches in each
+    band_pixels = per_band * p * p
+    step = min(bands, max(1, _SCRATCH_BYTES // (4 * band_pixels)))
+    tiles_buf, planes_buf, channels = _band_buffers(step * band_pixels)
+    item, block = np.dtype(f"V{4 * p}"), np.dtype(f"V{p * p}")  # a patch row of RGBX; a channel's patch
+    # (H, W*4) bytes -> (bands, m, p, gw/m, m) items -> (bands, gw/m, m, m, p): HF's patch order.
+    src = rgbx.reshape(height, width * 4).view(item).reshape(bands, m, p, width // (p * m), m)
+    src = src.transpose(0, 3, 1, 4, 2)
+    tiles = tiles_buf[: 4 * step * band_pixels].view(item).reshape(step, width // (p * m), m, m, p)
+    planes = planes_buf[:, : step * band_pixels].view(block)  # (3, patches in a buffer)
+    out = np.empty((bands * per_band, 3, t, p * p), dtype=np.uint8)
+    frames = out.view(block)[..., 0]  # (patches, 3, t)
+    for b in range(0, bands, step):
+        n = min(step, bands - b)
+        k = n * band_pixels
+        tiles[:n] = src[b : b + n]
+        for c in range(3):
+            np.copyto(planes_buf[c, :k], channels[c][:k], casting="unsafe")  # the low byte: channel c
+        patches = planes[:, : n * per_band].T
+        for f in range(t):
+            frames[b * per_band : (b + n) * per_band, :, f] = patches
+    rows = out.reshape(bands * per_band, 3 * t * p * p)
+    rows.flags.writeable = False
+    return rows
+
+
+def _band_buffers(pixels: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """This thread's RGBX tile buffer (+ 4 bytes: the shifted views read up to 3 past the end), its
+    3 channel planes, and the 3 shifted `<u4` views of the tiles, for at least `pixels` pixels."""
+    got: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = getattr(_scratch, "buffers", None)
+    if got is None or got[1].shape[1] < pixels:
+        tiles = np.empty(4 * pixels + 4, dtype=np.uint8)
+        channels = [np.frombuffer(tiles, dtype="<u4", offset=c, count=pixels) for c in range(3)]
+        got = _scratch.buffers = (tiles, np.empty((3, pixels), dtype=np.uint8), channels)
+    return got
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,4 +1,4 @@
-"""The content-addressed feature store, the only place pixels live, and one image's features.
+"""The content-addressed feature store, the only place pixels live.
 
 Everything else refers to an image by its id: a hash of its RGB pixels, its size and the
 processor's fingerprint (the settings that shape its features). The store works with any
@@ -6,7 +6,10 @@ processor's fingerprint (the settings that shape its features). The store works 
 
 An in-flight request pins the images it must send (they are not evicted while it runs) and makes
 the others reloadable: one the store evicted is recomputed on `get` from the source the request
-names (its archived original), so callers never keep features of their own to put back.
+names (its archived original), so callers never keep features of their own to put back. A
+`PinLease` pins them from the moment the store hands them to the renderer: while the lease is
+`collecting` in a thread, every image the store returns there is pinned to it, atomically with
+the lookup, until the lease is released (when the request carrying them has returned).
 
 With `keep_encoded`, an image that came as encoded bytes keeps them beside its features (counted in
 the byte bound, evicted with them): `encoded(id)` is the original a content_parts request can send.
@@ -15,99 +18,19 @@ the byte bound, evicted with them): `encoded(id)` is the original a content_part
 from __future__ import annotations
 
 import contextlib
-import math
+import contextvars
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-from PIL import Image
 
 from rollwire.errors import FeatureError, ImageReloadError, UnknownImageError
+from rollwire.features.image_features import ImageFeatures, compute_features
 from rollwire.features.processor import ImageProcessor
 from rollwire.images import DEFAULT_LIMITS, ImageLimits, image_hash, load_encoded, load_image, to_rgb
 from rollwire.messages import ImageSource
 
-if TYPE_CHECKING:
-    import torch
-
-__all__ = ["FeatureStore", "ImageFeatures", "StoreStats", "compute_features"]
-
-
-@dataclass(frozen=True, eq=False)
-class ImageFeatures:
-    """One image's uint8 patch rows (read-only), its grid and its content id."""
-
-    id: str
-    pixel_values: np.ndarray
-    grid_thw: tuple[int, int, int]
-    merge_size: int
-
-    def __post_init__(self) -> None:
-        pv = self.pixel_values
-        grid = tuple(int(g) for g in self.grid_thw)
-        if not isinstance(pv, np.ndarray) or pv.dtype != np.uint8 or pv.ndim != 2:
-            raise FeatureError(f"image {self.id[:12]}: pixel_values must be a 2-D uint8 array")
-        if len(grid) != 3 or min(grid) <= 0 or pv.shape[0] != math.prod(grid):
-            raise FeatureError(
-                f"image {self.id[:12]}: grid {self.grid_thw} does not match {pv.shape[0]} rows")
-        m = self.merge_size
-        if m <= 0 or grid[1] % m or grid[2] % m:
-            raise FeatureError(f"image {self.id[:12]}: grid {grid} is not a multiple of merge size {m}")
-        if pv.flags.writeable:
-            pv = pv.view()
-            pv.flags.writeable = False
-        object.__setattr__(self, "pixel_values", pv)
-        object.__setattr__(self, "grid_thw", grid)
-
-    @property
-    def num_tokens(self) -> int:
-        """Image pad tokens this image takes in the prompt."""
-        return math.prod(self.grid_thw) // (self.merge_size * self.merge_size)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.pixel_values.nbytes)
-
-    def normalized(self, config: ImageProcessor, dtype: Any = np.float32) -> np.ndarray:
-        """Rescaled and normalised float rows, equal to the HF processor's default output."""
-        out_dtype = np.dtype(dtype)
-        if out_dtype.kind != "f":
-            raise FeatureError(
-                f"normalized() needs a float dtype, got {out_dtype} (for bfloat16 use normalized_torch)")
-        if self.pixel_values.shape[1] != config.row_size:
-            raise FeatureError(f"image {self.id[:12]}: rows have {self.pixel_values.shape[1]} values but the "
-                               f"processor makes {config.row_size}")
-        out = config.normalize(self.pixel_values)
-        return out if out_dtype == np.float32 else out.astype(out_dtype)
-
-    def normalized_torch(self, config: ImageProcessor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`normalized` as a torch tensor in `dtype` (e.g. torch.bfloat16); imports torch lazily."""
-        try:
-            import torch
-        except ImportError:
-            raise FeatureError("normalized_torch needs torch installed") from None
-        tensor = torch.from_numpy(self.normalized(config))
-        return tensor if dtype is None or dtype == torch.float32 else tensor.to(dtype)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ImageFeatures):
-            return NotImplemented
-        return (self.id == other.id and self.grid_thw == other.grid_thw
-                and self.merge_size == other.merge_size
-                and np.array_equal(self.pixel_values, other.pixel_values))
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-
-def compute_features(rgb_image: Image.Image, config: ImageProcessor) -> ImageFeatures:
-    """Hash and process an RGB image (no store involved)."""
-    image_id = image_hash(rgb_image, config.fingerprint())
-    rows, grid = config.process(rgb_image)
-    return ImageFeatures(image_id, rows, grid, config.merge_size)
+__all__ = ["FeatureStore", "ImageFeatures", "PinLease", "StoreStats", "compute_features"]
 
 
 Reload = Callable[[str], ImageSource]  # image id -> its source, to recompute evicted features from
@@ -125,6 +48,69 @@ class StoreStats:
     evictions: int
     oversized: int  # processed items larger than max_bytes: returned, not stored
     reloaded: int = 0  # evicted pinned images recomputed from their pin's source
+    pinned: int = 0  # stored images no eviction may take (an in-flight request needs them)
+    pinned_bytes: int = 0  # their bytes: the store is over max_bytes by at most this
+    peak_bytes: int = 0  # the most bytes it held at once (max_bytes + what was pinned then, at most)
+    leases: int = 0  # pin leases not yet released
+
+
+class PinLease:
+    """The pins one request holds on a store, taken as the renderer is handed each image.
+
+    While `collecting()` runs in a thread, every image the store returns in that thread
+    (`get_or_process`, `get`) is pinned to the lease under the store's lock, so no other thread
+    can evict it between the render and the request. `pin` adds ids, `retain` drops the others
+    (what a declined bridge pinned and the full render did not use), `release` drops them all.
+    A released lease pins nothing more (a render still running for a cancelled rollout leaks none).
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._ids: set[str] = set()  # guarded by the store's lock
+        self.released = False
+
+    @property
+    def ids(self) -> frozenset[str]:
+        with self.store._lock:
+            return frozenset(self._ids)
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[PinLease]:
+        """For the block, in this thread only: each image the store hands out is pinned to the lease."""
+        token = _COLLECTING.set(self)
+        try:
+            yield self
+        finally:
+            _COLLECTING.reset(token)
+
+    def pin(self, image_ids: Iterable[str]) -> None:
+        with self.store._lock:
+            for image_id in image_ids:
+                self.store._hold(self, image_id)
+
+    def retain(self, image_ids: Iterable[str]) -> None:
+        """Keep only these pins (release the rest)."""
+        keep = set(image_ids)
+        with self.store._lock:
+            self.store._unhold(self, self._ids - keep)
+
+    def release(self) -> None:
+        """Drop every pin (idempotent); the byte bound applies to them again."""
+        with self.store._lock:
+            self.store._unhold(self, set(self._ids))
+            if not self.released:
+                self.released = True
+                self.store._leases -= 1
+
+    def __enter__(self) -> PinLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# The lease collecting in the current thread (set only inside `PinLease.collecting`).
+_COLLECTING: contextvars.ContextVar[PinLease | None] = contextvars.ContextVar("rollwire_pin_lease", default=None)
 
 
 @dataclass
@@ -158,6 +144,7 @@ class FeatureStore:
         self._pending: dict[str, _Pending] = {}
         self._bytes = 0
         self._hits = self._misses = self._evictions = self._oversized = self._reloaded = 0
+        self._peak = self._leases = 0
         self._pins: dict[str, int] = {}  # image id -> in-flight requests that need it
         self._reloads: dict[str, list[Reload]] = {}  # image id -> where pinners can reload it from
         self.keep_encoded = keep_encoded  # keep each image's encoded bytes beside its features
@@ -168,12 +155,15 @@ class FeatureStore:
         rgb = to_rgb(image)
         image_id = image_hash(rgb, self._fingerprint)
         data = data if self.keep_encoded else None
+        lease = self._lease()
         while True:
             with self._lock:
                 found = self._items.get(image_id)
                 if found is not None:
                     self._items.move_to_end(image_id)
                     self._hits += 1
+                    if lease is not None:
+                        self._hold(lease, image_id)
                     self._keep(image_id, data)
                     return found
                 pending = self._pending.get(image_id)
@@ -187,12 +177,18 @@ class FeatureStore:
             if pending.result is not None:  # oversized results are not stored but still shared
                 with self._lock:
                     self._hits += 1
+                    if lease is not None:  # evicted since the owner stored it: pinned, it goes back
+                        self._hold(lease, image_id)
+                        if image_id not in self._items:
+                            self._insert(pending.result)
                 return pending.result
             # the owner failed: try again (and fail the same way, with our own exception)
         try:
             rows, grid = self.config.process(rgb)
             features = ImageFeatures(image_id, rows, grid, self.config.merge_size)
             with self._lock:
+                if lease is not None:
+                    self._hold(lease, image_id)
                 self._insert(features)
                 self._keep(image_id, data)
                 pending.result = features
@@ -223,10 +219,13 @@ class FeatureStore:
 
     def get(self, image_id: str) -> ImageFeatures:
         """The stored features; a pinned image that was evicted is recomputed from its pin's source."""
+        lease = self._lease()
         with self._lock:
             found = self._items.get(image_id)
             if found is not None:
                 self._items.move_to_end(image_id)
+                if lease is not None:
+                    self._hold(lease, image_id)
                 return found
             reloads = list(self._reloads.get(image_id, ()))
         for reload in reversed(reloads):  # newest pin first; a pinner that cannot say yet is skipped
@@ -276,9 +275,40 @@ class FeatureStore:
 
     def stats(self) -> StoreStats:
         with self._lock:
+            pinned = [f.nbytes for k, f in self._items.items() if k in self._pins]
             return StoreStats(items=len(self._items), bytes=self._bytes, max_bytes=self.max_bytes,
                               hits=self._hits, misses=self._misses, evictions=self._evictions,
-                              oversized=self._oversized, reloaded=self._reloaded)
+                              oversized=self._oversized, reloaded=self._reloaded, pinned=len(pinned),
+                              pinned_bytes=sum(pinned), peak_bytes=self._peak, leases=self._leases)
+
+    def lease(self) -> PinLease:
+        """A new, empty pin lease on this store (see `PinLease`); release it when its request returns."""
+        with self._lock:
+            self._leases += 1
+        return PinLease(self)
+
+    def _lease(self) -> PinLease | None:
+        """The lease collecting in this thread, if it is one of this store's."""
+        lease = _COLLECTING.get()
+        return lease if lease is not None and lease.store is self else None
+
+    def _hold(self, lease: PinLease, image_id: str) -> None:  # caller holds the lock
+        if not lease.released and image_id not in lease._ids:
+            lease._ids.add(image_id)
+            self._pins[image_id] = self._pins.get(image_id, 0) + 1
+
+    def _unhold(self, lease: PinLease, image_ids: set[str]) -> None:  # caller holds the lock
+        for image_id in image_ids & lease._ids:
+            lease._ids.discard(image_id)
+            self._unpin(image_id)
+        self._evict()
+
+    def _unpin(self, image_id: str) -> None:  # caller holds the lock
+        left = self._pins[image_id] - 1
+        if left:
+            self._pins[image_id] = left
+        else:
+            del self._pins[image_id]
 
     @contextlib.contextmanager
     def pinned(self, image_ids: Iterable[str], *, reload: Reload | None = None) -> Iterator[None]:
@@ -297,11 +327,7 @@ class FeatureStore:
             finally:
                 with self._lock:
                     for image_id in ids:
-                        left = self._pins[image_id] - 1
-                        if left:
-                            self._pins[image_id] = left
-                        else:
-                            del self._pins[image_id]
+                        self._unpin(image_id)
                     self._evict()
 
     @contextlib.contextmanager
@@ -332,6 +358,7 @@ class FeatureStore:
             return
         self._items[features.id] = features
         self._bytes += features.nbytes
+        self._peak = max(self._peak, self._bytes)
         self._evict()
 
     def _evict(self) -> None:  # caller holds the lock; oldest unpinned first

@@ -12,8 +12,10 @@ newer row of a session supersedes the older (`RunReader.rows` returns the newest
 that ends (`DELETE /v1/sessions/{id}`), is evicted (`max_sessions`) or was recorded by an
 earlier server on the same run directory continues under a new trajectory id `<id>~<k>`.
 
-HTTP is the standard library's, as `rollwire serve` (`rollwire.engines.httpd`); the engine
-runs on one asyncio loop in a background thread, so concurrent sessions batch in it.
+This module is the server (lifecycle, routes, engine calls); a call becomes a step in
+`rollwire.front.turns`, open sessions live in `rollwire.front.table`. HTTP is the standard
+library's, as `rollwire serve` (`rollwire.engines.httpd`); the engine runs on one asyncio loop
+in a background thread, so concurrent sessions batch in it.
 """
 
 from __future__ import annotations
@@ -21,19 +23,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from rollwire import __version__
 from rollwire.engines.httpd import JSONHTTPServer, ServedAddress, error_body
-from rollwire.engines.types import Engine, GenerateRequest, GenerateResult, SamplingParams
+from rollwire.engines.types import Engine, GenerateRequest, GenerateResult
 from rollwire.errors import (
-    CompletionError,
     EngineError,
     EngineTimeoutError,
     FrontRequestError,
@@ -45,21 +44,14 @@ from rollwire.errors import (
     RollwireError,
 )
 from rollwire.features import FeatureStore
-from rollwire.front.protocol import (
-    chat_completion,
-    decode_request,
-    image_ref_json,
-    logprobs_content,
-    read_completion,
-    sampling_of,
-    session_id_of,
-)
+from rollwire.front.protocol import Failure, Sampling, decode_request, read_completion, sampling_of, session_id_of
 from rollwire.front.sessions import ENV_NAME, Session, answer_message, next_prompt, pinned_features
+from rollwire.front.table import SessionTable
+from rollwire.front.turns import check_result, completion_json, engine_request, step_of
 from rollwire.images import ImageLimits
 from rollwire.messages import Message, parse_messages, parse_tools
 from rollwire.render import ModelDir, Renderer, create_renderer
-from rollwire.render.completion import validate_completion
-from rollwire.rollout.types import Step
+from rollwire.render.types import RenderedTokens
 from rollwire.store import RunReader, RunWriter
 
 __all__ = ["FrontServer"]
@@ -69,12 +61,6 @@ T = TypeVar("T")
 
 CHAT_PATH = "/v1/chat/completions"
 SESSIONS_PATH = "/v1/sessions/"
-
-
-class _Failure(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, status, kind, param)
 
 
 class FrontServer(ServedAddress):
@@ -112,15 +98,12 @@ class FrontServer(ServedAddress):
         self.upstream = None if upstream in (None, "", "embedded") else upstream
         self.host, self._requested_port = host, port
         self.connection_timeout, self.max_connections = connection_timeout, max_connections
-        self.max_sessions = max_sessions
         self.limits = ImageLimits(allowed_roots=tuple(str(r) for r in image_roots),
                                   allow_remote=allow_remote_images)
         self._served_name, self._upstream_model = served_model_name, upstream_model
         self._retry_deadline, self._device, self._dtype = retry_deadline, device, dtype
         self._make_custom = make_engine
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
-        self._used_ids: set[str] = set()
-        self._lock = threading.Lock()
+        self._sessions = SessionTable(max_sessions)
         self._httpd: JSONHTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
@@ -129,6 +112,11 @@ class FrontServer(ServedAddress):
         self.writer: RunWriter | None = None
         self.served_model_name = served_model_name or self.model_dir.name
         self.max_model_len: int | None = None
+
+    @property
+    def max_sessions(self) -> int:
+        """Open sessions kept before the least recently used is ended (its calls continue in a new one)."""
+        return self._sessions.max_sessions
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -146,7 +134,7 @@ class FrontServer(ServedAddress):
                     "about": {"rollwire_version": __version__, "model_dir": str(self.model_dir),
                               "server_url": self.upstream, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
         self.writer = RunWriter(self.run_dir, store, manifest=manifest)
-        self._used_ids = set(self.writer.done_ids)
+        self._sessions.used_ids = set(self.writer.done_ids)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="rollwire-front-loop", daemon=True)
         thread.start()
@@ -223,11 +211,11 @@ class FrontServer(ServedAddress):
         loop = self._loop
         if loop is None:
             coro.close()
-            raise _Failure(503, "the front is stopping", "ServiceUnavailableError")
+            raise Failure(503, "the front is stopping", "ServiceUnavailableError")
         try:
             return asyncio.run_coroutine_threadsafe(coro, loop).result()
         except concurrent.futures.CancelledError:
-            raise _Failure(503, "the request was cancelled: the front is stopping", "ServiceUnavailableError") from None
+            raise Failure(503, "the request was cancelled: the front is stopping", "ServiceUnavailableError") from None
 
     # --- endpoints (on the connection's thread) --------------------------------------------------
 
@@ -245,10 +233,10 @@ class FrontServer(ServedAddress):
             if route.startswith(SESSIONS_PATH) and method == "DELETE":
                 return 200, self._end_session(route[len(SESSIONS_PATH):])
             if route in ("/health", "/v1/models", CHAT_PATH) or route.startswith(SESSIONS_PATH):
-                raise _Failure(405, f"{method} is not allowed on {route}", "MethodNotAllowed")
-            raise _Failure(404, f"no route {route[:100]!r} (the front serves {CHAT_PATH} and /v1/models)",
-                           "NotFoundError")
-        except _Failure as failure:
+                raise Failure(405, f"{method} is not allowed on {route}", "MethodNotAllowed")
+            raise Failure(404, f"no route {route[:100]!r} (the front serves {CHAT_PATH} and /v1/models)",
+                          "NotFoundError")
+        except Failure as failure:
             return failure.status, failure.body
         except Exception as exc:  # a bug must not kill the connection thread; the log has the details
             logger.exception("unexpected error on %s", route)
@@ -261,23 +249,20 @@ class FrontServer(ServedAddress):
         return {"object": "list", "data": [card]}
 
     def _end_session(self, key: str) -> dict[str, Any]:
-        with self._lock:
-            session = self._sessions.pop(key, None)
+        session = self._sessions.end(key)
         if session is None:
-            raise _Failure(404, f"no open session {key[:100]!r}", "NotFoundError", "session_id")
-        with session.lock:
-            session.ended = True
+            raise Failure(404, f"no open session {key[:100]!r}", "NotFoundError", "session_id")
         return {"id": key, "object": "session", "deleted": True, "trajectory_id": session.trajectory_id,
                 "steps": len(session.steps)}
 
     def _chat(self, raw: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
         renderer, writer = self.renderer, self.writer
         if renderer is None or writer is None:
-            raise _Failure(503, "the front is not started", "ServiceUnavailableError")
+            raise Failure(503, "the front is not started", "ServiceUnavailableError")
         try:
             body = decode_request(raw)
             if body.model is not None and body.model != self.served_model_name:
-                raise _Failure(404, f"The model `{body.model}` does not exist.", "NotFoundError", "model")
+                raise Failure(404, f"The model `{body.model}` does not exist.", "NotFoundError", "model")
             sampling = sampling_of(body)
             tools = parse_tools(body.tools)
             messages = parse_messages(body.messages)
@@ -288,9 +273,9 @@ class FrontServer(ServedAddress):
                                         "supported (the front adds the generation prompt)", param="messages")
             key = session_id_of(body, headers)
         except (FrontRequestError, MessageError) as exc:
-            raise _Failure(400, str(exc), "BadRequestError", getattr(exc, "param", None)) from None
+            raise Failure(400, str(exc), "BadRequestError", getattr(exc, "param", None)) from None
         while True:
-            session = self._session(key)
+            session = self._sessions.open(key)
             with session.lock:
                 if session.ended:  # ended or evicted while this call waited: continue in a fresh one
                     continue
@@ -299,50 +284,25 @@ class FrontServer(ServedAddress):
                 return self._turn(renderer, writer, session, messages, tools, sampling)
 
     def _turn(self, renderer: Renderer, writer: RunWriter, session: Session, messages: list[Message],
-              tools: list[dict[str, Any]] | None, sampling: Any) -> dict[str, Any]:
+              tools: list[dict[str, Any]] | None, sampling: Sampling) -> dict[str, Any]:
+        """Prompt (bridged when the call extends the session), sample, record, answer (`rollwire.front.turns`)."""
         step_index = len(session.steps)
         try:
             prompt, bridged, reason = next_prompt(renderer, session, messages, tools, self.limits)
         except (ImageError, MessageError, RenderError, PlaceholderError) as exc:
-            raise _Failure(400, str(exc), "BadRequestError", "messages") from None
-        max_tokens = sampling.max_tokens
-        if self.max_model_len is not None:
-            room = self.max_model_len - len(prompt.token_ids)
-            if room <= 0 or (max_tokens is not None and max_tokens > room):
-                raise _Failure(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                               f"you requested {len(prompt.token_ids)} input tokens and {max_tokens or 1} output "
-                               "tokens. Please reduce the length of the input or of max_tokens.", "BadRequestError",
-                               "max_tokens")
-            max_tokens = room if max_tokens is None else max_tokens
-        request = GenerateRequest(
-            prompt_token_ids=prompt.token_ids, images=prompt.images, request_id=f"{session.trajectory_id}-{step_index}",
-            sampling=SamplingParams(max_tokens=max_tokens or 1 << 20, temperature=sampling.temperature,
-                                    top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
-                                    stop_token_ids=renderer.stop_token_ids,
-                                    banned_token_ids=renderer.vision_token_ids, logprobs=True))
+            raise Failure(400, str(exc), "BadRequestError", "messages") from None
+        request = engine_request(renderer, session, prompt, sampling, self.max_model_len)
         t0 = time.perf_counter()
         result = self._generate(renderer, session, prompt, request)
         generate_s = time.perf_counter() - t0
         answer = read_completion(renderer, result.completions[0], sampling.stop)
-        ids, logprobs, record = answer.token_ids, answer.logprobs, answer.record
-        step = Step(prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=ids,
-                    completion_logprobs=logprobs, finish_reason=answer.finish_reason, stop_reason=answer.stop_reason,
-                    status=answer.status, parse_error=answer.parse_error, message=record, bridged=bridged,
-                    render_reason=reason, timings={"generate_s": generate_s})
-        session.record(messages, tools, prompt, step, answer_message(record))
+        step = step_of(prompt, answer, bridged, reason, generate_s)
+        session.record(messages, tools, prompt, step, answer_message(answer.record))
         self._write(writer, session)
-        openai_finish = "length" if answer.finish_reason == "length" else "tool_calls" if record.tool_calls else "stop"
-        extra = {"session_id": session.key, "trajectory_id": session.trajectory_id, "step": step_index,
-                 "bridged": bridged, "render_reason": reason, "images": [image_ref_json(r) for r in prompt.images],
-                 "completion_logprobs": logprobs, "status": answer.status, "parse_error": answer.parse_error,
-                 "stop_reason": answer.stop_reason}
-        return chat_completion(
-            completion_id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()),
-            model=self.served_model_name, record=record, finish_reason=openai_finish, prompt_ids=prompt.token_ids,
-            completion_ids=ids, logprobs=logprobs_content(renderer, ids, logprobs) if sampling.logprobs else None,
-            extra=extra)
+        return completion_json(renderer, session, step_index, step, answer, sampling, self.served_model_name)
 
-    def _generate(self, renderer: Renderer, session: Session, prompt: Any, request: GenerateRequest) -> GenerateResult:
+    def _generate(self, renderer: Renderer, session: Session, prompt: RenderedTokens,
+                  request: GenerateRequest) -> GenerateResult:
         """The engine's answer, checked; engine failures become 400 (a bad request) or 502/504 (upstream)."""
         assert self.engine is not None
         try:
@@ -350,21 +310,12 @@ class FrontServer(ServedAddress):
                                  or RunReader(self.run_dir).features(image_id)):
                 result = self._call(self.engine.generate(request))
         except InvalidRequestError as exc:
-            raise _Failure(400, str(exc), "BadRequestError") from None
+            raise Failure(400, str(exc), "BadRequestError") from None
         except EngineTimeoutError as exc:
-            raise _Failure(504, f"the upstream engine timed out: {exc}", "UpstreamTimeoutError") from None
+            raise Failure(504, f"the upstream engine timed out: {exc}", "UpstreamTimeoutError") from None
         except (EngineError, PlaceholderError) as exc:
-            raise _Failure(502, f"the upstream engine failed: {type(exc).__name__}: {exc}", "UpstreamError") from None
-        if not result.completions or result.completions[0].finish_reason in ("abort", "error"):
-            why = result.completions[0].finish_reason if result.completions else "no completion"
-            raise _Failure(502, f"the upstream engine returned {why}", "UpstreamError")
-        completion = result.completions[0]
-        try:
-            validate_completion(completion.token_ids, completion.logprobs, vocab_size=renderer.vocab_size,
-                                stop_token_ids=renderer.stop_token_ids,
-                                forbidden_token_ids=(*renderer.vision_token_ids, *renderer.structure_token_ids))
-        except CompletionError as exc:  # never continued from, never recorded
-            raise _Failure(502, f"the upstream completion cannot be continued from: {exc}", "UpstreamError") from None
+            raise Failure(502, f"the upstream engine failed: {type(exc).__name__}: {exc}", "UpstreamError") from None
+        check_result(renderer, result)
         return result
 
     def _write(self, writer: RunWriter, session: Session) -> None:
@@ -374,32 +325,6 @@ class FrontServer(ServedAddress):
         try:
             writer.write(trajectory, session.originals, session.features)
         except RollwireError as exc:
-            raise _Failure(500, f"the answer was sampled but the run directory refused it: {exc}",
-                           "StoreError") from None
+            raise Failure(500, f"the answer was sampled but the run directory refused it: {exc}",
+                          "StoreError") from None
         session.written()
-
-    def _session(self, key: str | None) -> Session:
-        """The open session `key` (created when new); a one-call session when `key` is None."""
-        with self._lock:
-            if key is None:
-                one_off = self._fresh_id(None)
-                return Session(key=one_off, trajectory_id=one_off)
-            session = self._sessions.get(key)
-            if session is not None and not session.ended:
-                self._sessions.move_to_end(key)
-                return session
-            session = Session(key=key, trajectory_id=self._fresh_id(key))
-            self._sessions[key] = session
-            while len(self._sessions) > self.max_sessions:
-                _, evicted = self._sessions.popitem(last=False)
-                evicted.ended = True  # on disk already; a later call continues under a new id
-            return session
-
-    def _fresh_id(self, key: str | None) -> str:
-        """A trajectory id not used in this run directory: the session id, else `<id>~<k>`."""
-        base = key or f"chatcmpl-{secrets.token_hex(12)}"
-        candidate, k = base, 1
-        while candidate in self._used_ids:
-            candidate, k = f"{base}~{k}", k + 1
-        self._used_ids.add(candidate)
-        return candidate

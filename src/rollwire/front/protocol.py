@@ -20,12 +20,14 @@ from typing import Any
 
 import msgspec
 
+from rollwire.engines.httpd import error_body
 from rollwire.engines.types import Completion
 from rollwire.errors import FrontRequestError
 from rollwire.render.types import ImageRef, Renderer, ResponseStatus
 from rollwire.rollout.types import AssistantRecord, ToolCallRecord
 
-__all__ = ["Answer", "ChatRequest", "Sampling", "chat_completion", "decode_request", "read_completion", "session_id_of"]
+__all__ = ["Answer", "ChatRequest", "Failure", "Sampling", "chat_completion", "decode_request", "read_completion",
+           "session_id_of"]
 
 SESSION_HEADER = "x-session-id"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:@+/=-]{1,128}")
@@ -46,6 +48,14 @@ _NEUTRAL: tuple[tuple[str, Any, str], ...] = (
     ("best_of", 1, "best_of is not supported"),
     ("use_beam_search", False, "beam search is not supported"),
 )
+
+
+class Failure(Exception):
+    """A call the front answers with an OpenAI error body and `status` (raised anywhere in a call)."""
+
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, status, kind, param)
 
 
 class ChatRequest(msgspec.Struct):

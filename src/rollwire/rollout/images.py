@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from rollwire.errors import RenderError, RollwireError, UnknownImageError
-from rollwire.features import FeatureStore, ImageFeatures
+from rollwire.features import FeatureStore, ImageFeatures, PinLease
 from rollwire.messages import ImagePart, ImageSource, Message
 from rollwire.render.types import RenderedTokens
 
@@ -126,15 +126,24 @@ class RolloutImages:
             raise UnknownImageError(f"image {image_id[:12]} is neither archived nor held by this rollout") from None
 
     @contextlib.contextmanager
-    def pinned(self, prompt: RenderedTokens) -> Iterator[None]:
+    def pinned(self, prompt: RenderedTokens, lease: PinLease | None = None) -> Iterator[None]:
         """For the block (archiving and sending this turn): the prompt's images this rollout has
         not archived yet (just rendered, to be sent) stay in the store; all of them are reloadable,
-        so an earlier image the server holds costs no memory, and one an engine needs is recomputed."""
+        so an earlier image the server holds costs no memory, and one an engine needs is recomputed.
+        `lease` (the one the render collected into, holding them since the store handed them out)
+        keeps only the prompt's pins and is released when the block ends, whatever happens."""
         if self.store is None:
             yield
             return
         new = [i for i in prompt.image_ids if i not in self._archived]
-        with self.store.pinned(new), self.store.reloadable(prompt.image_ids, self.reload):
+        with contextlib.ExitStack() as stack:
+            if lease is None:
+                stack.enter_context(self.store.pinned(new))
+            else:
+                stack.callback(lease.release)
+                lease.pin(new)  # a renderer that did not go through the store: pinned from now on
+                lease.retain(prompt.image_ids)  # what a declined bridge pinned and the render did not use
+            stack.enter_context(self.store.reloadable(prompt.image_ids, self.reload))
             yield
 
     def materialize(self, conversation: Sequence[Message]) -> list[Message]:

@@ -30,6 +30,7 @@ from rollwire.errors import (
     RenderError,
     StoreError,
 )
+from rollwire.features import FeatureStore, PinLease
 from rollwire.messages import Message, MessageLike, message_to_dict, parse_messages
 from rollwire.render.completion import validate_completion
 from rollwire.render.types import RenderedTokens, Renderer
@@ -93,6 +94,8 @@ async def run_rollout(
         error = await _turns(state, env, renderer, engine, config, sampling_seed)
     except Exception as exc:  # a bug anywhere in one rollout must not take down the others
         error = _error("internal_error", exc, len(state.traj.steps))
+    finally:
+        state.release_pins()  # a prompt rendered and never sent (token budget, an error) pins nothing after
     return _finish(state, error)
 
 
@@ -103,6 +106,24 @@ class _State:
     conversation: list[Message] = field(default_factory=list)
     session_id: str | None = None
     metrics: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    lease: PinLease | None = None  # the pins of the prompt rendered last, until its request returns
+
+    async def render(self, store: FeatureStore | None, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` (a render or a bridge) off the loop with a new pin lease collecting: every
+        image the store hands it stays pinned until the request carrying it has returned
+        (`RolloutImages.pinned` releases the lease then); if it raises, its pins go at once."""
+        self.release_pins()
+        lease = self.lease = store.lease() if store is not None else None
+        try:
+            return await _off_loop(_collecting, lease, fn, *args)
+        except BaseException:
+            self.release_pins()
+            raise
+
+    def release_pins(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 async def _turns(
@@ -132,7 +153,7 @@ async def _turns(
     reason: str | None = "first turn"
     try:
         t0 = time.perf_counter()
-        prompt = await _off_loop(renderer.render, state.conversation, traj.tools)
+        prompt = await state.render(renderer.feature_store, renderer.render, state.conversation, traj.tools)
         metrics["render_s"] += time.perf_counter() - t0
     except (RenderError, MessageError, ImageError) as exc:
         return _error("render_error", exc, 0)
@@ -148,7 +169,7 @@ async def _turns(
             stop_token_ids=renderer.stop_token_ids, banned_token_ids=renderer.vision_token_ids)
         t0 = time.perf_counter()
         try:
-            with images.pinned(prompt):  # the request's images stay in the store until it returns
+            with images.pinned(prompt, state.lease):  # its images stay in the store until it returns
                 try:
                     state.conversation = await _off_loop(images.note, state.conversation, prompt)
                 except StoreError as exc:  # the run directory cannot take the image: nothing to continue
@@ -218,8 +239,9 @@ async def _turns(
             return None
         t0 = time.perf_counter()
         try:
-            prompt, bridged, reason, state.conversation = await _off_loop(
-                _next_prompt, renderer, images, turns, state.conversation, traj.tools, metrics)
+            prompt, bridged, reason, state.conversation = await state.render(
+                renderer.feature_store, _next_prompt, renderer, images, turns, state.conversation, traj.tools,
+                metrics)
         except (RenderError, MessageError, ImageError) as exc:
             return _error("render_error", exc, turn + 1)
         metrics["render_s"] += time.perf_counter() - t0
@@ -236,6 +258,14 @@ async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
     """Run `fn` in a worker thread: rendering hashes, resizes and tokenizes (all release the GIL),
     so the event loop stays free for the other rollouts and concurrent rollouts use every core."""
     return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+def _collecting(lease: PinLease | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` with `lease` collecting in this (worker) thread: the images the store hands out are pinned."""
+    if lease is None:
+        return fn(*args)
+    with lease.collecting():
+        return fn(*args)
 
 
 def _next_prompt(

@@ -60,6 +60,7 @@ async def run_to_dir(
     retry_deadline: float = 60.0,
     progress: bool = False,
     wire: str = "auto",
+    group_requests: bool = False,
     resolved: Mapping[str, Any] | None = None,
     worker: str | None = None,
     only: Collection[str] | None = None,
@@ -71,7 +72,8 @@ async def run_to_dir(
     environment spec that names nothing, an unreachable server or a resume with other settings
     raise before anything is written. `resolved` (the whole configuration) goes into `run.json`, and
     so does the environment's `fingerprint` attribute when it has one (a resume after its data
-    changed is refused). `server` may list several URLs (an `EnginePool`). A Ray worker
+    changed is refused). `server` may list several URLs (an `EnginePool`). `group_requests` sends
+    each GRPO group's shared first prompt as one `n = group` request (`GroupedEngine`). A Ray worker
     (`rollout/workers.py`) passes its `worker` name (its own row and shard files) and the trajectory
     ids it runs (`only`).
     """
@@ -107,6 +109,7 @@ async def run_to_dir(
                 skip |= set(all_ids(config)) - set(only)
             summary = await run_rollouts(
                 config, renderer, engine, skip_ids=skip, progress=progress, archive=writer,
+                group_requests=group_requests,
                 on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals))
         if worker is None:  # a Ray run's driver writes it once the workers are done
             await asyncio.to_thread(write_run_summary, Path(out))

@@ -189,6 +189,11 @@ def _error_key(message: str) -> str:
 
 _HASH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{16,}|[0-9a-f]{16,}")
 
+# How long a group's first batch waits for a member after the last one joined. Members start
+# together, so only a member that never comes (its environment failed) makes it wait; they render
+# off the loop, and on a loaded machine a few hundred ms can pass between them.
+GROUP_WINDOW_S = 1.0
+
 OnResult = Callable[[RolloutResult], Awaitable[None] | None]
 
 
@@ -205,17 +210,22 @@ async def run_rollouts(
 ) -> RunSummary:
     """Run every (prompt, sample) not in `skip_ids`; `on_result` sees each rollout as it ends.
     `archive` (the run's `RunWriter`) takes each image when first seen, so rollouts hold ids only;
-    `group_requests` sends a group's shared first prompt as one `n = group` request (`GroupedEngine`)."""
-    if group_requests and config.group > 1:
-        engine = GroupedEngine(engine, group=config.group)
+    `group_requests` sends a group's shared first prompt as one `n = group` request (`GroupedEngine`:
+    a group's members start together, taking their slots at once, and their first request is sent once
+    they have all joined, or as many as `concurrency` lets in)."""
+    jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
+            if trajectory_id(config, i, j) not in skip_ids]
+    grouped = group_requests and config.group > 1
+    if grouped:
+        members = Counter(group_id(config, i) for i, _ in jobs)
+        engine = GroupedEngine(engine, group=config.group, window_s=GROUP_WINDOW_S,
+                               members={g: min(n, config.concurrency) for g, n in members.items()})
     connect = getattr(engine, "connect", None)
     if connect is not None:  # reach the engine once: an unreachable one fails here, not in every rollout
         await connect()
     summary = RunSummary()
     store = renderer.feature_store
     stats0 = store.stats() if store is not None else None
-    jobs = [(i, j) for i in range(config.n_prompts) for j in range(config.group)
-            if trajectory_id(config, i, j) not in skip_ids]
     summary.skipped = config.n_prompts * config.group - len(jobs)
     if jobs:  # a spec that names nothing, or arguments the factory refuses, fail here, before any rollout
         make_env(config.env, **config.env_kwargs)
@@ -225,8 +235,10 @@ async def run_rollouts(
                    TextColumn("{task.fields[status]}"), disable=not progress, transient=False)
     task = bar.add_task(f"rollouts ({config.env})", total=len(jobs), status="")
 
-    async def one(i: int, j: int) -> None:
-        async with semaphore:
+    async def one(i: int, j: int, *, admitted: bool = False) -> None:
+        if not admitted:
+            await semaphore.acquire()
+        try:
             try:
                 env = make_env(config.env, **config.env_kwargs)
             except Exception as exc:  # this rollout fails (recorded); the others go on
@@ -237,6 +249,8 @@ async def run_rollouts(
                     trajectory_id=trajectory_id(config, i, j), prompt_index=i, sample_index=j,
                     sampling_seed=sampling_seed(config, i, j), session_id=group_id(config, i),
                     archive=archive)
+        finally:
+            semaphore.release()
         kept = True
         if on_result is not None:
             try:
@@ -251,8 +265,31 @@ async def run_rollouts(
         summary.add(result, kept=kept)
         bar.update(task, advance=1, status=f"failed {summary.failed}" if summary.failed else "")
 
+    admit = asyncio.Lock()
+
+    async def group(i: int, js: list[int]) -> None:
+        """A group's members take their slots together (up to `concurrency`), so that they start,
+        and their first requests meet in `GroupedEngine`, together."""
+        together, taken = min(len(js), config.concurrency), 0
+        try:
+            async with admit:
+                for _ in range(together):
+                    await semaphore.acquire()
+                    taken += 1
+        except BaseException:  # cancelled while waiting: give back what it took
+            for _ in range(taken):
+                semaphore.release()
+            raise
+        await asyncio.gather(*(one(i, j, admitted=k < together) for k, j in enumerate(js)))
+
     with bar:
-        await asyncio.gather(*(one(i, j) for i, j in jobs))
+        if grouped:
+            by_group: dict[int, list[int]] = {}
+            for i, j in jobs:
+                by_group.setdefault(i, []).append(j)
+            await asyncio.gather(*(group(i, js) for i, js in by_group.items()))
+        else:
+            await asyncio.gather(*(one(i, j) for i, j in jobs))
     summary.seconds = time.perf_counter() - start
     if store is not None and stats0 is not None:
         stats = store.stats()

@@ -79,6 +79,7 @@ def run_worker(job: Mapping[str, Any]) -> dict[str, Any]:
     summary = asyncio.run(run_to_dir(
         config, job["out"], model=job["model"], server=list(job["servers"]) or None,
         served_name=job.get("served_name"), retry_deadline=job.get("retry_deadline", 60.0),
+        wire=job.get("wire", "auto"), group_requests=bool(job.get("group_requests", False)),
         resolved=job.get("resolved"), worker=job["worker"], only=set(job["ids"])))
     return summary_to_dict(summary)
 
@@ -112,6 +113,8 @@ def run_on_ray(
     servers: Sequence[str] = (),
     served_name: str | None = None,
     retry_deadline: float = 60.0,
+    wire: str = "auto",
+    group_requests: bool = False,
     resolved: Mapping[str, Any] | None = None,
     num_cpus_per_worker: float = 1.0,
     max_retries: int = 1,
@@ -120,7 +123,8 @@ def run_on_ray(
 
     Joins the Ray cluster at `address` ("auto" for a running one) or starts a local one; a Ray
     already initialised in this process is used as it is. Without `servers` each worker loads the
-    embedded engine; with them each worker pools the same servers (sessions stay per worker).
+    embedded engine; with them each worker pools the same servers (sessions stay per worker) and
+    sends images as `wire` says. `group_requests` as in `run_to_dir` (a group is never split).
     """
     if workers < 1:
         raise RolloutConfigError(f"workers must be at least 1, got {workers}")
@@ -136,8 +140,8 @@ def run_on_ray(
     try:
         task = ray.remote(num_cpus=num_cpus_per_worker, max_retries=max_retries)(run_worker)
         base = {"config": config_to_dict(config), "out": out, "model": str(model), "servers": list(servers),
-                "served_name": served_name, "retry_deadline": retry_deadline,
-                "resolved": None if resolved is None else dict(resolved)}
+                "served_name": served_name, "retry_deadline": retry_deadline, "wire": wire,
+                "group_requests": group_requests, "resolved": None if resolved is None else dict(resolved)}
         futures = [task.remote(base | {"worker": f"w{k}", "ids": ids}) for k, ids in enumerate(slices)]
         parts: list[dict[str, Any]] = []
         lost: list[str] = []

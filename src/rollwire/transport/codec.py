@@ -50,6 +50,7 @@ __all__ = [
     "decode",
     "enc_hook",
     "encode",
+    "encode_parts",
     "ext_hook",
 ]
 
@@ -99,8 +100,8 @@ def _flat_bytes(arr: np.ndarray) -> tuple[tuple[int, ...], memoryview]:
 
 class _Splicer:
     """One encode's large arrays. Each is written as a marker (`msgspec.Raw`: a per-call random
-    token and the array's index), and `join` builds the output around the markers with the array's
-    ext frame, header and raw bytes, so the array's bytes are copied once, by `bytes.join`."""
+    token and the array's index), and `pieces` cuts the output at the markers and puts the array's
+    ext frame, header and raw bytes (a view) there, so `bytes.join` copies the array's bytes once."""
 
     def __init__(self, splice: bool = True) -> None:
         self.splice = splice
@@ -127,9 +128,10 @@ class _Splicer:
         raise CodecError(f"cannot encode an object of type {type(obj).__module__}.{type(obj).__qualname__} "
                          "(only msgspec-native types, numpy arrays and torch tensors; no pickle)")
 
-    def join(self, out: bytes) -> bytes:
+    def pieces(self, out: bytes) -> list[bytes | memoryview]:
+        """msgspec's output with each marker replaced by its array's frame and raw bytes (views)."""
         if not self.arrays:
-            return out
+            return [out]
         if out.count(self.token) != len(self.arrays):  # the token is random: only a bug gets here
             raise CodecError("internal error: array markers do not match the arrays encoded")
         view, pos = memoryview(out), 0
@@ -140,7 +142,7 @@ class _Splicer:
             pieces += (view[pos:at], frame, raw)
             pos = at + len(marker)
         pieces.append(view[pos:])
-        return b"".join(pieces)
+        return pieces
 
 
 def _numpy_dtype_name(dtype: np.dtype[Any]) -> str:
@@ -261,9 +263,15 @@ class Codec(Generic[T]):
 
     def encode(self, obj: Any) -> bytes:
         """msgpack bytes of `obj`; a large array's bytes are copied once, into the output."""
+        return b"".join(self.encode_parts(obj))
+
+    def encode_parts(self, obj: Any) -> list[bytes | memoryview]:
+        """`encode(obj)` as pieces whose concatenation is its bytes; a large array is a view of its
+        own memory, not copied, so a file writer hands the pieces to `os.writev` (one copy, by the
+        kernel, without the GIL). The views alias the arrays: write them before changing those."""
         splicer = _Splicer()
         try:
-            return splicer.join(msgspec.msgpack.Encoder(enc_hook=splicer.hook).encode(obj))
+            return splicer.pieces(msgspec.msgpack.Encoder(enc_hook=splicer.hook).encode(obj))
         except CodecError:
             raise
         except (TypeError, ValueError, OverflowError) as exc:
@@ -294,6 +302,10 @@ _ANY: Codec[Any] = Codec()
 
 def encode(obj: Any) -> bytes:
     return _ANY.encode(obj)
+
+
+def encode_parts(obj: Any) -> list[bytes | memoryview]:
+    return _ANY.encode_parts(obj)
 
 
 @overload

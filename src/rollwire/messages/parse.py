@@ -1,9 +1,9 @@
-"""Chat messages in the OpenAI format, as typed, validated, immutable values.
+"""Messages from plain dicts (JSON, an environment) or `Message` objects, validated.
 
-`parse_messages` accepts plain dicts (as they come from JSON or an environment) or `Message`
-objects (checked just as strictly) and returns `Message`s; every problem raises `MessageError`
-naming the message index and the field. Text must be valid Unicode (a lone surrogate is
-refused, not replaced), tool call arguments a JSON object. `parse_tools` checks `tools`.
+`parse_messages` checks each message as thoroughly whether it came as a dict or was built as a
+`Message` (with any values), then the rules across messages (`validate_conversation`). Every
+problem raises `MessageError` naming the message index and the field. Text must be valid
+Unicode (a lone surrogate is refused, not replaced), tool call arguments a JSON object.
 """
 
 from __future__ import annotations
@@ -11,94 +11,27 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeAlias
+from dataclasses import replace
+from typing import Any
 
 from PIL import Image
 
-from rollwire.errors import MessageError, ToolSpecError, UnknownRoleError
+from rollwire.errors import MessageError, UnknownRoleError
+from rollwire.messages.text import check_json, check_text
+from rollwire.messages.types import (
+    ROLES,
+    ContentPart,
+    ImagePart,
+    ImageSource,
+    Message,
+    MessageLike,
+    Role,
+    TextPart,
+    ToolCall,
+    makes_tool_calls,
+)
 
-Role: TypeAlias = Literal["system", "user", "assistant", "tool"]
-ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
-
-# What an image part may hold: a URL / path string, raw encoded bytes, a PIL image, or a path.
-ImageSource: TypeAlias = "str | bytes | os.PathLike[str] | Image.Image"
-
-
-@dataclass(frozen=True, slots=True)
-class TextPart:
-    text: str
-    type: Literal["text"] = "text"
-
-
-@dataclass(frozen=True, slots=True)
-class ImagePart:
-    image: ImageSource
-    type: Literal["image"] = "image"
-
-
-ContentPart: TypeAlias = TextPart | ImagePart
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    name: str
-    arguments: str | Mapping[str, Any]  # OpenAI sends a JSON string; templates also take a mapping
-    id: str | None = None
-
-    def arguments_json(self) -> str:
-        """The arguments as JSON text (as given when a string; templates' `tojson` otherwise)."""
-        if isinstance(self.arguments, str):
-            return self.arguments
-        return json.dumps(dict(self.arguments), ensure_ascii=False)
-
-    def arguments_dict(self) -> dict[str, Any]:
-        """The arguments as a dict; raises MessageError when they are not a JSON object."""
-        if isinstance(self.arguments, Mapping):
-            return dict(self.arguments)
-        try:
-            value = json.loads(self.arguments)
-        except json.JSONDecodeError as exc:
-            raise MessageError(f"tool call {self.name!r}: arguments are not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise MessageError(f"tool call {self.name!r}: arguments are not a JSON object")
-        return value
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    role: Role
-    content: str | tuple[ContentPart, ...] | None = None
-    tool_calls: tuple[ToolCall, ...] = ()
-    reasoning_content: str | None = None
-    tool_call_id: str | None = None
-    name: str | None = None
-    # Token ids this message was parsed from (a sampled assistant turn), when known.
-    token_ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def parts(self) -> tuple[ContentPart, ...]:
-        """Content as parts (a string is one text part; None is no part)."""
-        if self.content is None:
-            return ()
-        if isinstance(self.content, str):
-            return (TextPart(self.content),)
-        return self.content
-
-    @property
-    def text(self) -> str:
-        """The concatenated text of the content, images left out."""
-        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
-
-    @property
-    def images(self) -> tuple[ImagePart, ...]:
-        return tuple(p for p in self.parts if isinstance(p, ImagePart))
-
-
-MessageLike: TypeAlias = "Message | Mapping[str, Any]"
-
-# Bounds nesting of tool arguments and tool specs (JSON has no natural depth; templates recurse).
-MAX_JSON_DEPTH = 64
+__all__ = ["parse_message", "parse_messages", "validate_conversation"]
 
 
 def parse_messages(
@@ -161,11 +94,11 @@ def validate_conversation(
     if previous is not None and previous.role == "tool":  # more results of the same calls
         open_calls, open_ids = True, None
     elif previous is not None:
-        open_calls = _makes_tool_calls(previous)
+        open_calls = makes_tool_calls(previous)
         open_ids = {c.id for c in previous.tool_calls if c.id is not None} if open_calls else None
     for i, m in enumerate(messages):
         if m.role == "assistant":
-            open_calls = _makes_tool_calls(m)
+            open_calls = makes_tool_calls(m)
             open_ids = {c.id for c in m.tool_calls if c.id is not None}
         elif m.role == "tool":
             if not open_calls:
@@ -186,56 +119,7 @@ def validate_conversation(
             open_ids = None
 
 
-def parse_tools(tools: Any) -> list[dict[str, Any]] | None:
-    """Validate the `tools` argument of a render: None, or a list of function specs.
-
-    A spec is OpenAI's `{"type": "function", "function": {"name", "description", "parameters"}}`
-    or the bare function object (`{"name", ...}`) that chat templates also accept. Each must be
-    JSON (no NaN, no lone surrogates, at most `MAX_JSON_DEPTH` deep), since templates print it
-    with `tojson`. Returns shallow copies; raises `ToolSpecError` naming the entry.
-    """
-    if tools is None:
-        return None
-    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
-        raise ToolSpecError(f"tools must be a list of function specs, got {type(tools).__name__}", field="tools")
-    out: list[dict[str, Any]] = []
-    for j, tool in enumerate(tools):
-        where = f"tools[{j}]"
-        if not isinstance(tool, Mapping):
-            raise ToolSpecError(f"a tool must be an object, got {type(tool).__name__}", field=where)
-        kind = tool.get("type", "function")
-        if kind != "function":
-            raise ToolSpecError(f"unsupported tool type {kind!r} (expected 'function')", field=f"{where}.type")
-        fn = tool.get("function", tool) if "function" in tool else tool
-        if not isinstance(fn, Mapping):
-            raise ToolSpecError(f"function must be an object, got {type(fn).__name__}", field=f"{where}.function")
-        fn_where = f"{where}.function" if fn is not tool else where
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise ToolSpecError("a function spec needs a non-empty string name", field=f"{fn_where}.name")
-        description = fn.get("description")
-        if description is not None and not isinstance(description, str):
-            raise ToolSpecError(f"description must be a string, got {type(description).__name__}",
-                                field=f"{fn_where}.description")
-        parameters = fn.get("parameters")
-        if parameters is not None and not isinstance(parameters, Mapping):
-            raise ToolSpecError(f"parameters must be an object (a JSON schema), got {type(parameters).__name__}",
-                                field=f"{fn_where}.parameters")
-        _check_json(tool, None, where, ToolSpecError)
-        out.append(dict(tool))
-    return out
-
-
 # --- helpers --------------------------------------------------------------------------------
-
-
-# Tool calls written as text: the Hermes block every built-in family uses (Qwen2-VL has no
-# structured tool calls, so its conversations carry them in the assistant's content).
-TEXT_TOOL_CALL_OPEN = "<tool_call>"
-
-
-def _makes_tool_calls(m: Message) -> bool:
-    return m.role == "assistant" and (bool(m.tool_calls) or TEXT_TOOL_CALL_OPEN in m.text)
 
 
 def _role(role: Any, index: int | None) -> Role:
@@ -246,45 +130,12 @@ def _role(role: Any, index: int | None) -> Role:
     return role
 
 
-def _check_text(text: str, index: int | None, field: str) -> str:
-    """`text`, when it encodes as UTF-8; a lone surrogate (from JSON `"\\ud800"`) would pass here and
-    crash the tokenizer or the codec later, so it is refused with its position."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise MessageError(f"text holds a lone surrogate {text[exc.start]!r} at character {exc.start} "
-                               "(not valid Unicode; it cannot be encoded)", index=index, field=field) from None
-    return text
-
-
 def _optional_str(value: Any, field: str, index: int | None) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return _check_text(value, index, field)
+        return check_text(value, index, field)
     raise MessageError(f"must be a string, got {type(value).__name__}", index=index, field=field)
-
-
-def _check_json(value: Any, index: int | None, field: str, error: type[MessageError] = MessageError) -> str:
-    """`value` as JSON text: plain JSON types only, finite numbers, valid Unicode, bounded depth."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:  # depth first, without recursion
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise error(f"nested deeper than {MAX_JSON_DEPTH} levels", index=index, field=field)
-        if isinstance(item, Mapping):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, depth + 1) for v in item)
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise error(f"not JSON-serialisable: {exc}", index=index, field=field) from None
-    try:
-        return _check_text(text, index, field)
-    except MessageError as exc:
-        raise error(exc.reason, index=index, field=field) from None
 
 
 def _checked_message(m: Message, index: int | None) -> Message:
@@ -299,7 +150,7 @@ def _checked_message(m: Message, index: int | None) -> Message:
                 and all(a is b for a, b in zip(parsed, content, strict=True))):
             content = parsed
     elif isinstance(content, str):
-        _check_text(content, index, "content")
+        check_text(content, index, "content")
     calls = m.tool_calls
     if calls != ():
         parsed_calls = _parse_tool_calls(calls, role, index)
@@ -331,7 +182,7 @@ def _parse_content(content: Any, role: str, index: int | None) -> str | tuple[Co
     if content is None:
         return None
     if isinstance(content, str):
-        return _check_text(content, index, "content")
+        return check_text(content, index, "content")
     if isinstance(content, (bytes, Mapping)) or not isinstance(content, Sequence):
         raise MessageError(
             f"content must be a string or a list of parts, got {type(content).__name__}",
@@ -352,7 +203,7 @@ def _parse_part(part: Any, index: int | None, where: str) -> ContentPart:
         if not isinstance(part.text, str):
             raise MessageError(f"text must be a string, got {type(part.text).__name__}",
                                index=index, field=f"{where}.text")
-        _check_text(part.text, index, f"{where}.text")
+        check_text(part.text, index, f"{where}.text")
         return part
     if isinstance(part, ImagePart):
         _check_image_source(part.image, index, where)
@@ -369,13 +220,13 @@ def _parse_part(part: Any, index: int | None, where: str) -> ContentPart:
         if not isinstance(text, str):
             raise MessageError(f"text must be a string, got {type(text).__name__}",
                                index=index, field=f"{where}.text")
-        return TextPart(_check_text(text, index, f"{where}.text"))
+        return TextPart(check_text(text, index, f"{where}.text"))
     if kind == "image_url":
         value = part.get("image_url")
         url = value.get("url") if isinstance(value, Mapping) else value
         if not isinstance(url, str) or not url:
             raise MessageError("image_url part has no url", index=index, field=f"{where}.image_url.url")
-        return ImagePart(_check_text(url, index, f"{where}.image_url.url"))
+        return ImagePart(check_text(url, index, f"{where}.image_url.url"))
     if kind == "image":
         for key in ("image", "url", "path"):
             source = part.get(key)
@@ -395,7 +246,7 @@ def _check_image_source(source: Any, index: int | None, where: str) -> ImageSour
             index=index, field=f"{where}.image",
         )
     if isinstance(source, str):
-        _check_text(source, index, f"{where}.image")
+        check_text(source, index, f"{where}.image")
     return source
 
 
@@ -430,10 +281,10 @@ def _checked_call(call: ToolCall, index: int | None, where: str, name_at: str, a
     if not isinstance(call.name, str) or not call.name:
         raise MessageError(f"tool call has no function name (got {type(call.name).__name__})", index=index,
                            field=name_at)
-    _check_text(call.name, index, name_at)
+    check_text(call.name, index, name_at)
     args = call.arguments
     if isinstance(args, str):
-        _check_text(args, index, args_at)
+        check_text(args, index, args_at)
         try:
             value = json.loads(args)
         except (json.JSONDecodeError, RecursionError) as exc:
@@ -441,42 +292,14 @@ def _checked_call(call: ToolCall, index: int | None, where: str, name_at: str, a
         if not isinstance(value, dict):
             raise MessageError(f"arguments must be a JSON object, got {type(value).__name__}", index=index,
                                field=args_at)
-        _check_json(value, index, args_at)
+        check_json(value, index, args_at)
     elif isinstance(args, Mapping):
-        _check_json(args, index, args_at)
+        check_json(args, index, args_at)
     else:
         raise MessageError(f"arguments must be a JSON object (text or mapping), got {type(args).__name__}",
                            index=index, field=args_at)
     if call.id is not None:
         if not isinstance(call.id, str):
             raise MessageError(f"id must be a string, got {type(call.id).__name__}", index=index, field=id_at)
-        _check_text(call.id, index, id_at)
+        check_text(call.id, index, id_at)
     return call
-
-
-def message_to_dict(message: Message, *, image_repr: Any = None) -> dict[str, Any]:
-    """An OpenAI-format dict of the message; images become `image_repr(part)` (default: dropped)."""
-    out: dict[str, Any] = {"role": message.role}
-    if isinstance(message.content, str) or message.content is None:
-        out["content"] = message.content
-    else:
-        parts: list[dict[str, Any]] = []
-        for p in message.content:
-            if isinstance(p, TextPart):
-                parts.append({"type": "text", "text": p.text})
-            elif image_repr is not None:
-                parts.append(image_repr(p))
-        out["content"] = parts
-    if message.reasoning_content is not None:
-        out["reasoning_content"] = message.reasoning_content
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {"type": "function", **({"id": c.id} if c.id else {}),
-             "function": {"name": c.name, "arguments": c.arguments_json()}}
-            for c in message.tool_calls
-        ]
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    if message.name is not None:
-        out["name"] = message.name
-    return out
