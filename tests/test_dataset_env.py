@@ -138,7 +138,7 @@ def test_parquet_rows_with_hf_style_image_parts_and_bytes(renderer: Any, tmp_pat
     obs = asyncio_run(env.reset(0))
     (message,) = obs.messages
     image, text = message["content"]
-    assert image.image.getpixel((0, 0)) == (0, 128, 0) and text.text == "Colour?"
+    assert image.image == png("green") and text.text == "Colour?"  # the cell's bytes, as they are
     assert obs.info == {"row": 0, "answer": "green"}
 
 
@@ -236,3 +236,26 @@ def _assistant(text: str) -> Any:
     from rollwire.messages import Message
 
     return Message(role="assistant", content=text)
+
+
+async def test_dataset_images_reach_the_run_directory_as_their_own_bytes(renderer: Any, tmp_path: Path) -> None:
+    """A row's image file is carried as its encoded bytes (not a decoded PIL image), so the archive keeps
+    the file as it is and content_parts can send it as it is; a PIL image would be re-encoded."""
+    from rollwire.store import RunReader, RunWriter
+
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 44), "orange").save(buf, format="JPEG", quality=85)
+    (tmp_path / "photo.jpg").write_bytes(buf.getvalue())
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"question": "Colour?", "answer": "orange", "images": ["photo.jpg"]}) + "\n")
+    env = make_env("dataset", path=str(data), reward="test_dataset_env:number_reward")
+    assert (await env.reset(0)).messages[0]["content"][0].image == buf.getvalue()
+    with RunWriter(tmp_path / "run", renderer.feature_store) as writer:
+        result = await run_rollout(make_env("dataset", path=str(data), reward="test_dataset_env:number_reward"),
+                                   renderer, ScriptedEngine(renderer, ["orange"]), RolloutConfig(), seed=0,
+                                   trajectory_id="j", archive=writer)
+        writer.write(result.trajectory, result.originals)
+    t = result.trajectory
+    assert t.error is None and len(t.image_ids) == 1
+    archived = RunReader(tmp_path / "run").original_path(t.image_ids[0])
+    assert archived.suffix == ".jpg" and archived.read_bytes() == buf.getvalue()

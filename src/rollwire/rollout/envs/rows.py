@@ -1,5 +1,5 @@
 """Dataset rows for the `dataset` environment: read JSONL, Parquet or a Hugging Face dataset, and
-turn one row into prompt messages (images loaded) and an answer.
+turn one row into prompt messages (images checked, kept as their encoded bytes) and an answer.
 
 A row's prompt is `prompt` (a list of messages or a string), `messages` (a chat; a final
 assistant message is the answer when there is no answer column) or `question` (a string), as
@@ -25,8 +25,8 @@ from typing import Any
 from PIL import Image
 
 from rollwire.errors import DatasetError, ImageError
-from rollwire.images import ImageLimits, load_image
-from rollwire.messages import ImagePart, TextPart
+from rollwire.images import ImageLimits, load_encoded
+from rollwire.messages import ImagePart, ImageSource, TextPart
 
 IMAGE_MARKER = "<image>"
 PROMPT_KEYS = ("prompt", "messages", "question")
@@ -144,7 +144,7 @@ def _hf_dataset(name: str, split: str, *, from_disk: bool = False) -> Any:
 def row_prompt(row: Mapping[str, Any], index: int, *, limits: ImageLimits, root: str | None = None,
                prompt_key: str | None = None, answer_key: str = "answer", images_key: str | None = None,
                system_prompt: str | None = None) -> Prompt:
-    """Row `index` as prompt messages (images loaded as PIL images), answer and info."""
+    """Row `index` as prompt messages (images checked by decoding them; see `_image`), answer and info."""
     where = f"row {index}"
     key = prompt_key or next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
     if key is None or row.get(key) is None:
@@ -182,8 +182,8 @@ def _images_column(row: Mapping[str, Any], key: str | None, where: str) -> list[
     return []
 
 
-def _place_images(messages: list[dict[str, Any]], images: list[Image.Image], where: str,
-                  load: Callable[[Any, str], Image.Image]) -> list[dict[str, Any]]:
+def _place_images(messages: list[dict[str, Any]], images: list[ImageSource], where: str,
+                  load: Callable[[Any, str], ImageSource]) -> list[dict[str, Any]]:
     """Images into `<image>` markers or source-less image parts, in order; else before the first user text."""
     pending = list(images)
     placed = 0
@@ -226,7 +226,7 @@ def _place_images(messages: list[dict[str, Any]], images: list[Image.Image], whe
     return out
 
 
-def _take(pending: list[Image.Image], where: str) -> ImagePart:
+def _take(pending: list[ImageSource], where: str) -> ImagePart:
     if not pending:
         raise DatasetError(f"{where}: more image markers than images")
     return ImagePart(pending.pop(0))
@@ -236,8 +236,12 @@ def _url(value: Any) -> Any:
     return value.get("url") if isinstance(value, Mapping) else value
 
 
-def _image(value: Any, limits: ImageLimits, root: str | None, where: str) -> Image.Image:
-    """A PIL image from a dataset cell: a path, URL, data URL, bytes, `{"bytes", "path"}` or a PIL image."""
+def _image(value: Any, limits: ImageLimits, root: str | None, where: str) -> ImageSource:
+    """An image from a dataset cell: a path, URL, data URL, bytes, `{"bytes", "path"}` or a PIL image.
+
+    Decoded here, so a bad cell is this row's `DatasetError`; what the prompt carries is the encoded
+    bytes when there are some (the original, which the run directory archives and content_parts
+    sends as it is; a PIL image would be re-encoded), else the PIL image."""
     source = value
     if isinstance(value, Mapping):
         source = value.get("bytes") or value.get("path") or value.get("image") or _url(value.get("url"))
@@ -247,9 +251,10 @@ def _image(value: Any, limits: ImageLimits, root: str | None, where: str) -> Ima
     if not isinstance(source, (str, bytes, Image.Image)):
         raise DatasetError(f"{where}: not an image (a path, URL, bytes or PIL image): {type(value).__name__}")
     try:
-        return load_image(source, limits)
+        image, data = load_encoded(source, limits)
     except ImageError as exc:
         raise DatasetError(f"{where}: {type(exc).__name__}: {exc}") from None
+    return image if data is None else data
 
 
 def _text(content: Any) -> str:
