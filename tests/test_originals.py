@@ -231,3 +231,18 @@ async def test_a_pil_backend_server_renders_unrescaled_floats_and_takes_uint8(ti
         "1.03% of its pixel values differ from rollwire's, by up to 1")
     with pytest.raises(PixelFormatError, match="not rollwire's normalised"):
         await detect_pixel_format(server(lambda rows: rows.astype(np.float32) + 1), store, model="tiny", base_url="x")
+
+
+async def test_a_restarted_server_is_asked_again(served: EngineServer, tiny: Callable[[str], Path]) -> None:
+    """Verdicts hold for the server's software: a weight update keeps them, a restart (it may run with
+    other flags now) forgets them, and the next image of each kind is checked again."""
+    renderer = create_renderer(tiny("qwen2_vl"))
+    engine = VLLMEngine.for_renderer(served.url, renderer, wire="content-parts")
+    await generate(engine, renderer.render([user(*URLS[:2])]))
+    assert engine.originals.checks == 2
+    engine.held.unreachable()  # as a refused connection marks it: the next answer comes from a restarted server
+    await generate(engine, renderer.render([user(URLS[2])]))  # its verdict was taken before the answer
+    assert engine.held.restarts == 1 and engine.originals.checks == 2
+    await generate(engine, renderer.render([user(URLS[3])]))
+    assert engine.originals.checks == 3 and engine.originals.verdicts() == {"JPEG resized": True}
+    await engine.close()

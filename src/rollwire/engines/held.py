@@ -71,6 +71,7 @@ class HeldImages:
         self._retired: set[str] = set()  # weight versions a change left behind
         self._claims: dict[str, asyncio.Future[None]] = {}  # id -> the carrier's completion
         self._unreachable = False  # a request could not reach the server since the last answer
+        self.restarts = 0  # times the server answered again after it could not be reached
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._held
@@ -130,7 +131,7 @@ class HeldImages:
             epoch = plan.epoch
             if ok:
                 if self._unreachable:  # the first answer since: what it carried reached the server as it is now
-                    self._unreachable = False
+                    self._unreachable, self.restarts = False, self.restarts + 1
                     self.new_epoch("the server could not be reached and answered again (a restart?)")
                     epoch = self.epoch
                 ok = self._observe(weight_versions, aborted)

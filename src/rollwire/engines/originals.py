@@ -26,6 +26,7 @@ from rollwire.features import FeatureStore, ImageFeatures
 from rollwire.render.types import ImageRef
 
 from .content_parts import Original, original
+from .held import HeldImages
 from .hints import server_hint
 from .wire import RENDER_PATH, decode_image_kwargs
 
@@ -37,10 +38,13 @@ SLOW_PROCESSOR = ("start vLLM with --mm-processor-kwargs '{\"use_fast\": false}'
 
 
 class ServerOriginals:
-    """The verdicts for one server: which kinds of original it may be sent as they are."""
+    """The verdicts for one server: which kinds of original it may be sent as they are. They hold for
+    the server's software, so a weight update keeps them; a restart (`held` saw the server unreachable
+    and answering again: it may run with other flags now) forgets them, and each kind is asked again."""
 
-    def __init__(self, post_json: PostJson, *, base_url: str) -> None:
-        self._post, self.base_url = post_json, base_url
+    def __init__(self, post_json: PostJson, *, base_url: str, held: HeldImages | None = None) -> None:
+        self._post, self.base_url, self._held = post_json, base_url, held
+        self._restarts = 0
         self._verdicts: dict[tuple[str, bool], bool] = {}
         self._lock = asyncio.Lock()
         self.refused: str | None = None  # why the server cannot be asked at all
@@ -54,6 +58,10 @@ class ServerOriginals:
 
     async def check(self, images: Iterable[ImageRef], store: FeatureStore, model: str | None) -> None:
         """Ask the server about each kind among `images` it has not been asked about yet."""
+        if self._held is not None and self._held.restarts != self._restarts:
+            self._restarts = self._held.restarts
+            self._verdicts.clear()
+            self.refused = None
         if self.refused is not None:
             return
         todo = await asyncio.to_thread(self._unasked, list(images), store)

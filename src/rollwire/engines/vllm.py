@@ -90,7 +90,7 @@ class VLLMEngine:
         self._http = ServerConnection(self.base_url, retry=self.retry, timeout=timeout,
                                       connect_timeout=connect_timeout, max_in_flight=max_in_flight, transport=transport,
                                       on_retry=self._count_retry)
-        self.originals = ServerOriginals(self._http.post_json, base_url=self.base_url)  # which may go as they are
+        self.originals = ServerOriginals(self._http.post_json, base_url=self.base_url, held=self.held)
         if self.wire == "content_parts" and feature_store is not None:
             self._use_content_parts(feature_store)
 
