@@ -96,7 +96,9 @@ async def run_rollout(
         error = _error("internal_error", exc, len(state.traj.steps))
     finally:
         state.release_pins()  # a prompt rendered and never sent (token budget, an error) pins nothing after
-    return _finish(state, error)
+    # Off the loop: writing out the messages may hash an image never rendered (one the last step added),
+    # which held the loop for up to 176 ms at K=256 (asyncio debug's slow-callback log).
+    return await _off_loop(_finish, state, error)
 
 
 @dataclass
