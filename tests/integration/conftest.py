@@ -14,8 +14,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import pytest
 from PIL import Image
 
 from conftest import FIGURES, make_image
+from rollwire.bench.vllm_server import start_server, stop_server
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.types import Completion, GenerateRequest
 from rollwire.engines.vllm import VLLMEngine
@@ -63,32 +62,6 @@ class Server:
     model_dir: Path
     url: str
     pid: int
-
-
-def start_server(model_dir: Path, family: str, port: int, dtype: str = "float32", extra_args: str = "") -> int:
-    """Start scripts/vllm_server.sh and return its PID once /health answers."""
-    # VLLM_SERVER_DEV_MODE mounts vLLM's RL endpoints (/pause, /resume, /update_weight_version).
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_EXTRA_ARGS": f"--dtype {dtype} {extra_args}".strip()}
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_server.sh"), str(model_dir), str(port), family],
-                         capture_output=True, text=True, env=env, check=False, timeout=400)
-    if out.returncode != 0:
-        raise RuntimeError(f"vLLM did not start:\n{out.stderr[-3000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def stop_server(pid: int) -> None:
-    """SIGINT, then SIGKILL to the process group if it is still there after 30 s."""
-    try:
-        os.kill(pid, 2)
-    except ProcessLookupError:
-        return
-    for _ in range(60):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.killpg(pid, 9)
 
 
 @contextmanager

@@ -11,10 +11,7 @@ import base64
 import io
 import logging
 import os
-import subprocess
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIGURES, make_image
+from conftest import FIGURES
 from rollwire.bench.images import encoded, photo
+from rollwire.bench.vllm_server import start_server, stop_server
 from rollwire.engines import content_parts as cp
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.types import GenerateRequest, SamplingParams
@@ -36,55 +34,18 @@ from rollwire.rollout import RolloutConfig, RunConfig, run_rollouts
 from rollwire.store import RunReader, RunWriter
 from rollwire.training import SampleBuilder
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("ROLLWIRE_VLLM_VENV", Path.home() / ".cache" / "rollwire" / "vllm-venv"))
-REQUIRED = os.environ.get("ROLLWIRE_REQUIRE_VLLM") == "1"
-if not (VENV / "bin" / "python").exists():
-    if REQUIRED:
-        raise RuntimeError(f"ROLLWIRE_REQUIRE_VLLM=1 but there is no vLLM venv at {VENV}")
-    pytest.skip(f"no vLLM venv at {VENV} (run scripts/setup_vllm.sh)", allow_module_level=True)
+from .conftest import Server, img, text, to_server
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.vllm
 PORT = int(os.environ.get("ROLLWIRE_VLLM_PORT", "18431"))
-
-
-@dataclass
-class Server:
-    family: str
-    model_dir: Path
-    url: str
-    pid: int
-
-
-def start_server(model_dir: Path, family: str, port: int = PORT, dtype: str = "float32", extra_args: str = "") -> int:
-    # VLLM_SERVER_DEV_MODE mounts vLLM's RL endpoints (/pause, /resume, /update_weight_version).
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_EXTRA_ARGS": f"--dtype {dtype} {extra_args}".strip()}
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_server.sh"), str(model_dir), str(port), family],
-                         capture_output=True, text=True, env=env, check=False, timeout=400)
-    if out.returncode != 0:
-        raise RuntimeError(f"vLLM did not start:\n{out.stderr[-3000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def stop_server(pid: int) -> None:
-    try:
-        os.kill(pid, 2)
-    except ProcessLookupError:
-        return
-    for _ in range(60):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.killpg(pid, 9)
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def server(request: pytest.FixtureRequest, tiny: Callable[[str], Path]) -> Iterator[Server]:
     family = request.param
     model_dir = tiny(family)
-    pid = start_server(model_dir, family)
+    pid = start_server(model_dir, family, PORT)
     srv = Server(family, model_dir, f"http://127.0.0.1:{PORT}", pid)
     yield srv
     stop_server(srv.pid)
@@ -94,30 +55,6 @@ def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
-
-
-def to_server(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The same conversation with images as data URLs (what an OpenAI client sends)."""
-    out = []
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            parts = [{"type": "image_url", "image_url": {"url": data_url(p["image"])}} if p["type"] == "image" else p
-                     for p in m["content"]]
-            m = {**m, "content": parts}
-        out.append(m)
-    return out
-
-
-def img(w: int, h: int, seed: int) -> dict[str, Any]:
-    return {"type": "image", "image": make_image(w, h, "RGB", seed)}
-
-
-def text(t: str) -> dict[str, Any]:
-    return {"type": "text", "text": t}
 
 
 CALL = 'Zoom.\n<tool_call>\n{"name": "crop", "arguments": {"box": [0, 0, 8, 8]}}\n</tool_call>'
@@ -245,7 +182,7 @@ async def test_multi_turn_sends_each_image_once_and_survives_a_restart(server: S
         for t in range(turns):
             if by_id and t == 2:  # the server restarts between turns and loses its image cache
                 stop_server(server.pid)
-                server.pid = start_server(server.model_dir, server.family)
+                server.pid = start_server(server.model_dir, server.family, PORT)
             result = await engine.generate(GenerateRequest(
                 prompt_token_ids=prompt.token_ids, images=prompt.images,
                 sampling=SamplingParams(max_tokens=3, temperature=0.0)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import subprocess
 import time
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, cast
 from rollwire.bench.images import encoded, photo
 from rollwire.bench.instant import Pictures
 from rollwire.bench.report import Report, Table
+from rollwire.bench.vllm_server import start_server, stop_server
 
 PORT = 8871
 TURNS = 4  # the server script allows 4 images a prompt
@@ -41,32 +41,6 @@ def _picture(conversation: int, turn: int) -> str:
     """The turn's picture as a JPEG data URL, as an environment hands it over (the same for every client)."""
     data = encoded(photo(SIDE, SIDE, seed=1000 * conversation + turn), "JPEG")
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
-
-
-def start_server(model_dir: Path) -> int:
-    script = Path(__file__).resolve().parents[3] / "scripts" / "vllm_server.sh"
-    if not script.is_file():
-        raise RuntimeError("scripts/vllm_server.sh not found (a source checkout is needed); pass --server URL")
-    env = {"VLLM_HEALTH_TIMEOUT": "480", **os.environ, "VLLM_EXTRA_ARGS": "--dtype float32"}
-    out = subprocess.run(["bash", str(script), str(model_dir), str(PORT), "qwen2_vl"], capture_output=True,
-                         text=True, env=env, check=False, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"vLLM did not start:\n{out.stderr[-2000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def stop_server(pid: int) -> None:
-    try:
-        os.kill(pid, 2)
-    except ProcessLookupError:
-        return
-    for _ in range(60):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.killpg(pid, 9)
 
 
 MODES = ("features", "content-parts")
@@ -184,7 +158,8 @@ def run(quick: bool = False, server: str | None = None) -> Report:
     n = QUICK_CONVERSATIONS if quick else CONVERSATIONS
     pid = None
     if server is None:
-        pid = start_server(model_dir)
+        pid = start_server(model_dir, "qwen2_vl", PORT, timeout=600,
+                           env={"VLLM_HEALTH_TIMEOUT": os.environ.get("VLLM_HEALTH_TIMEOUT", "480")})
         server = f"http://127.0.0.1:{PORT}"
     try:
         ours_by_mode = {mode: asyncio.run(rollwire_side(server, model_dir, n, mode)) for mode in MODES}
