@@ -139,9 +139,9 @@ def original(features: ImageFeatures, store: FeatureStore) -> Original | None:
 
 def data_url(features: ImageFeatures, store: FeatureStore, accepts: Callable[[Original], bool] | None = None) -> str:
     """The original where `accepts` (the server's verdict for its kind) says so, else the PNG."""
-    found = original(features, store) if accepts is not None else None
-    return found.url() if found is not None and accepts is not None and accepts(found) else \
-        image_url(features, store.config)
+    if accepts is not None and (found := original(features, store)) is not None and accepts(found):
+        return found.url()
+    return image_url(features, store.config)
 
 
 def content_parts(images: Sequence[ImageRef], store: FeatureStore, *, by_id_only: Collection[str] = (),
