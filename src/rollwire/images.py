@@ -100,54 +100,45 @@ def load_encoded(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> t
     user gave it, to archive or send as it is instead of encoding the pixels again."""
     if isinstance(source, Image.Image):
         return _checked_pil(source, limits), None
-    data = read_source(source, limits)
-    return decode_image(data, limits, what=_what(source)), data
+    data, what = _read_source(source, limits)
+    return decode_image(data, limits, what=what), data
 
 
 def read_source(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """The encoded bytes an image source names (bytes, a path, a file/data/http(s) URL), within the
     limits and not decoded; `ImageSourceError` for a PIL image or anything else."""
+    return _read_source(source, limits)[0]
+
+
+def _read_source(source: ImageSource, limits: ImageLimits) -> tuple[bytes, str]:
+    """`read_source`, and how an error names the source (a path as it is, a URL cut short)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
+        return bytes(source), "image bytes"
     if isinstance(source, os.PathLike):
         path = os.fspath(source)
         if not isinstance(path, str):
             raise ImageSourceError(f"image path must be text, got {type(path).__name__}")
-        return _read_path(path, limits)
+        return _read_path(path, limits), path
     if not isinstance(source, str):
         raise ImageSourceError(f"unsupported image source type {type(source).__name__}")
     if not source.strip():
         raise ImageSourceError("empty image source")
     lowered = source[:16].lower()
     if lowered.startswith("data:"):
-        return _data_url_bytes(source, limits)
+        return _data_url_bytes(source, limits), "data URL"
     if lowered.startswith("file://"):
-        return _read_path(_file_url_path(source), limits)
+        path = _file_url_path(source)
+        return _read_path(path, limits), path
     if lowered.startswith(("http://", "https://")):
         if not limits.allow_remote:
             raise RemoteImageNotAllowedError(
                 f"remote image URLs are disabled (ImageLimits.allow_remote=False): {source[:100]}"
             )
-        return _fetch_remote(source, limits)
+        return _fetch_remote(source, limits), source[:100]
     scheme, sep, _ = source.partition("://")
     if sep and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         raise ImageSourceError(f"unsupported image URL scheme {scheme!r}")
-    return _read_path(source, limits)
-
-
-def _what(source: ImageSource) -> str:
-    """How an error names an encoded source (a path as it is, a URL cut short)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return "image bytes"
-    if isinstance(source, os.PathLike):
-        return str(os.fspath(source))
-    assert isinstance(source, str)
-    lowered = source[:16].lower()
-    if lowered.startswith("data:"):
-        return "data URL"
-    if lowered.startswith("file://"):
-        return _file_url_path(source)
-    return source[:100] if lowered.startswith(("http://", "https://")) else source
+    return _read_path(source, limits), source
 
 
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, what: str = "image") -> Image.Image:
