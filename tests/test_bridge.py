@@ -195,7 +195,7 @@ def test_arbitrary_completions_are_kept_byte_for_byte(
     assert result.tokens is not None, result.reason
     out = result.tokens
     n, c = len(prompt.token_ids), len(completion)
-    assert out.token_ids[: n + c] == prompt.token_ids + completion
+    assert list(out.token_ids[: n + c]) == [*prompt.token_ids, *completion]
     assert out.sampled_mask == [False] * n + [True] * c + [False] * (len(out.token_ids) - n - c)
     closes = completion[-1:] == [renderer.im_end_id]
     if not closes:  # cut by length, or another stop token: the turn close is added as context

@@ -89,7 +89,7 @@ async def test_a_bad_completion_ends_the_rollout_and_is_never_used(renderer: Any
     t = result.trajectory
     assert t.error is not None and t.error.kind == "bad_completion", (name, t.error)
     assert t.finish == "error" and t.error.step == 1
-    assert [s.completion_ids for s in t.steps] == [first]  # the good turn is kept, the bad one is not recorded
+    assert [list(s.completion_ids) for s in t.steps] == [first]  # the good turn is kept, the bad one is not recorded
     assert len(engine.prompts) == 2  # nothing was sent after the bad completion
     assert SampleBuilder.for_renderer(renderer).build(t) == []  # a failed rollout makes no sample
 

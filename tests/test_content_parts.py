@@ -88,7 +88,7 @@ def test_collapse_and_expand_are_inverse(served: tuple[EngineServer, Renderer]) 
     assert short.count(pad) == 2 and len(short) == len(prompt.token_ids) - sum(r.length - 1 for r in prompt.images)
     feats = [renderer.feature_store.get(r.id) for r in prompt.images]
     ids, refs = cp.expand(short, feats, pad_id=pad)
-    assert ids == prompt.token_ids and refs == prompt.images
+    assert ids == list(prompt.token_ids) and refs == prompt.images
     image = cp.resized_image(feats[1], renderer.feature_store.config)
     assert image.size == (feats[1].grid_thw[2] * 14, feats[1].grid_thw[1] * 14)  # resized from 100x80
 

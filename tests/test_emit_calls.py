@@ -40,7 +40,7 @@ def test_render_and_bridge_tokenize_each_run_once(tiny: Callable[[str], Path], c
     prompt = renderer.render([two_images(0)])
     assert len(calls) == 1 and calls[0].count("<|image_pad|>") == 2
     runs = [(r.offset, r.length) for r in prompt.images]
-    assert all(prompt.token_ids[o:o + n] == [pad] * n for o, n in runs)
+    assert all(list(prompt.token_ids[o:o + n]) == [pad] * n for o, n in runs)
     assert prompt.token_ids.count(pad) == sum(n for _, n in runs)
     assert runs[1][1] == 6 and runs[0][1] == 4  # 56x84 -> 2x3 tokens, 56x56 -> 2x2
     calls.clear()
@@ -52,7 +52,7 @@ def test_render_and_bridge_tokenize_each_run_once(tiny: Callable[[str], Path], c
     assert bridged.token_ids[: len(prompt.token_ids)] == prompt.token_ids
     assert [r.offset for r in bridged.images[:2]] == [r.offset for r in prompt.images]
     new = bridged.images[2:]
-    assert all(bridged.token_ids[r.offset:r.end] == [pad] * r.length for r in new)
+    assert all(bridged.token_ids[r.offset:r.end] == (pad,) * r.length for r in new)
     assert bridged.message_index[new[0].offset] == 2 and bridged.message_index[new[1].end - 1] == 2
 
 

@@ -109,9 +109,9 @@ def test_multi_turn_with_images_and_tools_is_bridged_and_recorded(front: FrontSe
     assert [(row["turns"], row["superseded"]) for row in rows] == [(1, True), (2, False)]
     trajectory = reader.trajectory(rows[-1])
     first, second = trajectory.steps
-    assert (first.prompt_ids, first.completion_ids, first.bridged) == (prompt1, ids1, False)
-    assert (second.prompt_ids, second.completion_ids, second.bridged) == (prompt2, completion_ids(r2), True)
-    assert first.completion_logprobs == pytest.approx(info1["completion_logprobs"])
+    assert (list(first.prompt_ids), list(first.completion_ids), first.bridged) == (prompt1, ids1, False)
+    assert (list(second.prompt_ids), list(second.completion_ids), second.bridged) == (prompt2, completion_ids(r2), True)
+    assert list(first.completion_logprobs) == pytest.approx(info1["completion_logprobs"])
     assert trajectory.metrics["bridge_successes"] == 1
     assert trajectory.messages[1]["content"][0] == {"type": "image", "image_id": info1["images"][0]["id"]}
     assert trajectory.messages[-1]["role"] == "assistant" and trajectory.tools == TOOLS
@@ -132,7 +132,7 @@ def test_an_edited_history_is_rendered_in_full_with_the_reason(front: FrontServe
     info = extra(r2)["rollwire"]
     assert (info["bridged"], info["render_reason"]) == (False, "history rewritten")
     assert front.renderer is not None
-    assert extra(r2)["prompt_token_ids"] == front.renderer.render(messages).token_ids
+    assert extra(r2)["prompt_token_ids"] == list(front.renderer.render(messages).token_ids)
     row = next(r for r in RunReader(front.run_dir).rows() if r["id"] == "edited")
     trajectory = RunReader(front.run_dir).trajectory(row)
     assert trajectory.metrics["full_render:history rewritten"] == 1
@@ -232,7 +232,8 @@ def test_tool_calls_are_parsed_and_their_results_bridged(tiny: Callable[[str], P
         assert extra(r2)["rollwire"]["bridged"] is True
         sampled = completion_ids(r1)
         assert sampled == engines[0].completion_ids(ZOOM_THEN_ANSWER[0])
-        assert second.prompt_token_ids[:len(first.prompt_token_ids) + len(sampled)] == first.prompt_token_ids + sampled
+        assert list(second.prompt_token_ids[:len(first.prompt_token_ids) + len(sampled)]) == [*first.prompt_token_ids,
+                                                                                              *sampled]
         assert len(second.images) == 2 and second.images[0] == first.images[0]
     with FrontServer(tiny("qwen2_vl"), run_dir=tmp_path, port=0, make_engine=make) as again:  # a restart
         answer = client(again, "tools").chat.completions.create(

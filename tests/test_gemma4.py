@@ -169,7 +169,7 @@ def test_bridge_keeps_arbitrary_completions(renderer: Any, no_thinking: Any, dat
     out = r.bridge(prompt, completion, new).tokens
     assert out is not None
     n, c = len(prompt.token_ids), len(completion)
-    assert out.token_ids[: n + c] == prompt.token_ids + completion
+    assert list(out.token_ids[: n + c]) == [*prompt.token_ids, *completion]
     assert out.sampled_mask == [False] * n + [True] * c + [False] * (len(out.token_ids) - n - c)
     if stop != 106:
         assert out.token_ids[n + c] == 106
@@ -209,7 +209,7 @@ async def test_local_engine_equals_one_full_forward_and_batches(tiny: Callable[[
                               atol=1e-4, rtol=0)
     model = transformers.Gemma4ForConditionalGeneration.from_pretrained(str(d), dtype=torch.float32).eval()
     prompt, completion = prompts[0], alone[0].completions[0]
-    ids = torch.tensor([prompt.token_ids + completion.token_ids])
+    ids = torch.tensor([[*prompt.token_ids, *completion.token_ids]])
     inputs = {k: torch.from_numpy(v) for k, v in store.config.model_inputs(
         [store.get(r.id) for r in prompt.images]).items()}
     with torch.inference_mode():

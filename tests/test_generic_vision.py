@@ -178,7 +178,7 @@ def test_tokens_and_pixels_equal_the_hf_processor(family: str, case: Case, rende
     out = r.render(case.messages, case.tools, add_generation_prompt=gen)
     hf = processor.apply_chat_template(hf_messages(case.messages), tools=case.tools, tokenize=True, return_dict=True,
                                        return_tensors="np", **{"add_generation_prompt": True, **case.kwargs})
-    assert out.token_ids == hf["input_ids"][0].tolist()
+    assert list(out.token_ids) == hf["input_ids"][0].tolist()
     n_images = sum(isinstance(p, dict) and p.get("type") == "image" for m in case.messages
                    for p in (m["content"] if isinstance(m["content"], list) else []))
     assert len(out.images) == n_images

@@ -12,7 +12,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,12 @@ async def one(engine: LocalEngine, req: GenerateRequest) -> Completion:
     return result.completions[0]
 
 
-def reference_logprobs(model_dir: Path, family: str, prompt: list[int], completion: list[int],
+def reference_logprobs(model_dir: Path, family: str, prompt: Sequence[int], completion: Sequence[int],
                        images: tuple[Image.Image, ...], *, one_d_positions: bool = False) -> Any:
     """log-softmax rows predicting each completion token, from ONE forward pass of a freshly loaded
     model; pixels from the HF image processor; positions left to the model (mm_token_type_ids).
     `one_d_positions` forces plain 1-D positions instead (the control: what a wrong M-RoPE gives)."""
-    ids = torch.tensor([prompt + completion])
+    ids = torch.tensor([[*prompt, *completion]])
     positions = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1) if one_d_positions else None
     if family not in VL_FAMILIES:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

@@ -154,7 +154,7 @@ def test_gemma4_matches_the_official_template(case: Case, processor: Any, render
         assert written < given or isinstance(case.messages[0]["content"], list), REFUSED[case.name]
         return
     ours = renderer.render(case.messages, case.tools, add_generation_prompt=gen)
-    assert ours.token_ids == np.asarray(expected["input_ids"])[0].tolist()
+    assert list(ours.token_ids) == np.asarray(expected["input_ids"])[0].tolist()
     if not ours.images:
         assert "pixel_values" not in expected
         return

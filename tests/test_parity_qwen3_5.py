@@ -106,7 +106,7 @@ def test_qwen3_5_matches_the_official_template(case: Case, processor: Any,
             renderer.render(case.messages, case.tools, add_generation_prompt=gen)
         pytest.skip(f"HF rejects an image ({type(exc).__name__}); rollwire raises ImageError too")
     ours = renderer.render(case.messages, case.tools, add_generation_prompt=gen)
-    assert ours.token_ids == np.asarray(expected["input_ids"])[0].tolist()
+    assert list(ours.token_ids) == np.asarray(expected["input_ids"])[0].tolist()
     if not ours.images:
         return
     pad = renderer.image_pad_id

@@ -70,7 +70,7 @@ def test_qwen2_vl_keeps_raw_text_and_parses_calls_beside_it(qwen2: Qwen2VLRender
     history = [{"role": "user", "content": "q"}]
     prompt = qwen2.render(history)
     full = qwen2.render([*history, parsed.message], add_generation_prompt=False)
-    assert full.token_ids[len(prompt.token_ids) : -1] == list(parsed.message.token_ids or ())
+    assert list(full.token_ids[len(prompt.token_ids) : -1]) == list(parsed.message.token_ids or ())
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_qwen3_reasoning_and_tool_calls(qwen3: Qwen3Renderer) -> None:
     history = [{"role": "user", "content": "q"}]
     prompt = qwen3.render(history)
     full = qwen3.render([*history, m], add_generation_prompt=False)
-    assert full.token_ids[len(prompt.token_ids) : -1] == list(m.token_ids or ())
+    assert list(full.token_ids[len(prompt.token_ids) : -1]) == list(m.token_ids or ())
 
 
 def test_stop_and_vision_ids(qwen2: Qwen2VLRenderer, qwen3: Qwen3Renderer) -> None:
@@ -274,7 +274,7 @@ def test_generic_renderer_uses_the_models_own_template(
     out = r.render(MSGS)
     expected = AutoTokenizer.from_pretrained(str(d)).apply_chat_template(MSGS, add_generation_prompt=True,
                                                                         tokenize=True, return_dict=True)["input_ids"]
-    assert out.token_ids == list(expected)
+    assert list(out.token_ids) == list(expected)
     assert sorted(set(out.message_index)) == indices
     with pytest.raises(RenderError):
         r.render([{"role": "user", "content": [{"type": "image", "image": make_image(8, 8)}]}])

@@ -50,7 +50,7 @@ def test_loss_mask_and_logprobs_align_with_the_sampled_turns(shapes_run: Run, sa
         trajectory = shapes_run.trajectories[sample.trajectory_id]
         steps = [trajectory.steps[k] for k in sample.step_indices]
         tail = steps[-1]
-        assert np.asarray(sample.input_ids).tolist() == tail.prompt_ids + tail.completion_ids
+        assert np.asarray(sample.input_ids).tolist() == [*tail.prompt_ids, *tail.completion_ids]
         want_mask = np.zeros(len(sample), dtype=bool)
         want_logprobs = np.zeros(len(sample), dtype=np.float32)
         for step in steps:

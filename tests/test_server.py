@@ -366,7 +366,7 @@ def test_render_endpoint_equals_the_renderer_and_sends_uint8(env: Env) -> None:
     body = response.json()
     store = FeatureStore(VisionConfig.from_pretrained(env.model_dir))
     want = create_renderer(env.model_dir, feature_store=store).render(messages)
-    assert body["token_ids"] == want.token_ids
+    assert body["token_ids"] == list(want.token_ids)
     features = body["features"]
     assert features["mm_hashes"]["image"] == list(want.image_ids)
     assert features["mm_placeholders"]["image"] == [{"offset": r.offset, "length": r.length} for r in want.images]

@@ -73,7 +73,7 @@ def test_control_mode_equals_the_hf_template(tiny: Callable[[str], Path]) -> Non
         hf = AutoTokenizer.from_pretrained(str(tiny(family)))
         expected = hf.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=True)
         control = create_renderer(tiny(family), content_special_tokens="control")
-        assert control.render(msgs).token_ids == list(expected["input_ids"])
+        assert list(control.render(msgs).token_ids) == list(expected["input_ids"])
         assert create_renderer(tiny(family)).render(msgs).token_ids != list(expected["input_ids"])
 
 

@@ -177,7 +177,7 @@ def test_merged_sample_reproduces_the_engine_logprobs(runs: Callable[[str], Run]
     run = runs(family)
     assert [s.finish_reason for s in run.linear.steps] == ["length", "length", "stop"]
     assert [s.bridged for s in run.linear.steps] == [False, True, True]
-    assert run.linear.steps[2].completion_ids == [run.renderer.im_end_id]  # type: ignore[attr-defined]
+    assert run.linear.steps[2].completion_ids == (run.renderer.im_end_id,)  # type: ignore[attr-defined]
     builder = SampleBuilder.for_renderer(run.renderer, pixel_format="float32", tensors="torch")
     linear = builder.build(run.linear)
     branched = builder.build(run.branched)
@@ -208,7 +208,7 @@ def test_linear_rollout_is_one_sample_with_exact_masks(qwen2: Run) -> None:
     last = trajectory.steps[-1]
     assert sample.input_ids.dtype == np.int64 and sample.loss_mask.dtype == np.bool_
     assert sample.old_logprobs.dtype == np.float32 and sample.mm_token_type_ids.dtype == np.int64
-    assert sample.input_ids.tolist() == last.prompt_ids + last.completion_ids
+    assert sample.input_ids.tolist() == [*last.prompt_ids, *last.completion_ids]
 
     want_mask = np.zeros(len(sample), dtype=bool)
     want_logprobs = np.zeros(len(sample), dtype=np.float32)
@@ -372,7 +372,7 @@ def test_bad_logprobs_and_sampled_pad_raise(qwen2: Run) -> None:
     pad = qwen2.renderer.image_pad_id
     with pytest.raises(SampleError, match="image pad token"):
         builder.build(replace_step(qwen2.linear, 2, completion_ids=[198, pad], completion_logprobs=[-1.0, -1.0]))
-    assert step.completion_ids == [IM_END]
+    assert step.completion_ids == (IM_END,)
 
 
 def test_inputs_are_not_mutated(qwen2: Run) -> None:

@@ -269,7 +269,7 @@ class History:
 
     def extend(self, images: list[ImageFeatures]) -> None:
         assert self.last is not None
-        base = self.prompt + self.last.completion_ids
+        base = [*self.prompt, *self.last.completion_ids]
         block, refs = _user_block(self.r.rng, images, len(base), [NL])
         self.prompt, self.refs, self.delta, self.bridged = base + block, [*self.refs, *refs], len(block), True
 
@@ -415,7 +415,7 @@ def test_exact_values_that_need_wide_arrays(store: FeatureStore) -> None:
     traj = _trajectory([*steps, edge])
     batch = unpack(pack([traj], store, include_pixels=False))
     assert batch.trajectories == [traj] and batch.images == {}
-    assert batch.trajectories[0].steps[1].completion_logprobs == [0.1, -1 / 3]  # float64 kept when needed
+    assert list(batch.trajectories[0].steps[1].completion_logprobs) == [0.1, -1 / 3]  # float64 kept when needed
 
 
 def test_images_not_followed_by_base_are_stored_whole(store: FeatureStore) -> None:

@@ -148,7 +148,7 @@ def test_sampled_tokens_show_boundaries_and_logprobs(view_runs: dict[str, Path])
     first = first[:first.index("</div>")]
     titles = re.findall(r'<span class="tok [^"]*" title="([^"]*)">', first)
     ids = [int(i) for t in titles for i in re.findall(r"token (\d+)", t)]
-    assert ids == step.completion_ids  # every sampled token, in order, in some box
+    assert ids == list(step.completion_ids)  # every sampled token, in order, in some box
     lps = [float(x) for t in titles for x in re.findall(r"logprob (-?[\d.]+)", t)]
     assert lps == pytest.approx(step.completion_logprobs, abs=1e-4)
 

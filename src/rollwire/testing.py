@@ -78,13 +78,13 @@ class ScriptedEngine:
         if isinstance(item, str):
             ids = [*self._tokenizer.encode_ids(item), self.renderer.stop_token_ids[0]]
         else:
-            ids = self._rendered(parse_message(item))
+            ids = list(self._rendered(parse_message(item)))
         end = next((k for k, t in enumerate(ids) if t in stops), None)
         if end is None:
             raise EngineError(f"the scripted completion {item!r} has no stop token after rendering")
         return ids[: end + 1]
 
-    def _rendered(self, message: Message) -> list[int]:
+    def _rendered(self, message: Message) -> Sequence[int]:
         """The assistant message as the template writes it after a generation prompt."""
         if message.role != "assistant":
             raise EngineError(f"a scripted message must be an assistant message, got role {message.role!r}")

@@ -86,7 +86,7 @@ def test_rendered_ids_equal_the_servers_render(server: Server) -> None:
             r = client.post("/v1/chat/completions/render", json={"model": server.family, "messages": to_server(conv)})
             assert r.status_code == 200, r.text[:300]
             ours = renderer.render(conv)
-            assert ours.token_ids == r.json()["token_ids"]
+            assert list(ours.token_ids) == r.json()["token_ids"]
             placeholders = r.json()["features"]["mm_placeholders"]["image"] if ours.images else []
             assert [(p["offset"], p["length"]) for p in placeholders] == [(i.offset, i.length) for i in ours.images]
             matched += 1
@@ -108,7 +108,7 @@ async def test_greedy_completion_equals_chat_completions_and_local_engine(server
             "logprobs": True, "return_token_ids": True})
     assert r.status_code == 200, r.text[:300]
     choice = r.json()["choices"][0]
-    assert r.json()["prompt_token_ids"] == prompt.token_ids
+    assert r.json()["prompt_token_ids"] == list(prompt.token_ids)
     assert ours.token_ids == choice["token_ids"]
     theirs = [e["logprob"] for e in choice["logprobs"]["content"]]
     assert ours.logprobs is not None
@@ -344,7 +344,7 @@ def test_the_openai_front_over_vllm_samples_what_the_engine_samples(server: Serv
                                              max_tokens=12, temperature=1.0, seed=1234, logprobs=True)
     renderer = create_renderer(server.model_dir)
     rendered = renderer.render(messages)
-    assert answer.model_extra is not None and answer.model_extra["prompt_token_ids"] == rendered.token_ids
+    assert answer.model_extra is not None and answer.model_extra["prompt_token_ids"] == list(rendered.token_ids)
 
     async def direct() -> list[int]:
         async with VLLMEngine.for_renderer(server.url, renderer) as engine:
@@ -357,7 +357,7 @@ def test_the_openai_front_over_vllm_samples_what_the_engine_samples(server: Serv
     assert ids == asyncio.run(direct())
     assert [c.token for c in answer.choices[0].logprobs.content] == [renderer.decode([t]) for t in ids]  # type: ignore[union-attr]
     (trajectory,) = RunReader(tmp_path).trajectories()
-    assert trajectory.steps[0].completion_ids == ids
+    assert list(trajectory.steps[0].completion_ids) == ids
 
 
 def test_the_docs_pages_run_against_vllm(server: Server, tmp_path: Path, cache_dir: Path) -> None:

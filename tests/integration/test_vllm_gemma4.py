@@ -90,7 +90,7 @@ def test_rendered_ids_and_image_items_equal_the_servers(server: Server) -> None:
             answer = server_render(client, FAMILY, conv, tools, thinking)
             renderer = renderers[thinking]
             ours = renderer.render(conv, tools=tools)
-            assert ours.token_ids == answer["token_ids"]
+            assert list(ours.token_ids) == answer["token_ids"]
             placeholders = answer["features"]["mm_placeholders"]["image"] if ours.images else []
             assert [(p["offset"], p["length"]) for p in placeholders] == [
                 (i.offset - 1, i.length + 2) for i in ours.images]
@@ -123,7 +123,7 @@ async def test_greedy_completion_equals_chat_completions_and_local_engine(server
         assert engine.pixel_format == "float32"  # detected by the render probe, not given
     answer = server_chat(server, conv, 8, chat_template_kwargs={"enable_thinking": False})
     choice = answer["choices"][0]
-    assert answer["prompt_token_ids"] == prompt.token_ids
+    assert answer["prompt_token_ids"] == list(prompt.token_ids)
     assert ours.token_ids == choice["token_ids"] and ours.logprobs is not None
     theirs = [e["logprob"] for e in choice["logprobs"]["content"]]
     served_diff = float(np.max(np.abs(np.asarray(ours.logprobs) - theirs)))

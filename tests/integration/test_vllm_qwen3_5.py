@@ -74,7 +74,7 @@ def test_rendered_ids_equal_the_servers_render(server: Server) -> None:
         for conv, tools, thinking in CONVERSATIONS:
             answer = server_render(client, FAMILY, conv, tools, thinking)
             ours = renderers[thinking].render(conv, tools=tools)
-            assert ours.token_ids == answer["token_ids"]
+            assert list(ours.token_ids) == answer["token_ids"]
             placeholders = answer["features"]["mm_placeholders"]["image"] if ours.images else []
             assert [(p["offset"], p["length"]) for p in placeholders] == [(i.offset, i.length) for i in ours.images]
             matched += 1
@@ -93,7 +93,7 @@ async def test_greedy_completion_equals_chat_completions_and_local_engine(server
         assert engine.pixel_format == "uint8"  # detected by the render probe, not given
     answer = server_chat(server, conv, 8)
     choice = answer["choices"][0]
-    assert answer["prompt_token_ids"] == prompt.token_ids
+    assert answer["prompt_token_ids"] == list(prompt.token_ids)
     assert ours.token_ids == choice["token_ids"] and ours.logprobs is not None
     np.testing.assert_allclose(ours.logprobs, [e["logprob"] for e in choice["logprobs"]["content"]], atol=1e-6)
     mine = await local_completion(server.model_dir, renderer, request, dtype="bfloat16")

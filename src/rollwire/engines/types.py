@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
@@ -29,7 +30,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A prompt as token ids with the refs of its images; pixels come from the feature store by id."""
 
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]  # a rendered prompt's tuple, sent as it is
     images: tuple[ImageRef, ...] = ()
     sampling: SamplingParams
     request_id: str | None = None

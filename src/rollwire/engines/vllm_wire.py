@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
@@ -86,7 +87,7 @@ class Sampling(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_f
 class GenerateBody(msgspec.Struct, frozen=True, omit_defaults=True):
     """The request. `features` and `content_parts` are mutually exclusive (vLLM checks it)."""
 
-    token_ids: list[int]
+    token_ids: Sequence[int]
     sampling_params: Sampling
     model: str | None = None
     request_id: str | None = None

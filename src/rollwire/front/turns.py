@@ -60,10 +60,11 @@ def check_result(renderer: Renderer, result: GenerateResult) -> None:
 
 def step_of(prompt: RenderedTokens, answer: Answer, bridged: bool, reason: str | None, generate_s: float) -> Step:
     """The trajectory step of one call: the prompt as sent, the completion as the client got it."""
-    return Step(prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=answer.token_ids,
-                completion_logprobs=answer.logprobs, finish_reason=answer.finish_reason,
-                stop_reason=answer.stop_reason, status=answer.status, parse_error=answer.parse_error,
-                message=answer.record, bridged=bridged, render_reason=reason, timings={"generate_s": generate_s})
+    return Step(prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=tuple(answer.token_ids),
+                completion_logprobs=None if answer.logprobs is None else tuple(answer.logprobs),
+                finish_reason=answer.finish_reason, stop_reason=answer.stop_reason, status=answer.status,
+                parse_error=answer.parse_error, message=answer.record, bridged=bridged, render_reason=reason,
+                timings={"generate_s": generate_s})
 
 
 def completion_json(renderer: Renderer, session: Session, step_index: int, step: Step, answer: Answer,

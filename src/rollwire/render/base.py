@@ -176,7 +176,7 @@ class TemplateRenderer:
         """
         assistant_index = previous_prompt.num_messages
         n = len(previous_prompt.token_ids)
-        if n == 0 or previous_prompt.message_index[-1] != assistant_index:
+        if n == 0 or previous_prompt.last_message_index != assistant_index:
             return BridgeResult(None, "previous prompt does not end with a generation prompt")
         if not new_messages:
             return BridgeResult(None, "no new messages")

@@ -58,7 +58,8 @@ class Emitter:
     """Accumulates pieces (tagged with a message index) into a `RenderedTokens`.
 
     Starting from `base` (a previous prompt) continues its token stream: new image offsets
-    are absolute in the combined stream.
+    are absolute in the combined stream. Only the new tokens are kept here; the base's ids are
+    joined to them once, in `finish`.
     """
 
     def __init__(
@@ -68,9 +69,9 @@ class Emitter:
         self._tok = tokenizer
         self._plain_content = plain_content
         self._images = images
-        self.token_ids: list[int] = list(base.token_ids) if base else []
-        self.message_index: list[int] = list(base.message_index) if base else []
-        self.sampled_mask: list[bool] = list(base.sampled_mask) if base else []
+        self._base: tuple[int, ...] = base.token_ids if base else ()
+        self.token_ids: list[int] = []  # the tokens after the base's
+        self.runs: list[tuple[int, int, bool]] = list(base.runs) if base else []
         self.refs: list[ImageRef] = list(base.images) if base else []
         self._run: list[str] = []
         self._run_index: list[int] = []
@@ -103,18 +104,28 @@ class Emitter:
         """Append already-tokenized ids (a sampled completion) without re-tokenizing them."""
         self._flush()
         self.token_ids.extend(int(t) for t in token_ids)
-        self.message_index.extend([index] * len(token_ids))
-        self.sampled_mask.extend([sampled] * len(token_ids))
+        self._label(index, sampled, len(token_ids))
 
     def finish(self, num_messages: int) -> RenderedTokens:
         self._flush()
-        return RenderedTokens(
-            token_ids=self.token_ids,
-            message_index=self.message_index,
-            sampled_mask=self.sampled_mask,
-            images=tuple(self.refs),
-            num_messages=num_messages,
-        )
+        return RenderedTokens(token_ids=self._base + tuple(self.token_ids), runs=tuple(self.runs),
+                              images=tuple(self.refs), num_messages=num_messages)
+
+    @property
+    def length(self) -> int:
+        """Tokens so far, the base's included."""
+        return len(self._base) + len(self.token_ids)
+
+    def _label(self, index: int, sampled: bool, count: int) -> None:
+        """The last `count` tokens render message `index` (sampled or not): extend the last run or start one."""
+        if not count:
+            return
+        runs = self.runs
+        end = len(self._base) + len(self.token_ids)
+        if runs and runs[-1][1] == index and runs[-1][2] == sampled:
+            runs[-1] = (end, index, sampled)
+        else:
+            runs.append((end, index, sampled))
 
     def _emit_image(self, index: int, part: ImagePart) -> None:
         if self._images is None:
@@ -131,10 +142,9 @@ class Emitter:
     def _add_image(self, index: int, features: ImageFeatures) -> None:
         assert self._images is not None
         length = features.num_tokens
-        self.refs.append(ImageRef(features.id, len(self.token_ids), length, features.grid_thw))
+        self.refs.append(ImageRef(features.id, self.length, length, features.grid_thw))
         self.token_ids.extend([self._images.pad_id] * length)
-        self.message_index.extend([index] * length)
-        self.sampled_mask.extend([False] * length)
+        self._label(index, False, length)
 
     def _flush(self) -> None:
         if not self._run:
@@ -158,8 +168,7 @@ class Emitter:
                 slot = next(slots, None)
                 continue
             self.token_ids.append(token_id)
-            self.message_index.append(index)
-            self.sampled_mask.append(False)
+            self._label(index, False, 1)
         if slot is not None:
             raise RenderError(f"internal error: the image placeholder at character {slot[0]} was not tokenized")
         self._run.clear()

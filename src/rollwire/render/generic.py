@@ -63,13 +63,7 @@ class ChatTemplateRenderer:
         for start, _end in encoding.offsets:
             k = next((i for i, b in enumerate(bounds) if b > start), len(msgs))
             index.append(k if all(b >= 0 for b in bounds) else -1)
-        return RenderedTokens(
-            token_ids=list(encoding.ids),
-            message_index=index,
-            sampled_mask=[False] * len(index),
-            images=(),
-            num_messages=len(msgs),
-        )
+        return RenderedTokens.from_labels(encoding.ids, index, [False] * len(index), (), len(msgs))
 
     def bridge(
         self,

@@ -124,8 +124,7 @@ class GenericVisionRenderer:
             at = _original_offset(start, spans)
             k = next((i for i, b in enumerate(bounds) if b > at), len(msgs))
             index.append(k if all(b >= 0 for b in bounds) else -1)
-        return RenderedTokens(token_ids=ids, message_index=index, sampled_mask=[False] * len(ids),
-                              images=tuple(refs), num_messages=len(msgs))
+        return RenderedTokens.from_labels(ids, index, [False] * len(ids), tuple(refs), len(msgs))
 
     def bridge(
         self,

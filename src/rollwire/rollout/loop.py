@@ -66,7 +66,7 @@ class _Turn:
 
     conversation: list[Message]
     prompt: RenderedTokens
-    completion_ids: list[int]
+    completion_ids: tuple[int, ...]
 
 
 async def run_rollout(
@@ -202,13 +202,13 @@ async def _turns(
         metrics["completion_tokens"] += len(completion.token_ids)
         parsed = await _off_loop(renderer.parse_response, completion.token_ids)
         traj.steps.append(Step(
-            prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=list(completion.token_ids),
-            completion_logprobs=completion.logprobs, finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason, status=parsed.status, parse_error=parsed.error,
-            message=_record(parsed.message), bridged=bridged, render_reason=reason, branch=branch,
-            timings={"generate_s": generate_s}, policy_version=completion.policy_version))
+            prompt_ids=prompt.token_ids, images=prompt.images, completion_ids=tuple(completion.token_ids),
+            completion_logprobs=None if completion.logprobs is None else tuple(completion.logprobs),
+            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason, status=parsed.status,
+            parse_error=parsed.error, message=_record(parsed.message), bridged=bridged, render_reason=reason,
+            branch=branch, timings={"generate_s": generate_s}, policy_version=completion.policy_version))
         state.conversation = [*state.conversation, parsed.message]
-        turns.append(_Turn(state.conversation, prompt, list(completion.token_ids)))
+        turns.append(_Turn(state.conversation, prompt, traj.steps[-1].completion_ids))
         metrics["turns"] += 1
 
         t0 = time.perf_counter()

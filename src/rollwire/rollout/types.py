@@ -33,10 +33,12 @@ class AssistantRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True):
-    prompt_ids: list[int]
+    # Tuples, not lists: a run holds every step of every live rollout, and the garbage collector
+    # walks each element of a list on every full pass (a tuple of numbers it stops tracking).
+    prompt_ids: tuple[int, ...]
     images: tuple[ImageRef, ...]  # the prompt's images, offsets absolute in prompt_ids
-    completion_ids: list[int]
-    completion_logprobs: list[float] | None  # one per completion token
+    completion_ids: tuple[int, ...]
+    completion_logprobs: tuple[float, ...] | None  # one per completion token
     finish_reason: str  # the engine's: stop / length / abort / error
     stop_reason: int | str | None = None
     status: Literal["stop", "length", "malformed"]  # the parsed response's
@@ -47,6 +49,12 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     branch: int = 0  # increments when the environment rewrites history (compaction)
     timings: dict[str, float] = {}
     policy_version: int | str | None = None  # the weights that sampled it (see `Completion.policy_version`)
+
+    def __post_init__(self) -> None:  # a step built from lists holds tuples, as a decoded one does
+        for name in ("prompt_ids", "completion_ids", "completion_logprobs"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not tuple:
+                msgspec.structs.force_setattr(self, name, tuple(value))
 
 
 class RolloutError(msgspec.Struct, frozen=True, kw_only=True):

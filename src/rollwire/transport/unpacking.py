@@ -182,8 +182,8 @@ def unpack(data: bytes | bytearray | memoryview, *, max_meta_bytes: int = MAX_ME
         if decoded > budget:
             raise CodecError(f"packed batch decodes to more than {budget} tokens and image refs "
                              f"({len(body_view)} input bytes; see unpack's max_tokens)")
-    tokens: list[int] = body.tokens.tolist()
-    logprobs: list[float] = body.logprobs.tolist()
+    tokens: tuple[int, ...] = tuple(body.tokens.tolist())  # a step's ids are tuples (see `Step`)
+    logprobs: tuple[float, ...] = tuple(body.logprobs.tolist())
     images = _images(body)
     tok_pos = lp_pos = 0
     trajectories = []
