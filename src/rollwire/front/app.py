@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 from rollwire import __version__
 from rollwire.engines.httpd import JSONHTTPServer, ServedAddress, error_body
 from rollwire.engines.types import Engine, GenerateRequest, GenerateResult
+from rollwire.engines.vllm_wire import wire_mode
 from rollwire.errors import (
     EngineError,
     EngineTimeoutError,
@@ -45,14 +47,14 @@ from rollwire.errors import (
 )
 from rollwire.features import FeatureStore
 from rollwire.front.protocol import Failure, Sampling, decode_request, read_completion, sampling_of, session_id_of
-from rollwire.front.sessions import ENV_NAME, Session, answer_message, next_prompt, pinned_features
+from rollwire.front.sessions import ENV_NAME, Session, answer_message, next_prompt, reload_from, turn_lease
 from rollwire.front.table import SessionTable
 from rollwire.front.turns import check_result, completion_json, engine_request, step_of
 from rollwire.images import ImageLimits
 from rollwire.messages import Message, parse_messages, parse_tools
 from rollwire.render import ModelDir, Renderer, create_renderer
 from rollwire.render.types import RenderedTokens
-from rollwire.store import RunReader, RunWriter
+from rollwire.store import RunWriter
 
 __all__ = ["FrontServer"]
 
@@ -69,7 +71,8 @@ class FrontServer(ServedAddress):
     `upstream`: a vLLM (or `rollwire serve`) base URL, or None / "embedded" for the in-process
     engine on `model_dir`. `model_dir` is the model the upstream serves (its tokenizer renders).
     `make_engine` builds any other `Engine` from the front's renderer instead (a pool, a scripted
-    engine in tests); the front closes it on stop. Image paths are read only under `image_roots`;
+    engine in tests); the front closes it on stop. `wire` is how images reach a vLLM upstream
+    (`VLLMEngine`'s: features, content-parts or auto). Image paths are read only under `image_roots`;
     http(s) images only with `allow_remote_images`.
     """
 
@@ -84,6 +87,7 @@ class FrontServer(ServedAddress):
         port: int = 8000,
         served_model_name: str | None = None,
         upstream_model: str | None = None,
+        wire: str = "features",
         image_roots: Sequence[str | Path] = (),
         allow_remote_images: bool = False,
         max_sessions: int = 4096,
@@ -101,6 +105,7 @@ class FrontServer(ServedAddress):
         self.limits = ImageLimits(allowed_roots=tuple(str(r) for r in image_roots),
                                   allow_remote=allow_remote_images)
         self._served_name, self._upstream_model = served_model_name, upstream_model
+        self.wire = wire_mode(wire)
         self._retry_deadline, self._device, self._dtype = retry_deadline, device, dtype
         self._make_custom = make_engine
         self._sessions = SessionTable(max_sessions)
@@ -128,7 +133,8 @@ class FrontServer(ServedAddress):
 
         model = ModelDir.load(self.model_dir)
         renderer = create_renderer(model, limits=self.limits)
-        store = renderer.feature_store or FeatureStore()  # a text-only model: the writer wants a store
+        # A text-only model has none, and the writer wants one (an empty store is falsy: it has a length).
+        store = renderer.feature_store if renderer.feature_store is not None else FeatureStore()
         manifest = {"settings": {"model": {"fingerprint": model_fingerprint(self.model_dir),
                                            "family": renderer.family}, "env": ENV_NAME},
                     "about": {"rollwire_version": __version__, "model_dir": str(self.model_dir),
@@ -167,7 +173,7 @@ class FrontServer(ServedAddress):
             return local
         from rollwire.engines.vllm import RetryPolicy, VLLMEngine
 
-        remote = VLLMEngine.for_renderer(self.upstream, renderer, model=self._upstream_model,
+        remote = VLLMEngine.for_renderer(self.upstream, renderer, model=self._upstream_model, wire=self.wire,
                                          retry=RetryPolicy(deadline_s=self._retry_deadline))
         try:
             self._call(remote.connect())
@@ -285,29 +291,34 @@ class FrontServer(ServedAddress):
 
     def _turn(self, renderer: Renderer, writer: RunWriter, session: Session, messages: list[Message],
               tools: list[dict[str, Any]] | None, sampling: Sampling) -> dict[str, Any]:
-        """Prompt (bridged when the call extends the session), sample, record, answer (`rollwire.front.turns`)."""
+        """Prompt (bridged when the call extends the session), sample, record, answer (`rollwire.front.turns`).
+        The images the render is handed stay pinned in the feature store until the step is written."""
         step_index = len(session.steps)
-        try:
-            prompt, bridged, reason = next_prompt(renderer, session, messages, tools, self.limits)
-        except (ImageError, MessageError, RenderError, PlaceholderError) as exc:
-            raise Failure(400, str(exc), "BadRequestError", "messages") from None
-        request = engine_request(renderer, session, prompt, sampling, self.max_model_len)
-        t0 = time.perf_counter()
-        result = self._generate(renderer, session, prompt, request)
-        generate_s = time.perf_counter() - t0
-        answer = read_completion(renderer, result.completions[0], sampling.stop)
-        step = step_of(prompt, answer, bridged, reason, generate_s)
-        session.record(messages, tools, prompt, step, answer_message(answer.record))
-        self._write(writer, session)
+        with turn_lease(renderer.feature_store) as lease:
+            try:
+                prompt, bridged, reason = next_prompt(renderer, session, messages, tools, self.limits, lease)
+            except (ImageError, MessageError, RenderError, PlaceholderError) as exc:
+                raise Failure(400, str(exc), "BadRequestError", "messages") from None
+            request = engine_request(renderer, session, prompt, sampling, self.max_model_len)
+            t0 = time.perf_counter()
+            result = self._generate(renderer, session, prompt, request)
+            generate_s = time.perf_counter() - t0
+            answer = read_completion(renderer, result.completions[0], sampling.stop)
+            step = step_of(prompt, answer, bridged, reason, generate_s)
+            session.record(messages, tools, prompt, step, answer_message(answer.record))
+            self._write(writer, session)
         return completion_json(renderer, session, step_index, step, answer, sampling, self.served_model_name)
 
     def _generate(self, renderer: Renderer, session: Session, prompt: RenderedTokens,
                   request: GenerateRequest) -> GenerateResult:
-        """The engine's answer, checked; engine failures become 400 (a bad request) or 502/504 (upstream)."""
+        """The engine's answer, checked; engine failures become 400 (a bad request) or 502/504 (upstream).
+        An image the store evicted (an earlier call's, sent by id until the upstream asks for it again)
+        is recomputed from the session's original when the engine needs it."""
         assert self.engine is not None
+        store = renderer.feature_store
         try:
-            with pinned_features(renderer.feature_store, prompt, lambda image_id: session.features.get(image_id)
-                                 or RunReader(self.run_dir).features(image_id)):
+            with (store.reloadable(prompt.image_ids, reload_from(session, self.run_dir)) if store is not None
+                  else contextlib.nullcontext()):
                 result = self._call(self.engine.generate(request))
         except InvalidRequestError as exc:
             raise Failure(400, str(exc), "BadRequestError") from None
@@ -323,7 +334,7 @@ class FrontServer(ServedAddress):
         trajectory = session.trajectory()
         writer.done_ids.discard(trajectory.id)  # written again on purpose: one row per call
         try:
-            writer.write(trajectory, session.originals, session.features)
+            writer.write(trajectory, session.originals)
         except RollwireError as exc:
             raise Failure(500, f"the answer was sampled but the run directory refused it: {exc}",
                           "StoreError") from None
