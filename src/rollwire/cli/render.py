@@ -16,7 +16,8 @@ from rollwire.errors import RollwireError
 from rollwire.rollout.rundir import make_engine
 
 WIRE_HELP = ("How images reach a vLLM server: features (processed uint8 patches), content-parts (each image once as "
-             "PNG, by uuid afterwards; the server's expansion is checked), or auto (features where the server "
+             "its own JPEG/PNG/WebP bytes, or a PNG where the server processes them otherwise, by uuid afterwards; "
+             "the server's expansion is checked), or auto (features where the server "
              "supports it, else content-parts, e.g. vLLM's Rust frontend).")
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rollwire.cli.app import MODEL_HELP, app, console, fail, resolve_model
+from rollwire.cli.render import WIRE_HELP
 from rollwire.errors import RollwireError
 
 
@@ -32,6 +33,7 @@ def serve(
         min=0.0, help="Front: seconds of upstream unavailability to wait out before a call fails.")] = 60.0,
     max_sessions: Annotated[int, typer.Option(
         min=1, help="Front: open sessions kept in memory (the least recently used are closed first).")] = 4096,
+    wire: Annotated[str, typer.Option(help=f"Front, over a vLLM upstream: {WIRE_HELP}")] = "features",
 ) -> None:
     """Serve the embedded engine over HTTP in vLLM's token-in/token-out wire format; with --upstream or
     --run-dir, serve the OpenAI-compatible front instead (sessions recorded to the run directory)."""
@@ -40,7 +42,7 @@ def serve(
             _serve_front(resolve_model(model), upstream, run_dir, host=host, port=port, served_name=served_name,
                          image_roots=image_root or [], allow_remote_images=allow_remote_images,
                          connection_timeout=connection_timeout, retry_deadline=retry_deadline,
-                         max_sessions=max_sessions)
+                         max_sessions=max_sessions, wire=wire)
             return
         from rollwire.engines.server import serve_forever
 
@@ -52,7 +54,7 @@ def serve(
 
 def _serve_front(model_dir: Path, upstream: str | None, run_dir: Path | None, *, host: str, port: int,
                  served_name: str | None, image_roots: list[Path], allow_remote_images: bool,
-                 connection_timeout: float, retry_deadline: float, max_sessions: int) -> None:
+                 connection_timeout: float, retry_deadline: float, max_sessions: int, wire: str) -> None:
     import sys
 
     from rollwire.engines.httpd import wait_for_signal
@@ -63,7 +65,7 @@ def _serve_front(model_dir: Path, upstream: str | None, run_dir: Path | None, *,
     front = FrontServer(model_dir, run_dir=run_dir, upstream=upstream, host=host, port=port,
                         served_model_name=served_name, image_roots=image_roots,
                         allow_remote_images=allow_remote_images, connection_timeout=connection_timeout,
-                        retry_deadline=retry_deadline, max_sessions=max_sessions)
+                        retry_deadline=retry_deadline, max_sessions=max_sessions, wire=wire)
 
     def start() -> None:
         front.start()
