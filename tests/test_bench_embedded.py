@@ -28,13 +28,13 @@ def test_the_baseline_draw_samples_the_softmax() -> None:
 
 def test_the_swapped_draw_is_the_one_the_engine_uses(tiny: Callable[[str], Path]) -> None:
     from rollwire.bench.embedded import sampler
-    from rollwire.engines import local
+    from rollwire.engines import local, local_sampler
     from rollwire.engines.types import GenerateRequest, SamplingParams
     from rollwire.render import create_renderer
 
     model = tiny("qwen2_vl")
     renderer = create_renderer(model)
-    own = local._inverse_cdf
+    own = local_sampler.inverse_cdf
     picked: list[int] = []
 
     def always_7(torch: object, logits: object, generator: object) -> int:
@@ -48,7 +48,7 @@ def test_the_swapped_draw_is_the_one_the_engine_uses(tiny: Callable[[str], Path]
         async with local.LocalEngine(model, feature_store=renderer.feature_store) as engine:
             with sampler(always_7) as draws:
                 swapped = (await engine.generate(request)).completions[0].token_ids
-            assert local._inverse_cdf is own  # restored
+            assert local_sampler.inverse_cdf is own  # restored
             return swapped, (await engine.generate(request)).completions[0].token_ids, draws.count, draws.seconds
 
     swapped, after, count, seconds = asyncio.run(main())

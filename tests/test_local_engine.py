@@ -335,6 +335,7 @@ async def test_the_image_input_cache_stays_within_its_bytes(setups: Callable[[st
             images = (make_image(180, 120, seed=10 + seed), make_image(100, 140, seed=20 + seed))
             req = request(s.renderer.render(two_image_conversation(images)), temperature=0.0)
             assert (await one(small, req)).token_ids == (await one(s.engine, req)).token_ids
-            assert small._inputs_cached <= bound and len(small._inputs_cache) == 1
+            kept = small._model.image_inputs if small._model is not None else None
+            assert kept is not None and kept.nbytes <= bound and len(kept) == 1
     finally:
         await small.close()

@@ -78,9 +78,9 @@ def test_a_user_family_is_picked_up_everywhere(tiny: Callable[[str], Path], tmp_
     assert isinstance(renderer, Qwen2VLRenderer)
     import transformers
 
-    from rollwire.engines.local import _model_class
+    from rollwire.engines.local_model import model_class
 
-    is_vision, cls = _model_class(transformers, ModelDir.load(d))
+    is_vision, cls = model_class(transformers, ModelDir.load(d))
     assert is_vision and cls is transformers.Qwen2VLForConditionalGeneration
 
 

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rollwire.engines.local import _inverse_cdf  # noqa: E402
+from rollwire.engines.local_sampler import inverse_cdf  # noqa: E402
 
 
 def test_frequencies_follow_the_softmax() -> None:
@@ -20,7 +20,7 @@ def test_frequencies_follow_the_softmax() -> None:
     n = 20000
     counts = [0] * len(probs)
     for _ in range(n):
-        counts[_inverse_cdf(torch, logits, generator)] += 1
+        counts[inverse_cdf(torch, logits, generator)] += 1
     for count, p in zip(counts, probs, strict=True):
         sigma = math.sqrt(n * p * (1 - p))
         assert abs(count - n * p) <= 4 * sigma + 1e-9, (counts, probs)
@@ -29,9 +29,9 @@ def test_frequencies_follow_the_softmax() -> None:
 
 def test_same_seed_same_draws_and_a_large_vocabulary() -> None:
     logits = torch.randn(151669, generator=torch.Generator().manual_seed(1)) * 3
-    a = [_inverse_cdf(torch, logits, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
-    b = [_inverse_cdf(torch, logits, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
+    a = [inverse_cdf(torch, logits, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
+    b = [inverse_cdf(torch, logits, g) for g in [torch.Generator().manual_seed(7)] for _ in range(50)]
     assert a == b and all(0 <= i < 151669 for i in a)
     peaked = torch.full((151669,), -math.inf)
     peaked[12345] = 0.0
-    assert _inverse_cdf(torch, peaked, torch.Generator().manual_seed(3)) == 12345
+    assert inverse_cdf(torch, peaked, torch.Generator().manual_seed(3)) == 12345

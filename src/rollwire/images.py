@@ -1,29 +1,26 @@
-"""Load images from any source a chat message may name, check limits, convert to RGB, hash.
+"""Load images from any source a chat message may name, check limits, convert to RGB.
 
 Every failure is a typed `ImageError`; no PIL or OS exception escapes. Decoding is bounded:
 the encoded size is checked before reading, the declared pixel count before decoding, and the
 whole image is decoded here (truncated files fail now, not later in the processor).
 Nothing here can block forever: only regular files are opened (a FIFO or `/dev/stdin` is
 refused before it is read), and a remote fetch has one total deadline. Paths can be confined
-to `ImageLimits.allowed_roots`.
+to `ImageLimits.allowed_roots`. The remote fetch is `image_fetch.py`; the image id, re-exported
+here, is `image_hash.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
 import os
 import stat
-import struct
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-import blake3
 from PIL import Image, ImageOps
 
 from rollwire.errors import (
@@ -36,9 +33,10 @@ from rollwire.errors import (
     ImageSourceError,
     ImageTooLargeError,
     RemoteImageNotAllowedError,
-    RemoteImageTimeoutError,
     UnsupportedImageModeError,
 )
+from rollwire.image_fetch import fetch_remote
+from rollwire.image_hash import image_hash
 from rollwire.messages import ImageSource
 
 __all__ = [
@@ -134,7 +132,7 @@ def _read_source(source: ImageSource, limits: ImageLimits) -> tuple[bytes, str]:
             raise RemoteImageNotAllowedError(
                 f"remote image URLs are disabled (ImageLimits.allow_remote=False): {source[:100]}"
             )
-        return _fetch_remote(source, limits), source[:100]
+        return fetch_remote(source, limits), source[:100]
     scheme, sep, _ = source.partition("://")
     if sep and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         raise ImageSourceError(f"unsupported image URL scheme {scheme!r}")
@@ -186,57 +184,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise UnsupportedImageModeError(f"cannot convert image mode {image.mode!r} to RGB: {exc}") from None
-
-
-_HASH_CONTEXT = "rollwire 2026 image id v2"  # BLAKE3 key-derivation context: ids of nothing else collide
-
-
-def image_hash(rgb_image: Image.Image, fingerprint: str) -> str:
-    """Hex id (128 bits) over the RGB pixel bytes, the size and the preprocessing fingerprint.
-
-    BLAKE3: collision-resistant like the blake2b it replaces (an id is what vLLM trusts as the
-    image's content), and about 6x faster on a 1024² image. The packed RGB bytes are streamed into
-    the hash a cache-sized chunk at a time (`_rgb_chunks`), not made whole first: the same digest
-    as hashing `rgb_image.tobytes()`, without its full-size allocation and second copy.
-    """
-    if rgb_image.mode != "RGB":
-        raise ImageError(f"image_hash needs an RGB image (call to_rgb first), got mode {rgb_image.mode!r}")
-    width, height = rgb_image.size
-    fp = fingerprint.encode()
-    hasher = blake3.blake3(derive_key_context=_HASH_CONTEXT)
-    hasher.update(struct.pack("<QQQ", width, height, len(fp)))
-    hasher.update(fp)
-    for chunk in _rgb_chunks(rgb_image):
-        hasher.update(chunk)
-    return hasher.hexdigest(length=16)
-
-
-_CHUNK_BYTES = 1 << 18  # packed bytes per chunk: stays in the core's cache between PIL's pack and the hash
-
-
-def _rgb_chunks(rgb_image: Image.Image) -> Iterator[bytes]:
-    """`rgb_image.tobytes()` in pieces, in order: PIL's raw encoder (what `tobytes` runs) without
-    the join; if that private API is not there, `tobytes()` in one piece."""
-    width, height = rgb_image.size
-    if width == 0 or height == 0:
-        return
-    try:
-        encoder = Image._getencoder("RGB", "raw", ("RGB", 0, 1))
-        encoder.setimage(rgb_image.im, (0, 0, width, height))
-    except (AttributeError, TypeError, ValueError, OSError):
-        yield rgb_image.tobytes()
-        return
-    try:
-        bufsize = max(_CHUNK_BYTES, width * 4)  # a chunk holds at least one row, as tobytes asks
-        while True:
-            _, status, data = encoder.encode(bufsize)
-            yield data
-            if status:
-                break
-        if status < 0:
-            raise ImageError(f"cannot read the pixels of a {width}x{height} image (PIL encoder error {status})")
-    finally:
-        encoder.cleanup()
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -376,76 +323,3 @@ def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageSourceError(f"data URL is not valid base64: {exc}") from None
-
-
-def _fetch_remote(url: str, limits: ImageLimits) -> bytes:
-    """The body at `url`, cut at `remote_timeout` for the whole fetch.
-
-    httpx's timeouts bound each read, so a server trickling one byte a second would never trip
-    them; the fetch therefore runs as a task under one `asyncio.timeout`, on a private event loop
-    (in a short-lived thread when the caller is itself inside a running loop).
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _run_fetch(url, limits)
-    result: list[bytes] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(_run_fetch(url, limits))
-        except BaseException as exc:  # handed to the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name="rollwire-image-fetch", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
-def _run_fetch(url: str, limits: ImageLimits) -> bytes:
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(_fetch_within_deadline(url, limits))
-    finally:
-        loop.close()  # does not wait for a resolver thread still stuck in getaddrinfo
-
-
-async def _fetch_within_deadline(url: str, limits: ImageLimits) -> bytes:
-    try:
-        async with asyncio.timeout(limits.remote_timeout):
-            return await _fetch_body(url, limits)
-    except TimeoutError:
-        raise RemoteImageTimeoutError(
-            f"{url[:100]}: fetch exceeded its total deadline of {limits.remote_timeout}s"
-        ) from None
-
-
-async def _fetch_body(url: str, limits: ImageLimits) -> bytes:
-    import httpx
-
-    cap = limits.max_encoded_bytes
-    buf = bytearray()
-    try:
-        async with httpx.AsyncClient(timeout=limits.remote_timeout, follow_redirects=True,
-                                     max_redirects=5) as client, client.stream("GET", url) as response:
-            if response.status_code in (404, 410):
-                raise ImageNotFoundError(f"remote image not found (HTTP {response.status_code}): {url[:100]}")
-            if response.status_code >= 400:
-                raise ImageSourceError(f"remote image request failed (HTTP {response.status_code}): "
-                                       f"{url[:100]}")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise ImageTooLargeError(f"{url[:100]}: declares {declared} bytes, over the limit of {cap}")
-            async for chunk in response.aiter_bytes():
-                buf += chunk
-                if len(buf) > cap:
-                    raise ImageTooLargeError(f"{url[:100]}: more than {cap} bytes")
-    except httpx.TimeoutException:
-        raise TimeoutError from None  # reported by the caller as the total deadline
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        raise ImageSourceError(f"cannot fetch {url[:100]}: {type(exc).__name__}: {exc}") from None
-    return bytes(buf)

@@ -5,7 +5,7 @@ The workload is `rollwire rollout --env shapes`'s defaults (8 prompts x 2 sample
 tokens, temperature 1, concurrency 8) run by `run_to_dir` into a fresh run directory, on the tiny
 Qwen2-VL model (151,669 logits a row, as Qwen2-VL's vocabulary). Variants, one engine each, taken
 in turn round after round (the order rotates):
-- current: one uniform draw per row, inverse CDF over the filtered distribution (`engines/local.py`);
+- current: one uniform draw per row, inverse CDF over the filtered distribution (`engines/local_sampler.py`);
 - old sampler: `torch.multinomial` over the softmax of the filtered logits, one row at a time (the
   code the inverse CDF replaced, here as `multinomial_draw`, swapped in for the draw);
 - before: the old sampler and every image normalised again on every turn (`image_cache_bytes=0`),
@@ -50,9 +50,9 @@ class Draws:
 def sampler(draw: Callable[[Any, Any, Any], int] | None) -> Iterator[Draws]:
     """The embedded engine's draw replaced by `draw` (None: its own) while inside. Yields the draws
     made and their time, so a swap that did not take effect is caught, not reported."""
-    from rollwire.engines import local
+    from rollwire.engines import local_sampler
 
-    own = local._inverse_cdf
+    own = local_sampler.inverse_cdf
     use = own if draw is None else draw
     calls = Draws()
 
@@ -64,11 +64,11 @@ def sampler(draw: Callable[[Any, Any, Any], int] | None) -> Iterator[Draws]:
             calls.count += 1
             calls.seconds += time.perf_counter() - t
 
-    local._inverse_cdf = counted
+    local_sampler.inverse_cdf = counted
     try:
         yield calls
     finally:
-        local._inverse_cdf = own
+        local_sampler.inverse_cdf = own
 
 
 def _run_once(model: Path, renderer: Any, engine: Any, workload: dict[str, int], seed: int) -> dict[str, Any]:
@@ -91,11 +91,11 @@ def _run_once(model: Path, renderer: Any, engine: Any, workload: dict[str, int],
 def _sampler_ms(torch: Any, vocab: int, draws: int) -> dict[str, float]:
     """Median CPU ms per row of each draw on `vocab` random (tempered) logits, the two alternating,
     on one torch thread (the calling thread's CPU time: other jobs on the machine do not count)."""
-    from rollwire.engines import local
+    from rollwire.engines.local_sampler import inverse_cdf
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(vocab, generator=generator) * 3.0
-    fns = {"current": local._inverse_cdf, "multinomial": multinomial_draw}
+    fns = {"current": inverse_cdf, "multinomial": multinomial_draw}
     times: dict[str, list[float]] = {name: [] for name in fns}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

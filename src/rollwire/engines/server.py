@@ -1,12 +1,12 @@
 """`rollwire serve`: the local engine over HTTP, speaking vLLM 0.32's token-in/token-out wire format.
 
 Endpoints, as a vLLM client sees them: `GET /health`, `GET /v1/models`,
-`POST /inference/v1/generate` (token ids + `features` with msgpack `kwargs_data`) and
-`POST /v1/chat/completions/render`. Received images are kept by the client's `mm_hash` in an
-in-memory feature store, so a later request may send a null `kwargs_data` item ("use your
-copy"); a miss answers vLLM's opaque HTTP 500, as does a known hash re-sent with other pixels.
-Stricter than vLLM on purpose: pixels must be uint8 patch rows, and placeholders are checked
-against the token stream before anything runs (vLLM accepts a wrong count with HTTP 200).
+`POST /inference/v1/generate` (token ids + `features` with msgpack `kwargs_data`, or
+`content_parts`), `POST /v1/chat/completions/render`, and vLLM's RL endpoints (pause, resume,
+weight version). Received images are kept by the client's `mm_hash`, so a later request may send
+a null `kwargs_data` item ("use your copy"). Stricter than vLLM on purpose: pixels must be uint8
+patch rows, and placeholders are checked against the token stream before anything runs (vLLM
+accepts a wrong count with HTTP 200).
 
 Standard library HTTP (`ThreadingHTTPServer`, one thread per connection); the engine runs on
 one asyncio loop in a background thread, so concurrent requests batch in the engine. A client
@@ -14,12 +14,16 @@ cannot hold a thread forever: a connection that idles, or takes longer than
 `connection_timeout` to send one request (a slowloris trickle), is closed, and at most
 `max_connections` are open at once.
 Fault injection (`Faults`) exists for tests and is off by default.
+
+This module is the server's lifecycle, its routes and the generate endpoint; the rest is one job
+a module: `server_requests.py` (request decoding, vLLM's error bodies), `server_images.py` (the
+image cache), `server_render.py` (the render endpoint), `server_pausing.py` (pause, resume,
+weight versions) and `server_loop.py` (the engine's event-loop thread).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import sys
 import threading
@@ -32,38 +36,35 @@ from typing import Any
 
 import msgspec
 
-from rollwire.engines.content_parts import expand
-from rollwire.engines.httpd import JSONHTTPServer, ServedAddress, wait_for_signal
+from rollwire.engines.httpd import JSONHTTPServer, ServedAddress, error_body, wait_for_signal
 from rollwire.engines.local import LocalEngine
 from rollwire.engines.pausing import GenerationPause
-from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, SamplingParams
-from rollwire.engines.vllm_wire import (
-    Choice,
-    ContentPart,
-    Features,
-    GenerateBody,
-    GenerateResponse,
-    LogprobEntry,
-    Logprobs,
-    Range,
-    Sampling,
+from rollwire.engines.server_images import ServedImages
+from rollwire.engines.server_loop import EngineLoop
+from rollwire.engines.server_pausing import Answer, Handler, generate_unless_paused, pausing_routes
+from rollwire.engines.server_render import render
+from rollwire.engines.server_requests import (
+    HTTPFailure,
+    bad_request,
+    check_model,
+    choice,
+    decode_body,
+    internal_error,
+    sampling_params,
 )
-from rollwire.engines.wire import BAN_BIAS, GENERATE_PATH, RENDER_PATH, WireError, decode_image_kwargs, features_payload
+from rollwire.engines.types import GenerateRequest, GenerateResult
+from rollwire.engines.vllm_wire import GenerateBody, GenerateResponse, Range
+from rollwire.engines.wire import GENERATE_PATH, RENDER_PATH, WireError
 from rollwire.errors import (
     EngineError,
     EngineUnavailableError,
     FeatureError,
-    ImageError,
     InvalidRequestError,
-    MessageError,
     PlaceholderError,
-    RenderError,
     RollwireError,
-    UnknownImageError,
 )
-from rollwire.features import FeatureStore, ImageFeatures
-from rollwire.messages import parse_messages
-from rollwire.render import ImageRef, ModelDir, Renderer, create_renderer, family_of, vision_config
+from rollwire.features import FeatureStore
+from rollwire.render import ModelDir, family_of, vision_config
 
 __all__ = ["EngineServer", "Faults", "ServerStats", "serve_forever"]
 
@@ -72,10 +73,6 @@ logger = logging.getLogger("rollwire.server")
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
 DEFAULT_CONNECTION_TIMEOUT = 30.0  # seconds a connection may idle, or take to send one request
 DEFAULT_MAX_CONNECTIONS = 256  # open connections (one thread each); more are answered 503 and closed
-MAX_N = 256  # completions per request; a larger n would be held in memory at once
-# What vLLM answers for an exception inside the engine (e.g. a cached image it does not hold).
-INTERNAL_ERROR_BODY = {"error": {"message": "Internal server error", "type": "InternalServerError",
-                                 "param": None, "code": 500}}
 
 
 @dataclass
@@ -113,95 +110,6 @@ class ServerStats:
     cache_misses: int  # null kwargs_data items whose hash the server did not hold (HTTP 500)
 
 
-class _HTTPFailure(Exception):
-    """Ends a request with `status` and a JSON `body`."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(body)
-        self.status = status
-        self.body = body
-
-
-def _bad_request(message: str) -> _HTTPFailure:
-    return _HTTPFailure(400, {"error": {"message": message, "type": "BadRequestError", "param": None,
-                                        "code": 400}})
-
-
-def _internal_error(log_reason: str) -> _HTTPFailure:
-    """vLLM's opaque 500: the reason goes to the log only, as vLLM does."""
-    logger.warning("answering 500: %s", log_reason)
-    return _HTTPFailure(500, INTERNAL_ERROR_BODY)
-
-
-# --- the request body: the client's structs (vllm_wire), plus the render endpoint's ---------------
-
-
-class _RenderBody(msgspec.Struct):
-    messages: list[Any]
-    model: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    add_generation_prompt: bool = True
-
-
-_UNSUPPORTED_DEFAULTS = {
-    "min_tokens": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0, "ignore_eos": False, "prompt_logprobs": None,
-}
-
-
-def _sampling_params(sp: Sampling, *, prompt_len: int, max_model_len: int) -> SamplingParams:
-    """`SamplingParams` from vLLM `sampling_params`; raises `_HTTPFailure` 400."""
-    for name, neutral in _UNSUPPORTED_DEFAULTS.items():
-        if getattr(sp, name) != neutral:
-            raise _bad_request(f"sampling_params.{name}={getattr(sp, name)!r} is not supported by rollwire serve")
-    if sp.stop:
-        raise _bad_request("sampling_params.stop (stop strings) is not supported: this server does not "
-                           "detokenize; use stop_token_ids")
-    if sp.logprobs is not None and sp.logprobs != 0:
-        raise _bad_request(f"sampling_params.logprobs={sp.logprobs} is not supported: only 0 (the sampled "
-                           "token's logprob) is")
-    if not 1 <= sp.n <= MAX_N:
-        raise _bad_request(f"sampling_params.n={sp.n} is out of range: rollwire serve samples 1 to {MAX_N} "
-                           "completions per request")
-    if any(t < 0 for t in sp.stop_token_ids or ()):
-        raise _bad_request(f"sampling_params.stop_token_ids {sp.stop_token_ids!r:.100} holds a negative id")
-    banned: list[int] = []
-    for key, bias in (sp.logit_bias or {}).items():
-        if not (key.isascii() and key.isdigit() and len(key) <= 10):  # int() would take " 1_0 " as 10
-            raise _bad_request(f"logit_bias key {key!r:.40} is not a token id")
-        token = int(key)
-        if bias <= BAN_BIAS:
-            banned.append(token)
-        elif bias != 0:
-            raise _bad_request(f"logit_bias {bias} for token {token}: only bans are supported "
-                               f"(a bias <= {BAN_BIAS:g})")
-    if prompt_len >= max_model_len:
-        raise _bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your "
-                           f"request has {prompt_len} input tokens. Please reduce the length of the input.")
-    max_tokens = sp.max_tokens if sp.max_tokens is not None else max_model_len - prompt_len
-    if prompt_len + max_tokens > max_model_len:
-        raise _bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you "
-                           f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
-                           f"{max_tokens} in the completion). Please reduce the length of the prompt or "
-                           "max_tokens.")
-    if sp.top_k < -1:
-        raise _bad_request(f"top_k must be -1 (off), 0 (off) or positive, got {sp.top_k}")
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=max(sp.top_k, 0),
-        seed=sp.seed, stop_token_ids=tuple(sp.stop_token_ids or ()), banned_token_ids=tuple(banned),
-        logprobs=sp.logprobs is not None, n=sp.n)
-
-
-def _choice(index: int, completion: Completion) -> Choice:
-    logprobs = None
-    if completion.logprobs is not None:
-        # rank is not known to the local engine (it keeps only the sampled token's logprob).
-        logprobs = Logprobs(content=[LogprobEntry(token_id=t, logprob=lp)
-                                     for t, lp in zip(completion.token_ids, completion.logprobs, strict=True)])
-    return Choice(index=index, finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-                  token_ids=completion.token_ids, logprobs=logprobs)
-
-
 # --- the server -----------------------------------------------------------------------------------
 
 
@@ -237,7 +145,6 @@ class EngineServer(ServedAddress):
         except RollwireError as exc:
             raise EngineUnavailableError(str(exc)) from None
         self.model_dir = self.model.path
-        self._image_cache_bytes = image_cache_bytes
         if max_model_len is not None and max_model_len < 1:
             raise EngineUnavailableError(f"max_model_len must be >= 1, got {max_model_len}")
         self.host = host
@@ -247,17 +154,14 @@ class EngineServer(ServedAddress):
         self._requested_max_len = max_model_len
         self._max_batch_size, self._device, self._dtype = max_batch_size, device, dtype
         family = family_of(self.model)
-        self._vision_config = vision_config(self.model, family.vision) if family and family.vision else None
-        self._lock = threading.Lock()  # the image cache, hash equality checks, counters
-        self._store = self._new_store()
-        self._renderer: Renderer | None = None
-        self._engine: LocalEngine | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
+        vision = vision_config(self.model, family.vision) if family and family.vision else None
+        self._images = ServedImages(self.model, vision, image_cache_bytes)  # by the client's mm_hash
+        self._lock = threading.Lock()  # the request counters
+        self._engine: EngineLoop | None = None  # the engine on its own event loop, once started
         self._httpd: JSONHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
         self._max_model_len = 0
-        self._requests = self._ok = self._received = self._hits = self._misses = 0
+        self._requests = self._ok = 0
         self.pausing = GenerationPause()  # /pause, /resume and the weight version (engines/pausing.py)
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -266,17 +170,14 @@ class EngineServer(ServedAddress):
         """Load the model, start the engine loop and listen; returns once requests are accepted."""
         if self._httpd is not None:
             return self
-        engine = LocalEngine(self.model, feature_store=self._store, device=self._device, dtype=self._dtype,
+        engine = LocalEngine(self.model, feature_store=self._images.store, device=self._device, dtype=self._dtype,
                              max_batch_size=self._max_batch_size)
         try:
             self._max_model_len = self._resolve_max_len(engine.max_model_len)
         except EngineUnavailableError:
             asyncio.run(engine.close())
             raise
-        loop = asyncio.new_event_loop()
-        loop_thread = threading.Thread(target=loop.run_forever, name="rollwire-serve-loop", daemon=True)
-        loop_thread.start()
-        self._engine, self._loop, self._loop_thread = engine, loop, loop_thread
+        self._engine = EngineLoop(engine)
         try:
             httpd = JSONHTTPServer((self.host, self._requested_port), self)
         except OSError:
@@ -302,8 +203,7 @@ class EngineServer(ServedAddress):
         httpd.server_close()
         if self._http_thread is not None:
             self._http_thread.join()
-        with self._lock:  # the cache lives in memory: a restarted server starts empty, as vLLM does
-            self._engine, self._renderer, self._store = None, None, self._new_store()
+        self._images.reset()  # the cache lives in memory: a restarted server starts empty, as vLLM does
 
     def __enter__(self) -> EngineServer:
         return self.start()
@@ -320,12 +220,12 @@ class EngineServer(ServedAddress):
     def engine(self) -> LocalEngine:
         if self._engine is None:
             raise EngineError("the server is not started")
-        return self._engine
+        return self._engine.engine
 
     @property
     def feature_store(self) -> FeatureStore | None:
         """The server's image cache (None for a text model)."""
-        return self._store
+        return self._images.store
 
     @property
     def open_connections(self) -> int:
@@ -334,18 +234,12 @@ class EngineServer(ServedAddress):
 
     def forget_cache(self) -> None:
         """Drop every cached image, as a restart would (later null kwargs_data items miss)."""
-        with self._lock:
-            if self._store is not None:
-                self._store.clear()
+        self._images.clear()
 
     def stats(self) -> ServerStats:
         with self._lock:
-            return ServerStats(self._requests, self._ok, self._received, self._hits, self._misses)
-
-    def _new_store(self) -> FeatureStore | None:
-        if self._vision_config is None:
-            return None
-        return FeatureStore(self._vision_config, max_bytes=self._image_cache_bytes)
+            requests, ok = self._requests, self._ok
+        return ServerStats(requests, ok, *self._images.counts())
 
     def _resolve_max_len(self, model_positions: int) -> int:
         if self._requested_max_len is None:
@@ -356,35 +250,22 @@ class EngineServer(ServedAddress):
         return self._requested_max_len
 
     def _close_engine(self) -> None:
-        loop, engine = self._loop, self._engine
-        if loop is None:
-            return
-        if engine is not None:
-            asyncio.run_coroutine_threadsafe(engine.close(), loop).result()
-        asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        if self._loop_thread is not None:
-            self._loop_thread.join()
-        loop.close()
-        self._loop = self._loop_thread = None
-        self._engine = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     # --- endpoints (run on the connection's thread) -------------------------------------------
 
     def handle(self, method: str, path: str, body: bytes,
-               headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
+               headers: Mapping[str, str] | None = None) -> Answer:
         """(status, JSON body) of one request; `None` body with status 0 means drop the connection."""
         route = path.split("?", 1)[0]
-        routes: dict[str, tuple[str, Callable[[bytes], tuple[int, dict[str, Any] | None]]]] = {
+        routes: dict[str, tuple[str, Handler]] = {
             "/health": ("GET", lambda _: (200, None)),
             "/v1/models": ("GET", lambda _: (200, self._models())),
-            GENERATE_PATH: ("POST", self._generate_unless_paused),
-            RENDER_PATH: ("POST", self._render),
-            "/pause": ("POST", lambda _: self._pause(path)),
-            "/resume": ("POST", lambda _: self._resume()),
-            "/is_paused": ("GET", lambda _: (200, {"is_paused": self.pausing.paused})),
-            "/update_weight_version": ("POST", self._update_weight_version),
-            "/weight_info": ("GET", lambda _: (200, {"weight_version": self.pausing.version})),
+            GENERATE_PATH: ("POST", lambda raw: generate_unless_paused(self.pausing, self._generate, raw)),
+            RENDER_PATH: ("POST", lambda raw: render(raw, self._images, self.served_model_name)),
+            **pausing_routes(self.pausing, path, self.forget_cache),
         }
         if route not in routes:
             return 404, {"detail": "Not Found"}
@@ -393,11 +274,11 @@ class EngineServer(ServedAddress):
             return 405, {"detail": "Method Not Allowed"}
         try:
             return fn(body)
-        except _HTTPFailure as failure:
+        except HTTPFailure as failure:
             return failure.status, failure.body
         except Exception as exc:  # never kill the connection thread; say what failed in the log
             logger.exception("unexpected error on %s", route)
-            error = _internal_error(repr(exc))
+            error = internal_error(repr(exc))
             return error.status, error.body
 
     def _models(self) -> dict[str, Any]:
@@ -406,50 +287,7 @@ class EngineServer(ServedAddress):
                 "max_model_len": self._max_model_len}
         return {"object": "list", "data": [card]}
 
-    def _generate_unless_paused(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
-        """503 while paused; choices carry `weight_versions`, or end "abort" if /pause?mode=abort came."""
-        ticket = self.pausing.enter()
-        if ticket is None:
-            return 503, {"error": {"message": "Generation is paused", "type": "ServiceUnavailableError",
-                                   "param": None, "code": 503}}
-        try:
-            status, payload = self._generate(raw)
-        finally:
-            aborted = self.pausing.leave(ticket)
-        for choice in (payload or {}).get("choices", []) if status == 200 else []:
-            if aborted:
-                choice.update(finish_reason="abort", stop_reason=None, token_ids=[],
-                              logprobs=None if choice["logprobs"] is None else {"content": []})
-            else:
-                choice["weight_versions"] = [{"version": ticket.version, "start": 0, "end": len(choice["token_ids"])}]
-        return status, payload
-
-    def _pause(self, path: str) -> tuple[int, dict[str, Any] | None]:
-        query = dict(part.partition("=")[::2] for part in path.partition("?")[2].split("&") if part)
-        mode = query.get("mode", "abort")
-        if mode not in ("abort", "wait"):
-            raise _bad_request(f"pause mode {mode!r} is not supported by rollwire serve (abort or wait)")
-        if not self.pausing.pause(mode):
-            return 500, {"error": f"requests still running after the wait timeout: failed to pause ({mode})"}
-        if query.get("clear_cache", "true").lower() != "false":
-            self.forget_cache()  # vLLM clears its multimodal cache on pause
-        return 200, {"status": "paused"}
-
-    def _resume(self) -> tuple[int, dict[str, Any] | None]:
-        self.pausing.resume()
-        return 200, {"status": "resumed"}
-
-    def _update_weight_version(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
-        try:
-            version = msgspec.json.decode(raw).get("new_version")
-        except (msgspec.DecodeError, AttributeError):
-            version = None
-        if not isinstance(version, str) or not version:
-            raise _bad_request("update_weight_version needs {\"new_version\": \"...\"}")
-        self.pausing.set_version(version)
-        return 200, {"success": True, "new_version": version}
-
-    def _generate(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
+    def _generate(self, raw: bytes) -> Answer:
         with self._lock:
             self._requests += 1
         delay, fault = self.faults.take()
@@ -459,21 +297,20 @@ class EngineServer(ServedAddress):
             return 0, None
         if fault == "fail":
             status = self.faults.status
-            return status, {"error": {"message": f"injected fault: HTTP {status}", "type": "ServiceUnavailableError",
-                                      "param": None, "code": status}}
-        body = self._decode(raw, GenerateBody)
-        self._check_model(body.model)
+            return status, error_body(f"injected fault: HTTP {status}", status, "ServiceUnavailableError")
+        body = decode_body(raw, GenerateBody)
+        check_model(body.model, self.served_model_name)
         if body.stream:
-            raise _bad_request("stream=true is not supported by rollwire serve")
+            raise bad_request("stream=true is not supported by rollwire serve")
         if body.output_mode != "tokens":
-            raise _bad_request(f"output_mode={body.output_mode!r} is not supported by rollwire serve: it returns "
-                               "tokens only")
+            raise bad_request(f"output_mode={body.output_mode!r} is not supported by rollwire serve: it returns "
+                              "tokens only")
         if body.content_parts and body.features:
-            raise _bad_request("content_parts and features are mutually exclusive")
-        token_ids, refs = (self._expand(body.token_ids, body.content_parts) if body.content_parts
-                           else (body.token_ids, self._image_refs(body.features)))
-        sampling = _sampling_params(body.sampling_params, prompt_len=len(token_ids),
-                                    max_model_len=self._max_model_len)
+            raise bad_request("content_parts and features are mutually exclusive")
+        token_ids, refs = (self._images.expand(body.token_ids, body.content_parts) if body.content_parts
+                           else (body.token_ids, self._images.refs(body.features)))
+        sampling = sampling_params(body.sampling_params, prompt_len=len(token_ids),
+                                   max_model_len=self._max_model_len)
         request_id = body.request_id or f"gen-{uuid.uuid4().hex}"
         request = GenerateRequest(prompt_token_ids=token_ids, images=refs, sampling=sampling,
                                   request_id=request_id)
@@ -484,190 +321,26 @@ class EngineServer(ServedAddress):
         n_out = sum(len(c.token_ids) for c in completions)
         echo = bool(body.return_token_ids)
         response = GenerateResponse(
-            request_id=request_id, choices=[_choice(i, c) for i, c in enumerate(completions)],
+            request_id=request_id, choices=[choice(i, c) for i, c in enumerate(completions)],
             prompt_token_ids=token_ids if echo else None,
             mm_placeholders={"image": [Range(r.offset, r.length) for r in refs]} if echo and refs else None,
             usage={"prompt_tokens": len(token_ids), "completion_tokens": n_out, "total_tokens": len(token_ids) + n_out})
         return 200, msgspec.to_builtins(response)
 
-    def _expand(self, token_ids: list[int], parts: list[ContentPart]) -> tuple[list[int], tuple[ImageRef, ...]]:
-        """content_parts: each image processed here (or taken from the cache by uuid), and each of
-        the prompt's single pad tokens expanded to the image's run, as vLLM does."""
-        if self._store is None:
-            raise _bad_request(f"{self.model_dir.name} is a text-only model; the request has images")
-        with self._lock:
-            if self._renderer is None:
-                self._renderer = create_renderer(self.model, feature_store=self._store)
-            pad_id, store = self._renderer.image_pad_id, self._store
-        feats: list[ImageFeatures] = []
-        for k, part in enumerate(parts):
-            if part.type != "image_url":
-                raise _bad_request(f"content_parts[{k}]: type {part.type!r} is not supported (image_url only)")
-            if part.url is None:
-                with self._lock:
-                    found = store.get(part.uuid) if part.uuid is not None and part.uuid in store else None
-                    self._hits, self._misses = self._hits + (found is not None), self._misses + (found is None)
-                if found is None:
-                    raise _bad_request(f"Cache miss for image at index {k} but data is not provided.")
-                feats.append(found)
-                continue
-            if part.url[:5].lower() != "data:":
-                raise _bad_request(f"content_parts[{k}]: images must be data: URLs (this server fetches no URLs)")
-            try:
-                got = store.get_or_process(part.url)
-            except (ImageError, FeatureError) as exc:
-                raise _bad_request(f"content_parts[{k}]: {exc}") from None
-            if part.uuid is not None:
-                got = ImageFeatures(part.uuid, got.pixel_values, got.grid_thw, got.merge_size)
-                with self._lock:
-                    if part.uuid in store and store.get(part.uuid) != got:
-                        raise _internal_error(f"image {k}: the client-provided multimodal UUID {part.uuid!r} may "
-                                              "have been reused for different content")
-                    store.put(got)
-                    self._received += 1
-            feats.append(got)
-        try:
-            return expand(token_ids, feats, pad_id=pad_id)  # type: ignore[arg-type]
-        except WireError as exc:
-            raise _bad_request(str(exc)) from None
-
     def _run(self, request: GenerateRequest) -> GenerateResult:
-        loop, engine = self._loop, self._engine
-        if loop is None or engine is None:
-            raise _internal_error("the engine is stopped")
+        engine = self._engine
+        if engine is None:
+            raise internal_error("the engine is stopped")
         try:
-            future = asyncio.run_coroutine_threadsafe(engine.generate(request), loop)
-        except RuntimeError as exc:  # the loop closed under us (stop() in progress)
-            raise _internal_error(f"engine loop closed: {exc}") from None
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise _internal_error("request cancelled: the server is stopping") from None
+            return engine.generate(request)
         except PlaceholderError as exc:
-            store = self._store
-            if store is not None and any(ref.id not in store for ref in request.images):
-                raise _internal_error(f"image cache emptied while the request was in flight: {exc}") from None
-            raise _bad_request(str(exc)) from None
+            if self._images.lost_any(request.images):
+                raise internal_error(f"image cache emptied while the request was in flight: {exc}") from None
+            raise bad_request(str(exc)) from None
         except (InvalidRequestError, WireError, FeatureError) as exc:
-            raise _bad_request(str(exc)) from None
+            raise bad_request(str(exc)) from None
         except RollwireError as exc:
-            raise _internal_error(f"{type(exc).__name__}: {exc}") from None
-
-    def _image_refs(self, features: Features | None) -> tuple[ImageRef, ...]:
-        if features is None:
-            return ()
-        kwargs_data = features.kwargs_data or {}
-        for name in (*features.mm_hashes, *features.mm_placeholders, *kwargs_data):
-            if name != "image":
-                raise _bad_request(f"features: modality {name!r} is not supported (images only)")
-        hashes = features.mm_hashes.get("image", [])
-        ranges = features.mm_placeholders.get("image", [])
-        items = kwargs_data.get("image", [None] * len(hashes))
-        if not len(hashes) == len(ranges) == len(items):
-            raise _bad_request(f"features: {len(hashes)} mm_hashes, {len(ranges)} mm_placeholders and "
-                               f"{len(items)} kwargs_data items for images; they must be equal")
-        if hashes and self._store is None:
-            raise _bad_request(f"{self.model_dir.name} is a text-only model; the request has images")
-        refs = []
-        for k, (mm_hash, rng, item) in enumerate(zip(hashes, ranges, items, strict=True)):
-            if not mm_hash:
-                raise _bad_request(f"features: mm_hashes[{k}] is empty")
-            feats = self._image(k, mm_hash, item)
-            refs.append(ImageRef(mm_hash, rng.offset, rng.length, feats.grid_thw))
-        return tuple(refs)
-
-    def _image(self, k: int, mm_hash: str, item: str | None) -> ImageFeatures:
-        """The features of image `k`: decoded from `item` and cached, or (null item) from the cache."""
-        if item is None:
-            with self._lock:
-                store = self._store
-                assert store is not None
-                try:
-                    found = store.get(mm_hash)
-                except UnknownImageError:
-                    self._misses += 1
-                else:
-                    self._hits += 1
-                    return found
-            raise _internal_error(f"image {k}: null kwargs_data but hash {mm_hash!r} is not cached")
-        assert self._store is not None
-        try:
-            pixels, grid, dtype = decode_image_kwargs(item, self._store.config)
-        except WireError as exc:
-            raise _bad_request(f"image {k}: {exc}") from None
-        if dtype != "uint8":
-            raise _bad_request(f"image {k}: pixel_values dtype {dtype!r} is not accepted: this server expects "
-                               "uint8 patch rows (resized, not normalised), as vLLM 0.32 does by default")
-        with self._lock:
-            store = self._store
-            assert store is not None
-            if pixels.shape[1] != store.config.row_size:
-                raise _bad_request(f"image {k}: pixel rows have {pixels.shape[1]} values; the model takes "
-                                   f"{store.config.row_size}")
-            try:
-                feats = ImageFeatures(id=mm_hash, pixel_values=pixels, grid_thw=grid,
-                                      merge_size=store.config.merge_size)
-            except FeatureError as exc:
-                raise _bad_request(f"image {k}: {exc}") from None
-            if feats.nbytes > store.max_bytes:
-                raise _bad_request(f"image {k}: {feats.nbytes} bytes of features exceed the server's image "
-                                   f"cache ({store.max_bytes} bytes)")
-            self._received += 1
-            if mm_hash in store and store.get(mm_hash) != feats:
-                raise _internal_error(f"image {k}: the client-provided multimodal UUID {mm_hash!r} may have "
-                                      "been reused for different content")
-            store.put(feats)
-        return feats
-
-    def _render(self, raw: bytes) -> tuple[int, dict[str, Any] | None]:
-        body = self._decode(raw, _RenderBody)
-        self._check_model(body.model)
-        try:
-            messages = parse_messages(body.messages)
-            for index, message in enumerate(messages):
-                for part in message.images:
-                    if not (isinstance(part.image, str) and part.image[:5].lower() == "data:"):
-                        raise _bad_request(f"messages[{index}]: images must be data: URLs (this server reads "
-                                           "no files and fetches no URLs)")
-            with self._lock:
-                if self._renderer is None:
-                    self._renderer = create_renderer(self.model, feature_store=self._store)
-                renderer, store = self._renderer, self._store
-            rendered = renderer.render(messages, body.tools, add_generation_prompt=body.add_generation_prompt)
-            features = None
-            if rendered.images:
-                assert store is not None
-                features, _ = features_payload(rendered.images, store, pixel_format="uint8")
-        except (MessageError, ImageError, RenderError, PlaceholderError) as exc:
-            raise _bad_request(str(exc)) from None
-        except RollwireError as exc:
-            raise _internal_error(f"render failed: {type(exc).__name__}: {exc}") from None
-        return 200, {"request_id": f"render-{uuid.uuid4().hex}", "model": self.served_model_name,
-                     "token_ids": rendered.token_ids, "features": features}
-
-    def _decode(self, raw: bytes, kind: type[Any]) -> Any:
-        try:
-            return msgspec.json.decode(raw, type=kind)
-        except msgspec.ValidationError as exc:
-            raise _bad_request(f"invalid request: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise _bad_request(f"request body is not JSON: {exc}") from None
-        except RecursionError:  # msgspec's depth check on an `Any` field (content_parts, messages)
-            raise _bad_request("request body is nested too deeply") from None
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
-            raise _HTTPFailure(404, {"error": {"message": f"The model `{model}` does not exist.",
-                                               "type": "NotFoundError", "param": "model", "code": 404}})
-
-
-async def _cancel_other_tasks() -> None:
-    """Cancel what still runs on the engine loop (so no HTTP thread waits forever at stop)."""
-    current = asyncio.current_task()
-    tasks = [t for t in asyncio.all_tasks() if t is not current]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+            raise internal_error(f"{type(exc).__name__}: {exc}") from None
 
 
 # --- the command line entry -----------------------------------------------------------------------
