@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, SamplingParams, Timings
+from rollwire.errors import EngineTimeoutError
 from rollwire.features import FeatureStore
 from rollwire.rollout import RolloutConfig, RunConfig
-from rollwire.rollout.ray_gate import RayWeightGate
+from rollwire.rollout.ray_gate import RayWeightGate, follow_gate
 from rollwire.rollout.runner import trajectory_id
 from rollwire.rollout.workers import merge_summaries, run_on_ray, split_ids
 from rollwire.store import RunReader, RunWriter
@@ -137,3 +139,48 @@ async def test_a_driver_side_update_pauses_every_worker_and_each_server_once(
     assert [(st["updates"], st["policy_version"]) for st in stats.values()] == [(1, 1), (1, 1)]  # a new epoch each
     resent = sum(st["resent"] for st in stats.values())
     assert resent >= 1 if mode == "abort" else resent == 0  # aborted turns went again, after the resume
+
+
+class HeldEngine:
+    """An engine whose answers wait for `release` (a turn that is still in flight), for fault injection."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.closed = False
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        await self.release.wait()
+        return GenerateResult(completions=[Completion(token_ids=[1], logprobs=None, finish_reason="stop")],
+                              timings=Timings(total_s=0.0))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_worker_joining_during_a_pause_starts_closed_and_a_busy_one_times_out_with_gates_reopened(
+        cluster: Any) -> None:
+    request = GenerateRequest(prompt_token_ids=(1, 2), sampling=SamplingParams(max_tokens=1))
+    with RayWeightGate(version=3, timeout_s=0.5) as gate:
+        await gate.pause_generation("wait")  # no worker yet: nothing to wait for
+        inner = HeldEngine()
+        inner.release.set()
+        async with follow_gate(gate.name, "late", inner) as engine:  # a worker's side, in this process
+            pending = asyncio.ensure_future(engine.generate(request))
+            await asyncio.sleep(0.3)
+            assert not pending.done()  # it joined during the pause: its gate is closed
+            await gate.resume_generation(4)
+            result = await asyncio.wait_for(pending, 10)
+            assert [c.policy_version for c in result.completions] == [4]  # no server label: the gate's
+
+            inner.release.clear()  # a turn in flight that does not finish: the pause cannot complete
+            stuck = asyncio.ensure_future(engine.generate(request))
+            await asyncio.sleep(0.1)
+            with pytest.raises(EngineTimeoutError, match=r"\['late'\] did not pause within 0.5 s"):
+                await gate.pause_generation("wait")
+            report = await gate.report()
+            assert report["paused"] is False and report["version"] == 4 and report["workers"] == ["late"]
+            inner.release.set()
+            assert [c.policy_version for c in (await asyncio.wait_for(stuck, 10)).completions] == [4]
+            again = await asyncio.wait_for(engine.generate(request), 10)  # its gate reopened when told to resume
+            assert [c.policy_version for c in again.completions] == [4]
+        assert inner.closed and (await gate.report())["workers"] == []  # it left the gate on exit
