@@ -34,15 +34,23 @@ class GenerationPause:
         self._epoch = 0  # increments on every abort: requests started before it are aborted
         self._in_flight = 0
         self.version = DEFAULT_VERSION
+        self.pauses = 0  # /pause calls taken (a driver pausing many rollout workers pauses each server once)
+        self.refused = 0  # requests answered 503 because they came while paused
 
     @property
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def in_flight(self) -> int:
+        """Generate requests running now."""
+        return self._in_flight
+
     def enter(self) -> Ticket | None:
         """A ticket for a request that may run, or None while paused (answer 503)."""
         with self._cond:
             if self._paused:
+                self.refused += 1
                 return None
             self._in_flight += 1
             return Ticket(self.version, self._epoch)
@@ -59,6 +67,7 @@ class GenerationPause:
         `timeout_s`; False if they did not finish)."""
         with self._cond:
             self._paused = True
+            self.pauses += 1
             if mode == "abort":
                 self._epoch += 1
                 return True

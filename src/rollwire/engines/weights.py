@@ -10,13 +10,17 @@ the trainer's `apply()`, resumes, and starts a new server epoch on every client 
 multimodal cache on pause, so images are sent in full again). Every completion carries the policy
 version that sampled it: the server's `weight_versions` label where it reports one, else this
 gate's version at the time of the request.
+
+Across processes (Ray rollout workers) each worker's gate runs with `control_servers=False` and a
+driver-side handle (`rollwire.rollout.ray_gate.RayWeightGate`) closes them all, then pauses each
+server once with `post_to_servers` / `label_servers` below.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import httpx
@@ -35,7 +39,7 @@ class PausableEngine:
     """An `Engine` a trainer can pause for a weight update (see the module docstring)."""
 
     def __init__(self, engine: Engine, *, version: int | str | None = 0, control_servers: bool = True,
-                 control_timeout_s: float = 600.0) -> None:
+                 control_timeout_s: float = 600.0, labels_stale: bool = False) -> None:
         self.inner = engine
         self.policy_version = version
         self.control_servers = control_servers
@@ -49,7 +53,7 @@ class PausableEngine:
         self._aborting: set[asyncio.Task[GenerateResult]] = set()
         self._lock = asyncio.Lock()
         self._labelled = False  # the servers carry this gate's version label
-        self._override = False  # a server could not be relabelled: its weight_versions label is stale
+        self._override = labels_stale  # a server could not be relabelled: its weight_versions label is stale
         self._timeout = control_timeout_s
 
     @property
@@ -119,12 +123,14 @@ class PausableEngine:
         if self.control_servers:
             await self._control(f"/pause?mode={mode}")
 
-    async def resume_generation(self, version: int | str | None) -> None:
-        """Resume with a new policy version; each server starts a new image epoch."""
+    async def resume_generation(self, version: int | str | None, *, labels_stale: bool = False) -> None:
+        """Resume with a new policy version; each server starts a new image epoch. `labels_stale`:
+        whoever controls the servers could not relabel one, so completions carry `version`."""
         if self.control_servers and version is not None:
             await self._label(version)
         if self.control_servers:
             await self._control("/resume")
+        self._override = self._override or labels_stale
         for client in self.clients:
             start_new_epoch(client, f"weights updated to version {version}")
         self.policy_version = version
@@ -151,25 +157,35 @@ class PausableEngine:
     async def _label(self, version: int | str) -> None:
         """Label the servers' weights `version`; where one cannot be (no RL endpoints), the label
         it reports is stale, so this gate's version is recorded instead."""
-        if await self._control("/update_weight_version", {"new_version": str(version)}):
+        if await label_servers([c.base_url for c in self.clients], version, timeout_s=self._timeout):
             self._override = True
 
     async def _control(self, path: str, body: Any = None) -> list[str]:
-        """POST to every server that has vLLM's RL endpoints; those without (404) are returned."""
-        urls = [c.base_url for c in self.clients]
-        if not urls:
-            return []
-        async with httpx.AsyncClient(timeout=self._timeout) as http:
-            answers = await asyncio.gather(*(
-                http.post(url + path, content=None if body is None else msgspec.json.encode(body),
-                          headers={"content-type": "application/json"}) for url in urls), return_exceptions=True)
-        for url, answer in zip(urls, answers, strict=True):
-            if isinstance(answer, BaseException):
-                raise EngineError(f"{url}{path} failed: {type(answer).__name__}: {answer}")
-            if answer.status_code not in (200, 404):
-                raise EngineError(f"{url}{path} answered {answer.status_code}: {answer.text[:200]}")
-        return [url for url, answer in zip(urls, answers, strict=True)
-                if not isinstance(answer, BaseException) and answer.status_code == 404]
+        return await post_to_servers([c.base_url for c in self.clients], path, body, timeout_s=self._timeout)
+
+
+async def label_servers(urls: Sequence[str], version: int | str, *, timeout_s: float = 600.0) -> list[str]:
+    """`/update_weight_version` on every server; those that cannot be relabelled (404) are returned."""
+    return await post_to_servers(urls, "/update_weight_version", {"new_version": str(version)},
+                                      timeout_s=timeout_s)
+
+
+async def post_to_servers(urls: Sequence[str], path: str, body: Any = None, *,
+                               timeout_s: float = 600.0) -> list[str]:
+    """POST to every server that has vLLM's RL endpoints; those without (404) are returned."""
+    if not urls:
+        return []
+    async with httpx.AsyncClient(timeout=timeout_s) as http:
+        answers = await asyncio.gather(*(
+            http.post(url + path, content=None if body is None else msgspec.json.encode(body),
+                      headers={"content-type": "application/json"}) for url in urls), return_exceptions=True)
+    for url, answer in zip(urls, answers, strict=True):
+        if isinstance(answer, BaseException):
+            raise EngineError(f"{url}{path} failed: {type(answer).__name__}: {answer}")
+        if answer.status_code not in (200, 404):
+            raise EngineError(f"{url}{path} answered {answer.status_code}: {answer.text[:200]}")
+    return [url for url, answer in zip(urls, answers, strict=True)
+            if not isinstance(answer, BaseException) and answer.status_code == 404]
 
 
 def _tagged(result: GenerateResult, version: int | str | None, *, override: bool) -> GenerateResult:
@@ -181,4 +197,4 @@ def _tagged(result: GenerateResult, version: int | str | None, *, override: bool
     return msgspec.structs.replace(result, completions=completions)
 
 
-__all__ = ["PausableEngine", "PauseMode"]
+__all__ = ["PausableEngine", "PauseMode", "label_servers", "post_to_servers"]

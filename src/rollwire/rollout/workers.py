@@ -8,8 +8,12 @@ merges them. A resume with any number of workers redoes only what is missing; a 
 loses only its in-flight rollouts (Ray retries it `max_retries` times; the retry skips what it
 committed; a rerun redoes the rest).
 
-Tasks and results cross Ray as plain data (dicts of numbers and strings). `ray` is an optional
-extra (`pip install rollwire[ray]`), imported only here and only when a run starts.
+With `weights=RayWeightGate(...)` (`rollout/ray_gate.py`) every worker's engine follows one gate,
+so the trainer on the driver pauses all of them, and each server once, for a weight update.
+
+Tasks and results cross Ray as plain data (dicts of numbers and strings; the gate by its actor's
+name). `ray` is an optional extra (`pip install rollwire[ray]`), imported only here and only when a
+run starts.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollwire.errors import RolloutConfigError, RollwireError
 from rollwire.rollout.loop import RolloutConfig
 from rollwire.rollout.rundir import run_to_dir, write_run_summary
 from rollwire.rollout.runner import RunConfig, RunSummary, run_manifest, trajectory_id
+
+if TYPE_CHECKING:
+    from rollwire.rollout.ray_gate import RayWeightGate
 
 
 def split_ids(config: RunConfig, done: set[str], workers: int) -> list[list[str]]:
@@ -76,12 +83,27 @@ def merge_summaries(parts: Sequence[Mapping[str, Any]], *, skipped: int, seconds
 def run_worker(job: Mapping[str, Any]) -> dict[str, Any]:
     """One worker's share (in its own process): `run_to_dir` on its ids with its own files."""
     config = config_from_dict(job["config"])
-    summary = asyncio.run(run_to_dir(
-        config, job["out"], model=job["model"], server=list(job["servers"]) or None,
-        served_name=job.get("served_name"), retry_deadline=job.get("retry_deadline", 60.0),
-        wire=job.get("wire", "auto"), group_requests=bool(job.get("group_requests", False)),
-        resolved=job.get("resolved"), worker=job["worker"], only=set(job["ids"])))
-    return summary_to_dict(summary)
+    kwargs: dict[str, Any] = dict(
+        model=job["model"], server=list(job["servers"]) or None, served_name=job.get("served_name"),
+        retry_deadline=job.get("retry_deadline", 60.0), wire=job.get("wire", "auto"),
+        group_requests=bool(job.get("group_requests", False)), resolved=job.get("resolved"),
+        worker=job["worker"], only=set(job["ids"]))
+    gate = job.get("gate")
+    run = run_to_dir(config, job["out"], **kwargs) if gate is None else _run_gated(config, job["out"], gate, kwargs)
+    return summary_to_dict(asyncio.run(run))
+
+
+async def _run_gated(config: RunConfig, out: str, gate: str, kwargs: dict[str, Any]) -> RunSummary:
+    """`run_to_dir` with this worker's engine behind the driver's weight gate (the actor `gate`)."""
+    from rollwire.render import create_renderer
+    from rollwire.rollout.ray_gate import follow_gate
+    from rollwire.rollout.rundir import make_engine
+
+    renderer = create_renderer(kwargs["model"])
+    engine = make_engine(renderer, kwargs["model"], kwargs["server"], kwargs["served_name"],
+                         kwargs["retry_deadline"], kwargs["wire"])
+    async with follow_gate(gate, kwargs["worker"], engine) as gated:
+        return await run_to_dir(config, out, renderer=renderer, engine=gated, **kwargs)
 
 
 def prepare_run(config: RunConfig, out: str | Path, *, model: str | Path, servers: Sequence[str] = (),
@@ -118,6 +140,7 @@ def run_on_ray(
     resolved: Mapping[str, Any] | None = None,
     num_cpus_per_worker: float = 1.0,
     max_retries: int = 1,
+    weights: RayWeightGate | None = None,
 ) -> tuple[RunSummary, list[str]]:
     """Run `config` on `workers` Ray tasks into `out`; (merged summary, one message per lost worker).
 
@@ -125,6 +148,8 @@ def run_on_ray(
     already initialised in this process is used as it is. Without `servers` each worker loads the
     embedded engine; with them each worker pools the same servers (sessions stay per worker) and
     sends images as `wire` says. `group_requests` as in `run_to_dir` (a group is never split).
+    `weights`: a `RayWeightGate` every worker's engine follows (create it after `ray.init()`; the
+    trainer calls its `update_weights` while this runs in another thread).
     """
     if workers < 1:
         raise RolloutConfigError(f"workers must be at least 1, got {workers}")
@@ -132,6 +157,8 @@ def run_on_ray(
     out = str(out)
     done = prepare_run(config, out, model=model, servers=servers, resolved=resolved)
     slices = [s for s in split_ids(config, done, workers) if s]
+    if weights is not None:
+        weights.bind(servers)  # labels the servers with the gate's version before any request
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -141,8 +168,11 @@ def run_on_ray(
         task = ray.remote(num_cpus=num_cpus_per_worker, max_retries=max_retries)(run_worker)
         base = {"config": config_to_dict(config), "out": out, "model": str(model), "servers": list(servers),
                 "served_name": served_name, "retry_deadline": retry_deadline, "wire": wire,
-                "group_requests": group_requests, "resolved": None if resolved is None else dict(resolved)}
+                "group_requests": group_requests, "resolved": None if resolved is None else dict(resolved),
+                "gate": None if weights is None else weights.name}
         futures = [task.remote(base | {"worker": f"w{k}", "ids": ids}) for k, ids in enumerate(slices)]
+        if weights is not None:
+            weights.bind(servers, {f"w{k}": future for k, future in enumerate(futures)})
         parts: list[dict[str, Any]] = []
         lost: list[str] = []
         for k, future in enumerate(futures):
