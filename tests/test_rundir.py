@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,33 @@ async def test_run_to_dir_writes_a_run_and_resumes(tiny: Callable[[str], Path], 
     again = await run_to_dir(config, out, model=model, renderer=renderer, engine=ScriptedEngine(renderer, []))
     assert (again.skipped, again.done) == (4, 0)
     assert json.loads((out / "summary.json").read_text())["rollouts"]["done"] == 4  # written again on resume
+
+
+class FreezeSeen(ScriptedEngine):
+    """Records, at each request, how many objects the garbage collector has frozen."""
+
+    frozen: list[int]
+
+    async def generate(self, request: Any) -> Any:
+        self.frozen.append(gc.get_freeze_count())
+        return await super().generate(request)
+
+
+async def test_freeze_heap_hides_the_start_up_heap_during_the_rollouts_only(
+        tiny: Callable[[str], Path], renderer: Any, tmp_path: Path) -> None:
+    config = RunConfig(env="rollwire.rollout.envs.zoom:ZoomEnv", n_prompts=1, group=1,
+                       rollout=RolloutConfig(max_turns=1, max_tokens=64))
+    assert gc.get_freeze_count() == 0
+    engine = FreezeSeen(renderer, ["ANSWER: 1"])
+    engine.frozen = []
+    summary = await run_to_dir(config, tmp_path / "run", model=tiny("qwen2_vl"), renderer=renderer, engine=engine,
+                               freeze_heap=True)
+    assert summary.done == 1 and engine.frozen and min(engine.frozen) > 10_000  # modules, tokenizer, ...
+    assert gc.get_freeze_count() == 0  # unfrozen when the rollouts end
+    engine = FreezeSeen(renderer, ["ANSWER: 1"])
+    engine.frozen = []
+    await run_to_dir(config, tmp_path / "plain", model=tiny("qwen2_vl"), renderer=renderer, engine=engine)
+    assert engine.frozen == [0]  # the library default leaves the caller's heap alone
 
 
 @pytest.mark.parametrize(("spec", "kwargs", "needle"), [

@@ -100,7 +100,7 @@ def rollout(
                                              server=servers or None, served_name=s.served_name,
                                              retry_deadline=s.retry_deadline, progress=s.progress,
                                              wire=s.wire, group_requests=s.group_requests,
-                                             resolved=s.record()))
+                                             resolved=s.record(), freeze_heap=True))
     except RollwireError as exc:
         raise fail(exc) from exc
     table = Table("", "value", title=f"rollouts → {out}")

@@ -9,6 +9,7 @@ the store reads rollout types, and the embedded engine needs torch.
 from __future__ import annotations
 
 import asyncio
+import gc
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -64,6 +65,7 @@ async def run_to_dir(
     resolved: Mapping[str, Any] | None = None,
     worker: str | None = None,
     only: Collection[str] | None = None,
+    freeze_heap: bool = False,
 ) -> RunSummary:
     """Run `config`'s rollouts on the model directory `model` and write them to `out`.
 
@@ -75,7 +77,10 @@ async def run_to_dir(
     changed is refused). `server` may list several URLs (an `EnginePool`). `group_requests` sends
     each GRPO group's shared first prompt as one `n = group` request (`GroupedEngine`). A Ray worker
     (`rollout/workers.py`) passes its `worker` name (its own row and shard files) and the trajectory
-    ids it runs (`only`).
+    ids it runs (`only`). `freeze_heap` (the CLI and Ray workers: processes that exist for the run)
+    moves everything made before the rollouts start (modules, the tokenizer, the model) out of the
+    garbage collector's view with `gc.freeze()`, as vLLM's API server does after start-up, so its
+    full passes walk only what the rollouts hold; the heap is unfrozen when the rollouts end.
     """
     from rollwire.features import FeatureStore
     from rollwire.render import create_renderer
@@ -107,10 +112,18 @@ async def run_to_dir(
             skip = set(writer.done_ids)
             if only is not None:
                 skip |= set(all_ids(config)) - set(only)
-            summary = await run_rollouts(
-                config, renderer, engine, skip_ids=skip, progress=progress, archive=writer,
-                group_requests=group_requests,
-                on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals))
+            frozen = freeze_heap and gc.get_freeze_count() == 0  # a caller's own freeze is left as it is
+            if frozen:
+                gc.collect()
+                gc.freeze()
+            try:
+                summary = await run_rollouts(
+                    config, renderer, engine, skip_ids=skip, progress=progress, archive=writer,
+                    group_requests=group_requests,
+                    on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals))
+            finally:
+                if frozen:
+                    gc.unfreeze()
         if worker is None:  # a Ray run's driver writes it once the workers are done
             await asyncio.to_thread(write_run_summary, Path(out))
         return summary

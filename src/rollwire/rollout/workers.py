@@ -87,7 +87,7 @@ def run_worker(job: Mapping[str, Any]) -> dict[str, Any]:
         model=job["model"], server=list(job["servers"]) or None, served_name=job.get("served_name"),
         retry_deadline=job.get("retry_deadline", 60.0), wire=job.get("wire", "auto"),
         group_requests=bool(job.get("group_requests", False)), resolved=job.get("resolved"),
-        worker=job["worker"], only=set(job["ids"]))
+        worker=job["worker"], only=set(job["ids"]), freeze_heap=True)
     gate = job.get("gate")
     run = run_to_dir(config, job["out"], **kwargs) if gate is None else _run_gated(config, job["out"], gate, kwargs)
     return summary_to_dict(asyncio.run(run))
