@@ -82,20 +82,59 @@ def write_all(fd: int, data: Buffers) -> None:
 
 def atomic_write(path: Path, data: Buffers) -> None:
     """Write to a temporary file in the same folder, fsync, rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "write")
+    StagedFile(path, data).sync()
+
+
+class StagedFile:
+    """An atomic write in two halves: the bytes go to a temporary file now (handed to the kernel,
+    no fsync), `sync` makes them durable and renames the file into place. Until then nothing is at
+    `path`, so a crash in between leaves only a temporary file (removed by the next writer), never
+    a torn file under a blob's name. `sync` is safe from any thread, once or many times."""
+
+    def __init__(self, path: Path, data: Buffers) -> None:
+        self.path = path
+        self.nbytes = len(data) if isinstance(data, bytes) else sum(memoryview(p).nbytes for p in data)
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._lock = threading.Lock()
+        self._error: StoreError | None = None
+        self._fd = -1
         try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise os_error(exc, f"write {path.parent.name}/{path.name}") from None
-    finally:
+            self._fd = open_regular(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "write")
+            write_all(self._fd, data)
+        except OSError as exc:
+            self.abandon()
+            raise os_error(exc, f"write {path.parent.name}/{path.name}") from None
+        except BaseException:
+            self.abandon()
+            raise
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def sync(self) -> None:
+        """fsync, then rename into place (a no-op once done); a failure is a StoreError, every time."""
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.fsync(self._fd)
+                    os.close(self._fd)
+                    self._fd = -1
+                    os.replace(self._tmp, self.path)
+                except OSError as exc:
+                    self._error = os_error(exc, f"write {self.path.parent.name}/{self.path.name}")
+                    self.abandon()
+            if self._error is not None:
+                raise self._error
+
+    def abandon(self) -> None:
+        """Drop the write: close and remove the temporary file (nothing was at `path`)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
         with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+            self._tmp.unlink(missing_ok=True)
 
 
 def remove_leftover_temps(root: Path) -> None:

@@ -133,6 +133,7 @@ class RunWriter:
             row = trajectory_row(trajectory)
             honest_json(row)  # a row that cannot be written is refused before anything is
             for image_id in trajectory.image_ids:
+                self._blobs.settle(image_id)  # blobs staged while it ran: durable before its row
                 self._blobs.write_blobs(image_id, (originals or {}).get(image_id), (features or {}).get(image_id))
             try:
                 record = pack([trajectory], self.features, include_pixels=False)
@@ -148,19 +149,26 @@ class RunWriter:
                 self.done_ids.add(trajectory.id)
 
     def archive_image(self, image_id: str, image: ImageSource, features: ImageFeatures) -> str:
-        """Write an image's original and features now (a rollout saw it first; see
+        """Write an image's original and features (a rollout saw it first; see
         `rollwire.rollout.ImageArchive`), unless they are on disk; the path of the original.
-        Safe to call from many threads while rollouts run: blobs are written atomically."""
+        The bytes are written now and made durable in the background: they are in place at that
+        path before any rollout using them is committed, or after `flush()`; `restore_image` reads
+        them at once. Safe to call from many threads while rollouts run: blobs are written atomically."""
         if self._rows_fd < 0:
             raise StoreError(f"{self.root} is closed")
         if features.id != image_id:
             raise StoreError(f"features of image {features.id[:12]} handed in to archive {image_id[:12]}")
-        return str(self._blobs.write_blobs(image_id, image, features))
+        return str(self._blobs.write_blobs(image_id, image, features, stage=True))
 
     def restore_image(self, image_id: str) -> Image.Image:
         """An archived original, decoded (to recompute the features of an evicted image; any format
         this or an older writer archived)."""
+        self._blobs.settle(image_id)
         return read_original(self.root, image_id)
+
+    def flush(self) -> None:
+        """Every image archived so far durable and in place (a staged write that failed: `StoreError`)."""
+        self._blobs.flush()
 
     def _commit(self, line: bytes) -> None:
         """Append one row; on failure cut the file back so no partial row is left behind."""
@@ -178,6 +186,7 @@ class RunWriter:
 
     def close(self) -> None:
         with self._lock:
+            self._blobs.close()
             self._shards.close()
             if self._rows_fd >= 0:
                 os.close(self._rows_fd)
