@@ -53,10 +53,10 @@ from rollwire.store import ROWS, RunReader  # noqa: E402
 
 FIRST_WRITE_SHARE = 0.25  # kills aimed at the first write of an attempt (the rest: uniform in time)
 LOGPROB_TOLERANCE = 1e-4  # batching changes float sums by ~1e-6; a different token is far off
-_FRAME_BYTES = 16  # store._FRAME: magic, payload length, crc32
+_FRAME_BYTES = 16  # store.shards._FRAME: magic, payload length, crc32
 _RUN_FILE = re.compile(r"(run\.json|summary\.json|rollouts\.jsonl|\.lock|shards/shard-[0-9]{5,9}\.bin"
                        r"|blobs/[0-9a-f]{2}/[0-9a-f]{2,128}\.(features|png|tiff))")
-_TMP_FILE = re.compile(r"(.*/)?\.[^/]+\.[0-9]+\.[0-9]+\.tmp")  # store._atomic_write's temporaries
+_TMP_FILE = re.compile(r"(.*/)?\.[^/]+\.[0-9]+\.[0-9]+\.tmp")  # store.files.atomic_write's temporaries
 _SUMMARY = re.compile(r"(\d+) / (\d+) / (\d+) / (\d+)")
 
 

@@ -42,9 +42,12 @@ def store(tiny: Callable[[str], Path]) -> FeatureStore:
 
 
 def archive(writer: RunWriter, source: Any) -> tuple[str, Path]:
-    """Render-time features of `source`, then archive it as a rollout does; (id, original's path)."""
+    """Render-time features of `source`, then archive it as a rollout does and flush (the blobs are
+    in place once a rollout using them commits, or flushed); (id, original's path)."""
     features = writer.features.get_or_process(source)
-    return features.id, Path(writer.archive_image(features.id, source, features))
+    path = Path(writer.archive_image(features.id, source, features))
+    writer.flush()
+    return features.id, path
 
 
 SOURCES: dict[str, Callable[[Path, bytes], tuple[Any, str]]] = {
@@ -190,6 +193,7 @@ def test_a_remote_original_is_fetched_again_and_checked(store: FeatureStore, tmp
     features = store.get_or_process(url, limits=ImageLimits(allow_remote=True))
     with RunWriter(tmp_path / "run", store) as writer:
         path = Path(writer.archive_image(features.id, url, features))
+        writer.flush()
         assert path.suffix == ".png" and path.read_bytes() == png and http_image["gets"] == 2
     http_image["body"] = encoded(make_image(30, 20, seed=13), "PNG")  # the server now serves another picture
     with RunWriter(tmp_path / "again", store) as writer, pytest.raises(StoreError, match="changed since"):

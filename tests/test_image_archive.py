@@ -5,7 +5,9 @@ archived original when a request needs it (the same id, or a typed error)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 
 from conftest import make_image
 from rollwire.engines.types import Completion, GenerateRequest, GenerateResult, Timings
-from rollwire.errors import ImageReloadError, UnknownImageError
+from rollwire.errors import ImageReloadError, StoreError, UnknownImageError
 from rollwire.features import FeatureStore, VisionConfig
 from rollwire.messages import ImagePart, Message, TextPart
 from rollwire.render import create_renderer
@@ -110,6 +112,40 @@ def test_an_archived_rollout_holds_no_original(model_dir: Path, tmp_path: Path) 
         expected = make_image(112, 112, seed=k)
         assert np.array_equal(np.asarray(reader.image(image_id)), np.asarray(expected))
         assert reader.features(image_id) == renderer.feature_store.get_or_process(expected)
+
+
+def test_a_blob_that_cannot_be_made_durable_is_never_committed(model_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Archived blobs are made durable in the background; if that fails (EIO at fsync, as a dying
+    disk reports it), the rollouts using them are not committed and nothing is under a blob's name.
+    The next writer archives them again."""
+    renderer = create_renderer(model_dir)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if "/blobs/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    config = RolloutConfig(max_turns=2, max_tokens=4)
+    with RunWriter(tmp_path, renderer.feature_store) as writer:
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        result = asyncio.run(run_rollout(PicturesEnv(), renderer, Reader(renderer), config, seed=0,
+                                         trajectory_id="d", archive=writer))
+        assert result.trajectory.error is None  # the rollout ran: its turns did not wait for the disk
+        with pytest.raises(StoreError, match="Input/output error"):
+            writer.write(result.trajectory, result.originals)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (tmp_path / "rollouts.jsonl").read_bytes() == b""
+    assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]  # no blob, no temporary file
+    with RunWriter(tmp_path, renderer.feature_store) as writer:
+        again = asyncio.run(run_rollout(PicturesEnv(), renderer, Reader(renderer), config, seed=0,
+                                        trajectory_id="d", archive=writer))
+        writer.write(again.trajectory, again.originals)
+    reader = RunReader(tmp_path)
+    assert [row["id"] for row in reader.rows()] == ["d"]
+    for k, image_id in enumerate(again.trajectory.image_ids):
+        assert np.array_equal(np.asarray(reader.image(image_id)), np.asarray(make_image(112, 112, seed=k)))
 
 
 def test_without_a_run_directory_the_rollout_holds_the_originals(model_dir: Path) -> None:

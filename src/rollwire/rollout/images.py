@@ -29,7 +29,9 @@ class ImageArchive(Protocol):
     """Where images go when first seen, so no rollout holds them (`RunWriter` is one)."""
 
     def archive_image(self, image_id: str, image: ImageSource, features: ImageFeatures) -> str:
-        """Store the original and its features under `image_id` (idempotent); the original's path."""
+        """Store the original and its features under `image_id` (idempotent); the original's path.
+        `restore_image` works at once; the blobs may become durable later, before any rollout
+        using them is committed (`RunWriter` syncs them in the background, off the rollout's turn)."""
         ...
 
     def restore_image(self, image_id: str) -> ImageSource:
