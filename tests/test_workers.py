@@ -101,8 +101,8 @@ async def test_a_driver_side_update_pauses_every_worker_and_each_server_once(
     def ok() -> int:
         return sum(s.stats().ok for s in replicas)
 
-    for s in replicas:  # turns are in flight when the pause comes
-        s.faults.delay_s = 0.1 if mode == "wait" else 0.3
+    for s in replicas:  # slow until both workers follow the gate: one that starts first cannot finish alone
+        s.faults.delay_s = 2.0
     try:
         with RayWeightGate(version=0) as gate:
             run = asyncio.ensure_future(asyncio.to_thread(
@@ -112,6 +112,8 @@ async def test_a_driver_side_update_pauses_every_worker_and_each_server_once(
             while len((await gate.report())["workers"]) < 2:  # both workers follow the gate
                 assert time.monotonic() < deadline and not run.done(), "the workers did not join the gate"
                 await asyncio.sleep(0.02)
+            for s in replicas:  # turns are in flight when the pause comes
+                s.faults.delay_s = 0.1 if mode == "wait" else 0.3
             ok0 = ok()
             while ok() < ok0 + 4:
                 await asyncio.sleep(0.01)
