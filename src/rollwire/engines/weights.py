@@ -35,6 +35,22 @@ PauseMode = Literal["wait", "abort"]
 Apply = Callable[[], Awaitable[Any] | Any]
 
 
+async def paused_update(gate: Any, version: int | str | None, apply: Apply | None, mode: PauseMode) -> None:
+    """What an update is, for any gate with `pause_generation`, `resume_generation` and
+    `policy_version` (`PausableEngine`, the Ray workers' `RayWeightGate`): pause, `await apply()`,
+    resume with `version`; if `apply` fails, resume on the old version and let the error propagate."""
+    await gate.pause_generation(mode)
+    try:
+        if apply is not None:
+            outcome = apply()
+            if inspect.isawaitable(outcome):
+                await outcome
+    except BaseException:
+        await gate.resume_generation(gate.policy_version)
+        raise
+    await gate.resume_generation(version)
+
+
 class PausableEngine:
     """An `Engine` a trainer can pause for a weight update (see the module docstring)."""
 
@@ -143,16 +159,7 @@ class PausableEngine:
         """Pause, `await apply()` (the trainer pushes its weights), resume with `version`. If
         `apply` fails, generation resumes on the old version and the error propagates."""
         async with self._lock:
-            await self.pause_generation(mode)
-            try:
-                if apply is not None:
-                    outcome = apply()
-                    if inspect.isawaitable(outcome):
-                        await outcome
-            except BaseException:
-                await self.resume_generation(self.policy_version)
-                raise
-            await self.resume_generation(version)
+            await paused_update(self, version, apply, mode)
 
     async def _label(self, version: int | str) -> None:
         """Label the servers' weights `version`; where one cannot be (no RL endpoints), the label
@@ -197,4 +204,4 @@ def _tagged(result: GenerateResult, version: int | str | None, *, override: bool
     return msgspec.structs.replace(result, completions=completions)
 
 
-__all__ = ["PausableEngine", "PauseMode", "label_servers", "post_to_servers"]
+__all__ = ["PausableEngine", "PauseMode", "label_servers", "paused_update", "post_to_servers"]

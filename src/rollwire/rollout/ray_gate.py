@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import inspect
 import time
 import uuid
 import warnings
@@ -28,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping, Sequen
 from typing import Any
 
 from rollwire.engines.types import Engine
-from rollwire.engines.weights import Apply, PausableEngine, PauseMode, label_servers, post_to_servers
+from rollwire.engines.weights import Apply, PausableEngine, PauseMode, label_servers, paused_update, post_to_servers
 from rollwire.errors import EngineTimeoutError, RolloutConfigError
 
 State = dict[str, Any]  # {"seq", "paused", "mode", "version", "stale"}: plain data across Ray
@@ -144,16 +143,7 @@ class RayWeightGate:
         """Pause every worker and each server once, `await apply()`, resume with `version`. If
         `apply` fails, generation resumes on the old version and the error propagates."""
         async with self._lock:
-            await self.pause_generation(mode)
-            try:
-                if apply is not None:
-                    outcome = apply()
-                    if inspect.isawaitable(outcome):
-                        await outcome
-            except BaseException:
-                await self.resume_generation(self.policy_version)
-                raise
-            await self.resume_generation(version)
+            await paused_update(self, version, apply, mode)
 
     async def pause_generation(self, mode: PauseMode = "wait") -> None:
         """Close every worker's gate, wait until each is idle, then pause each server once. A worker
