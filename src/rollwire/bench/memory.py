@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import resource
@@ -66,6 +65,7 @@ def child(k: int, turns: int, side: int, on_loop: bool, cap: int, *, archive: bo
     from rollwire.bench.instant import Pictures, run_rollouts
     from rollwire.features import FeatureStore
     from rollwire.render import create_renderer
+    from rollwire.rollout.rundir import frozen_heap
     from rollwire.store import RunWriter
     from rollwire.tiny_model import ensure_tiny_model
 
@@ -138,12 +138,10 @@ def child(k: int, turns: int, side: int, on_loop: bool, cap: int, *, archive: bo
         if archive:
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rollwire-bench-"))
             writer = stack.enter_context(RunWriter(run_dir, store))
-        gc.collect()
-        gc.freeze()  # the start-up heap out of the collector's passes, as `rollwire rollout` does (freeze_heap)
-        start = time.perf_counter()
-        asyncio.run(main(writer))
-        seconds = time.perf_counter() - start
-        gc.unfreeze()
+        with frozen_heap():  # the start-up heap out of the collector's passes, as `rollwire rollout` does
+            start = time.perf_counter()
+            asyncio.run(main(writer))
+            seconds = time.perf_counter() - start
     lag = np.array(lags or [0.0]) * 1e3
     out.update(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds=seconds,
                rollouts_s=k / seconds, turns_s=sum(len(r.trajectory.steps) for r in results) / seconds,

@@ -120,8 +120,7 @@ class Emitter:
         """The last `count` tokens render message `index` (sampled or not): extend the last run or start one."""
         if not count:
             return
-        runs = self.runs
-        end = len(self._base) + len(self.token_ids)
+        runs, end = self.runs, self.length
         if runs and runs[-1][1] == index and runs[-1][2] == sampled:
             runs[-1] = (end, index, sampled)
         else:

@@ -9,9 +9,10 @@ the store reads rollout types, and the embedded engine needs torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,24 +113,32 @@ async def run_to_dir(
             skip = set(writer.done_ids)
             if only is not None:
                 skip |= set(all_ids(config)) - set(only)
-            frozen = freeze_heap and gc.get_freeze_count() == 0  # a caller's own freeze is left as it is
-            if frozen:
-                gc.collect()
-                gc.freeze()
-            try:
+            with frozen_heap(freeze_heap):
                 summary = await run_rollouts(
                     config, renderer, engine, skip_ids=skip, progress=progress, archive=writer,
                     group_requests=group_requests,
                     on_result=lambda r: asyncio.to_thread(writer.write, r.trajectory, r.originals))
-            finally:
-                if frozen:
-                    gc.unfreeze()
         if worker is None:  # a Ray run's driver writes it once the workers are done
             await asyncio.to_thread(write_run_summary, Path(out))
         return summary
     finally:
         if own and engine is not None:
             await engine.close()
+
+
+@contextlib.contextmanager
+def frozen_heap(enabled: bool = True) -> Iterator[None]:
+    """Inside, everything made before it is out of the garbage collector's passes (`gc.freeze()`,
+    as vLLM's API server does after start-up); unfrozen after. A caller's own freeze is left as it is."""
+    frozen = enabled and gc.get_freeze_count() == 0
+    if frozen:
+        gc.collect()
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if frozen:
+            gc.unfreeze()
 
 
 def write_run_summary(out: Path) -> None:
