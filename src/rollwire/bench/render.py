@@ -5,8 +5,9 @@
   processed again: the re-render each turn that most stacks do);
 - renderers 0.1.12 (the seed library): `Qwen3VLRenderer.bridge_to_next_turn` on the same tokenizer
   and HF image processor, when it is importable (timing only: its template is Qwen3-VL's);
-- floor: resize the new image + one copy of its rows + one tokenizer call over the new message's
-  text (what any renderer must do; no hashing, no checks).
+- floor: resize the new image + one copy of its rows (held for the run, as rollwire's store holds
+  its rows) + one tokenizer call over the new message's text (what any renderer must do; no
+  hashing, no checks).
 
 Each repetition brings a new picture (a feature-store miss, like a real turn), and all paths are
 timed on the same picture in turn, so load on the shared machine falls on each alike.
@@ -91,11 +92,18 @@ def _timed(fn: Callable[[], object], kept: list[object]) -> float:
 
 
 def _floor(image: Any, size: tuple[int, int], resample: int, pixels: np.ndarray, tok: TextTokenizer,
-           texts: list[str]) -> object:
-    """Resize the new image, copy its rows once, tokenize the new text once. The resized image is
-    dropped, as a processor drops it (keeping it would charge the floor fresh pages rollwire never pays)."""
+           texts: list[str], held: list[np.ndarray]) -> object:
+    """Resize the new image, copy its rows once, tokenize the new text once.
+
+    Each side keeps what it keeps: the resized image is dropped, as a processor drops it, and the
+    rows are held for the whole run (`held`), as rollwire's feature store holds its rows. Rows that
+    were dropped would hand the next turn's copy pages already mapped, a saving no renderer gets:
+    its rows live until they are sent.
+    """
     image.resize(size, resample)
-    return np.copy(pixels), [tok.backend.encode(t, add_special_tokens=False) for t in texts]
+    rows = np.copy(pixels)
+    held.append(rows)
+    return rows, [tok.backend.encode(t, add_special_tokens=False) for t in texts]
 
 
 def run(quick: bool = False) -> Report:
@@ -122,12 +130,13 @@ def run(quick: bool = False) -> Report:
     prompt = renderer.render(history)
     seed_prompt = seed.render(history, add_generation_prompt=True).token_ids if seed else None
     done = 1
+    floor_rows: list[np.ndarray] = []  # the floor's rows, held for the run as the store holds rollwire's
     for w in range(WARMUP if not quick else 1):  # untimed: the first turns of a process pay its allocator's growth
         new = user(5_000 + w, side)
         warm = renderer.bridge(prompt, completion, [new]).tokens
         assert warm is not None
         _floor(new["content"][0]["image"], (new_w, new_h), resample, store.get(warm.images[-1].id).pixel_values,
-               tok, [ANSWER])
+               tok, [ANSWER], floor_rows)
     for T in turns:
         while done < T - 1:  # grow the conversation to T - 1 turns (untimed)
             new = user(done, side)
@@ -145,7 +154,7 @@ def run(quick: bool = False) -> Report:
             bridged = kept[-1].tokens  # type: ignore[attr-defined]
             pixels = store.get(bridged.images[-1].id).pixel_values
             samples["floor"].append(_timed(partial(_floor, new["content"][0]["image"], (new_w, new_h), resample,
-                                                   pixels, tok, list(rec.texts)), kept))
+                                                   pixels, tok, list(rec.texts), floor_rows), kept))
             if processor is not None and r < baseline_reps and (T <= 32 or r < 2):
                 conversation = [*history, {"role": "assistant", "content": ANSWER}, new]
                 samples["hf"].append(_timed(partial(processor.apply_chat_template, conversation, tokenize=True,
@@ -170,7 +179,8 @@ def run(quick: bool = False) -> Report:
     notes = [f"{side[0]}×{side[1]} photo-like pictures (resized to {new_w}×{new_h}), one per user turn, on the tiny "
              f"Qwen2-VL model's tokenizer and processor; medians of {reps} turns per T ({baseline_reps} for the "
              f"baselines), each with a new picture, after {WARMUP} untimed turns; rollwire / floor is the median of "
-             "each turn's ratio (both timed back to back on the same picture). rollwire's cost includes the BLAKE3 "
+             "each turn's ratio (both timed back to back on the same picture). Both keep their rows for the whole run "
+             "(rollwire's in its feature store); neither keeps the resized image. rollwire's cost includes the BLAKE3 "
              "image id; the floor's does not. Times are the thread's CPU time (other jobs on the shared machine do "
              "not count)."]
     notes += [why for why in (hf_why, seed_why) if why]

@@ -283,11 +283,11 @@ def patchify_rgbx(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
     """`patchify` of an (H, W, 4) RGBX image (PIL's own layout: R, G, B, a pad byte): the same rows.
 
     numpy moves short byte runs slowly (the strided copy of 14-byte runs was the old patchify's
-    cost), so each band of merged patch rows goes in wide moves through small reused buffers:
-    each patch row of 4-byte pixels as one `V{4p}` item into patch order; each channel out of the
-    4-byte pixels as one contiguous uint32 -> uint8 cast over a view shifted by the channel's byte
-    (`<u4`: its low byte is the first, on any machine); then each channel's p*p block as one
-    `V{p*p}` item into every frame of the rows.
+    cost), so each band of merged patch rows goes in wide moves through one small reused buffer:
+    each patch row of 4-byte pixels as one `V{4p}` item into patch order (a patch's p*p pixels are
+    then contiguous); then each channel out of the 4-byte pixels as one uint32 -> uint8 cast, over a
+    view shifted by the channel's byte (`<u4`: its low byte is the first, on any machine), straight
+    into the rows, broadcast over the frames.
     """
     height, width = rgbx.shape[:2]
     if rgbx.dtype != np.uint8 or rgbx.ndim != 3 or rgbx.shape[2] != 4 or height % (p * m) or width % (p * m):
@@ -296,39 +296,35 @@ def patchify_rgbx(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
     if rgbx.strides != (4 * width, 4, 1):
         rgbx = np.ascontiguousarray(rgbx)
     bands, per_band = height // (p * m), width // p * m  # merged rows of patches; patches in each
-    band_pixels = per_band * p * p
+    band_pixels, pp = per_band * p * p, p * p
     step = min(bands, max(1, _SCRATCH_BYTES // (4 * band_pixels)))
-    tiles_buf, planes_buf, channels = _band_buffers(step * band_pixels)
-    item, block = np.dtype(f"V{4 * p}"), np.dtype(f"V{p * p}")  # a patch row of RGBX; a channel's patch
+    tiles_buf, channels = _band_buffers(step * band_pixels)
+    item = np.dtype(f"V{4 * p}")  # a patch row of RGBX pixels
     # (H, W*4) bytes -> (bands, m, p, gw/m, m) items -> (bands, gw/m, m, m, p): HF's patch order.
     src = rgbx.reshape(height, width * 4).view(item).reshape(bands, m, p, width // (p * m), m)
     src = src.transpose(0, 3, 1, 4, 2)
     tiles = tiles_buf[: 4 * step * band_pixels].view(item).reshape(step, width // (p * m), m, m, p)
-    planes = planes_buf[:, : step * band_pixels].view(block)  # (3, patches in a buffer)
-    out = np.empty((bands * per_band, 3, t, p * p), dtype=np.uint8)
-    frames = out.view(block)[..., 0]  # (patches, 3, t)
+    out = np.empty((bands * per_band, 3, t, pp), dtype=np.uint8)
     for b in range(0, bands, step):
         n = min(step, bands - b)
-        k = n * band_pixels
+        lo, hi = b * per_band, (b + n) * per_band
         tiles[:n] = src[b : b + n]
-        for c in range(3):
-            np.copyto(planes_buf[c, :k], channels[c][:k], casting="unsafe")  # the low byte: channel c
-        patches = planes[:, : n * per_band].T
-        for f in range(t):
-            frames[b * per_band : (b + n) * per_band, :, f] = patches
-    rows = out.reshape(bands * per_band, 3 * t * p * p)
+        band = out[lo:hi]  # (patches, 3, t, p*p)
+        for c in range(3):  # the low byte of each shifted pixel: channel c, into every frame at once
+            np.copyto(band[:, c], channels[c][: n * band_pixels].reshape(hi - lo, 1, pp), casting="unsafe")
+    rows = out.reshape(bands * per_band, 3 * t * pp)
     rows.flags.writeable = False
     return rows
 
 
-def _band_buffers(pixels: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """This thread's RGBX tile buffer (+ 4 bytes: the shifted views read up to 3 past the end), its
-    3 channel planes, and the 3 shifted `<u4` views of the tiles, for at least `pixels` pixels."""
-    got: tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None = getattr(_scratch, "buffers", None)
-    if got is None or got[1].shape[1] < pixels:
+def _band_buffers(pixels: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """This thread's RGBX tile buffer (+ 4 bytes: the shifted views read up to 3 past the end) and
+    the 3 shifted `<u4` views of it, for at least `pixels` pixels."""
+    got: tuple[np.ndarray, list[np.ndarray]] | None = getattr(_scratch, "buffers", None)
+    if got is None or got[1][0].shape[0] < pixels:
         tiles = np.empty(4 * pixels + 4, dtype=np.uint8)
         channels = [np.frombuffer(tiles, dtype="<u4", offset=c, count=pixels) for c in range(3)]
-        got = _scratch.buffers = (tiles, np.empty((3, pixels), dtype=np.uint8), channels)
+        got = _scratch.buffers = (tiles, channels)
     return got
 
 
