@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_image
+from rollwire.errors import RenderError
 from rollwire.render import RenderedTokens, create_renderer, validate_placeholders
 from rollwire.render.chatml import ChatMLRenderer
 from rollwire.render.qwen3_vl import Qwen3VLRenderer
@@ -221,3 +222,11 @@ def test_bridge_declines_with_a_reason(renderers: dict[str, Any], tiny: Callable
     generic = create_renderer(tiny("qwen3"), family="generic")
     g = generic.bridge(generic.render(msgs), done, msgs)
     assert g.tokens is None and g.reason is not None and "generic" in g.reason
+
+
+def test_from_labels_makes_runs_and_rejects_labels_that_do_not_cover_the_ids() -> None:
+    tokens = RenderedTokens.from_labels([5, 6, 7, 8], [0, 0, 1, 1], [False, False, True, True], (), 2)
+    assert tokens.runs == ((2, 0, False), (4, 1, True))
+    assert list(tokens.message_index) == [0, 0, 1, 1] and list(tokens.sampled_mask) == [False, False, True, True]
+    with pytest.raises(RenderError, match="3 token ids, 2 message indices and 3 sampled flags"):
+        RenderedTokens.from_labels([5, 6, 7], [0, 0], [False, False, True], (), 1)

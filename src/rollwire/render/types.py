@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_che
 
 import msgspec
 
+from rollwire.errors import RenderError
 from rollwire.messages import Message, MessageLike
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class RenderedTokens(msgspec.Struct, frozen=True):
                     images: tuple[ImageRef, ...], num_messages: int) -> RenderedTokens:
         """From one message index and one sampled flag per token."""
         if not len(token_ids) == len(message_index) == len(sampled_mask):
-            raise ValueError(f"{len(token_ids)} token ids, {len(message_index)} message indices and "
+            raise RenderError(f"{len(token_ids)} token ids, {len(message_index)} message indices and "
                              f"{len(sampled_mask)} sampled flags")
         runs: list[tuple[int, int, bool]] = []
         for end, (index, sampled) in enumerate(zip(message_index, sampled_mask, strict=True), 1):
