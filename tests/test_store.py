@@ -162,3 +162,14 @@ def test_killing_the_process_loses_only_rollouts_in_flight(cache_dir: Path, tiny
     assert len(ids) == len(set(ids)) == 20 and ids[: len(committed)] == committed
     assert len(list(RunReader(run).trajectories())) == 20
     assert json.loads((run / ROWS).read_text().splitlines()[-1])["finish"] in ("done", "max_turns")
+
+
+def test_the_run_keeps_qwen_features_once_per_frame(produced: dict[str, Any]) -> None:
+    """The writer passes the processor's repeated frames: each blob holds one of Qwen2-VL's two."""
+    store = produced["renderer"].feature_store
+    blobs = list((produced["dir"] / "blobs").rglob("*.features"))
+    assert blobs
+    for blob in blobs:
+        data = blob.read_bytes()
+        assert data[:4] == b"RWF2"
+        assert len(data) < 0.55 * store.get(blob.stem).pixel_values.nbytes

@@ -130,6 +130,12 @@ class VisionConfig:
         """Values per patch row: channels * temporal_patch_size * patch_size**2."""
         return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
 
+    @property
+    def repeated_frames(self) -> tuple[int, int] | None:
+        """(channels, frames) of the rows' (C, T, P, P) layout when T > 1: a still image is one frame
+        repeated T times, which a features blob keeps once. None when there is nothing repeated."""
+        return (3, self.temporal_patch_size) if self.temporal_patch_size > 1 else None
+
     def fingerprint(self) -> str:
         """A short stable string over every field (part of each image id)."""
         return _fingerprint(self)

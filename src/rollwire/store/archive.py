@@ -65,7 +65,9 @@ class BlobWriter:
             blob = (archive_image(original) if isinstance(original, Image.Image)
                     else self._encoded_original(image_id, original))
         if not self._is_staged(feats) and not lexists(feats):
-            self._write(StagedFile(feats, encode_features(features or self._features_of(image_id, original))), stage)
+            features = features or self._features_of(image_id, original)
+            repeated = getattr(self.features.config, "repeated_frames", None)  # Qwen-VL: one frame kept
+            self._write(StagedFile(feats, encode_features(features, repeated)), stage)
         if blob is None:
             return archived
         archived = folder / f"{image_id}.{blob[0]}"
