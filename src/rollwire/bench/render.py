@@ -131,20 +131,12 @@ def run(quick: bool = False) -> Report:
     seed_prompt = seed.render(history, add_generation_prompt=True).token_ids if seed else None
     done = 1
     floor_rows: list[np.ndarray] = []  # the floor's rows, held for the run as the store holds rollwire's
-    untimed = iter(range(5_000, 10_000))
-
-    def settle() -> None:
-        """One untimed turn of rollwire and of the floor, on a picture of its own: the first turns of a
-        process pay its allocator's growth, and a turn after the baselines (their large arrays just freed,
-        the caches theirs) would charge that to whichever of the two runs first."""
-        new = user(next(untimed), side)
+    for w in range(WARMUP if not quick else 1):  # untimed: the first turns of a process pay its allocator's growth
+        new = user(5_000 + w, side)
         warm = renderer.bridge(prompt, completion, [new]).tokens
         assert warm is not None
         _floor(new["content"][0]["image"], (new_w, new_h), resample, store.get(warm.images[-1].id).pixel_values,
                tok, [ANSWER], floor_rows)
-
-    for _ in range(WARMUP if not quick else 1):
-        settle()
     for T in turns:
         while done < T - 1:  # grow the conversation to T - 1 turns (untimed)
             new = user(done, side)
@@ -172,8 +164,6 @@ def run(quick: bool = False) -> Report:
                 samples["seed"].append(_timed(partial(seed.bridge_to_next_turn, seed_prompt, completion, [new]),
                                               kept))
             kept.clear()
-            if r < baseline_reps and (processor is not None or seed is not None):
-                settle()
         ms = {k: statistics.median(v) * 1e3 if v else None for k, v in samples.items()}
         ours, fl, hf, sd = ms["rollwire"], ms["floor"], ms["hf"], ms["seed"]
         assert ours is not None and fl is not None
@@ -188,8 +178,7 @@ def run(quick: bool = False) -> Report:
     worst = max(f["rollwire_vs_floor"] or 0.0 for f in figures.values())
     notes = [f"{side[0]}×{side[1]} photo-like pictures (resized to {new_w}×{new_h}), one per user turn, on the tiny "
              f"Qwen2-VL model's tokenizer and processor; medians of {reps} turns per T ({baseline_reps} for the "
-             f"baselines), each with a new picture, after {WARMUP} untimed turns (and one after each turn the "
-             "baselines ran in); rollwire / floor is the median of "
+             f"baselines), each with a new picture, after {WARMUP} untimed turns; rollwire / floor is the median of "
              "each turn's ratio (both timed back to back on the same picture). Both keep their rows for the whole run "
              "(rollwire's in its feature store); neither keeps the resized image. rollwire's cost includes the BLAKE3 "
              "image id; the floor's does not. Times are the thread's CPU time (other jobs on the shared machine do "
