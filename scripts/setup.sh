@@ -11,7 +11,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.rollwire-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# setup.py and the C file: the editable install builds rollwire.features._simd in place, once
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+    || [ src/rollwire/features/_simd.c -nt "$stamp" ]; then
   pip_install --upgrade pip
   pip_install "torch==${ROLLWIRE_TORCH:-2.13.0}"
   pip_install -e ".[local,dev,datasets,ray]"

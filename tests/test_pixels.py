@@ -1,6 +1,7 @@
 """The features fast path: a view of PIL's own pixel memory, the RGBX patchify, the streamed image
 id; each against an independent reference (numpy's copy of the pixels, HF's patch formula, BLAKE3
-over `tobytes()`, the HF processor)."""
+over `tobytes()`, the HF processor). The patchify and the id run on both their paths: the compiled
+shuffles (`pixels.SIMD`, where this CPU has AVX-512 VBMI) and numpy / PIL."""
 
 from __future__ import annotations
 
@@ -16,10 +17,21 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from rollwire.errors import ImageError
-from rollwire.features import VisionConfig, process_image
+from rollwire.features import VisionConfig, pixels, process_image
 from rollwire.features.pixels import rgbx_pixels
 from rollwire.features.qwen_vl import patchify_rgbx
 from rollwire.images import image_hash, load_image, to_rgb
+
+
+@pytest.fixture(params=["simd", "numpy"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test that takes it runs with the compiled shuffles and without them."""
+    if request.param == "simd":
+        if pixels.SIMD is None:
+            pytest.skip("no compiled shuffles here (not built, or no AVX-512 VBMI): tests/test_simd.py says which")
+    else:
+        monkeypatch.setattr(pixels, "SIMD", None)
+    return str(request.param)
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -85,7 +97,7 @@ def test_no_view_where_pil_cannot_give_one() -> None:
 
 @pytest.mark.parametrize(("p", "m", "t"), [(14, 2, 2), (16, 2, 2), (14, 1, 1), (14, 2, 3), (5, 3, 2)])
 @pytest.mark.parametrize(("gh", "gw"), [(1, 1), (2, 3), (7, 5), (36, 60)])
-def test_patchify_rgbx_is_hfs_patch_layout(p: int, m: int, t: int, gh: int, gw: int) -> None:
+def test_patchify_rgbx_is_hfs_patch_layout(p: int, m: int, t: int, gh: int, gw: int, path: str) -> None:
     rng = np.random.default_rng(gh * 100 + gw)
     rgbx = rng.integers(0, 256, (gh * p * m, gw * p * m, 4), dtype=np.uint8)  # pad bytes random: ignored
     rows = patchify_rgbx(rgbx, p, m, t)
@@ -93,7 +105,7 @@ def test_patchify_rgbx_is_hfs_patch_layout(p: int, m: int, t: int, gh: int, gw: 
     assert np.array_equal(rows, hf_rows(rgbx[:, :, :3], p, m, t))
 
 
-def test_patchify_rgbx_takes_a_strided_view_and_rejects_a_bad_shape() -> None:
+def test_patchify_rgbx_takes_a_strided_view_and_rejects_a_bad_shape(path: str) -> None:
     rng = np.random.default_rng(3)
     wide = rng.integers(0, 256, (56, 112, 4), dtype=np.uint8)
     half = wide[:, 56:]  # rows not contiguous
@@ -119,8 +131,9 @@ def test_process_without_a_view_is_still_the_hf_rows() -> None:
     assert np.array_equal(rows.astype(np.float32), expected["pixel_values"])
 
 
-@pytest.mark.parametrize("size", [(1, 1), (3, 7), (640, 480), (1500, 1100), (70000, 2), (2, 70000)])
-def test_image_id_is_blake3_over_the_packed_rgb_bytes(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("size", [(1, 1), (3, 7), (17, 1), (640, 480), (256, 257), (1500, 1100), (70000, 2),
+                                  (2, 70000)])
+def test_image_id_is_blake3_over_the_packed_rgb_bytes(size: tuple[int, int], path: str) -> None:
     """Streamed in chunks (rows wider than a chunk included), the id is what it was: BLAKE3 keyed by
     the id context over (width, height, len(fp)), fp and `tobytes()`."""
     image = noise(*size, seed=5)
@@ -128,3 +141,15 @@ def test_image_id_is_blake3_over_the_packed_rgb_bytes(size: tuple[int, int]) -> 
     hasher = blake3.blake3(derive_key_context="rollwire 2026 image id v2")
     hasher.update(struct.pack("<QQQ", size[0], size[1], len(fp)) + fp + image.tobytes())
     assert image_hash(image, fp.decode()) == hasher.hexdigest(length=16)
+
+
+def test_image_id_ignores_pils_pad_byte(path: str) -> None:
+    """PIL's fourth byte of an RGB pixel is 255 from `fromarray` and 0 from `resize`; the compiled pack
+    reads PIL's memory with it, so the same pixels must still give one id."""
+    image = noise(300, 229, seed=6)  # 68,700 pixels: more than one chunk of the pack
+    # a box filter doubling the width, then halving it, gives the pixels back exactly, written by the resampler
+    resized = image.resize((600, 229), Image.Resampling.BOX).resize((300, 229), Image.Resampling.BOX)
+    assert np.array_equal(np.asarray(resized), np.asarray(image))
+    pads = {int(rgbx_pixels(im)[0, 0, 3]) for im in (image, resized)}  # type: ignore[index]
+    assert pads == {0, 255}
+    assert image_hash(image, "fp") == image_hash(resized, "fp")

@@ -10,17 +10,34 @@ The view keeps the export alive, and the export keeps PIL's memory alive.
 When the export is not there or not that layout (an older Pillow, an image too large for one
 memory block, any other surprise) `rgbx_pixels` says None and the caller takes `np.asarray`: the
 same values, one copy more.
+
+`SIMD` is the compiled byte shuffles (`rollwire.features._simd`, AVX-512 VBMI) that read that memory
+when they are built and this CPU runs them (`ROLLWIRE_SIMD=0` turns them off), else None.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["rgbx_pixels"]
+__all__ = ["SIMD", "rgbx_pixels"]
+
+
+def _simd() -> Any | None:
+    if os.environ.get("ROLLWIRE_SIMD", "1") == "0":
+        return None
+    try:
+        from rollwire.features import _simd as kernels  # type: ignore[attr-defined]
+    except ImportError:  # not built here (no compiler, not x86-64): the numpy and PIL paths
+        return None
+    return kernels if kernels.simd else None
+
+
+SIMD: Any | None = _simd()
 
 
 class _ArrowSchema(ctypes.Structure):

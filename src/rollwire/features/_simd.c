@@ -1,0 +1,205 @@
+/* rollwire.features._simd: the two byte shuffles of a new image's turn, in AVX-512 VBMI.
+ *
+ * - patchify_rgbx: PIL's RGBX pixels (R, G, B, a pad byte) -> Qwen-VL's uint8 patch rows
+ *   (C, T, P, P) in HF's patch order, each frame the same. One permute of a patch row's p pixels
+ *   (vpermb) puts each channel's p bytes in one lane; masked stores write them to every frame.
+ * - pack_rgb: RGBX -> packed RGB bytes (what Image.tobytes() gives for an RGB image), the input of
+ *   the image id's hash, 16 pixels a permute.
+ *
+ * numpy moves these bytes in short runs and casts (about 2.3x a copy for the patchify) and PIL packs
+ * one pixel at a time; both are the same bytes (tests/test_simd.py holds them to it). Built as an
+ * optional extension (setup.py): where it is missing, or the CPU has no AVX-512 VBMI (`simd` is
+ * False), rollwire takes the numpy and PIL paths. The GIL is released while the bytes move.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ROLLWIRE_X86 1
+#include <immintrin.h>
+#endif
+
+#define MAX_PATCH 16  /* a patch row of up to 16 RGBX pixels is one 64-byte vector */
+#define MAX_FRAMES 16
+
+#ifdef ROLLWIRE_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi")))
+static void patchify_avx512(const uint8_t *src, uint8_t *out, Py_ssize_t height, Py_ssize_t width,
+                            int p, int m, int t) {
+    uint8_t order[64];
+    for (int k = 0; k < 16; k++) {
+        order[k] = (uint8_t)(4 * k);
+        order[16 + k] = (uint8_t)(4 * k + 1);
+        order[32 + k] = (uint8_t)(4 * k + 2);
+        order[48 + k] = (uint8_t)(4 * k + 3);
+    }
+    const __m512i perm = _mm512_loadu_si512((const void *)order);
+    const __mmask16 mask = (__mmask16)((1u << p) - 1);
+    const Py_ssize_t pp = (Py_ssize_t)p * p, plane = (Py_ssize_t)t * pp, row_bytes = 3 * plane;
+    const Py_ssize_t stride = 4 * width;
+    uint8_t *o = out;
+    for (Py_ssize_t by = 0; by < height / (p * m); by++)
+        for (Py_ssize_t bx = 0; bx < width / (p * m); bx++)
+            for (int my = 0; my < m; my++)
+                for (int mx = 0; mx < m; mx++, o += row_bytes) {
+                    const uint8_t *s = src + ((by * m + my) * p) * stride + 4 * ((bx * m + mx) * p);
+                    for (int i = 0; i < p; i++, s += stride) {
+                        __m512i q = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi32(mask, s));
+                        __m128i r = _mm512_castsi512_si128(q);
+                        __m128i g = _mm512_extracti32x4_epi32(q, 1);
+                        __m128i b = _mm512_extracti32x4_epi32(q, 2);
+                        uint8_t *d = o + (Py_ssize_t)i * p;
+                        for (int f = 0; f < t; f++, d += pp) {
+                            _mm_mask_storeu_epi8(d, mask, r);
+                            _mm_mask_storeu_epi8(d + plane, mask, g);
+                            _mm_mask_storeu_epi8(d + 2 * plane, mask, b);
+                        }
+                    }
+                }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi")))
+static void pack_avx512(const uint8_t *src, uint8_t *dst, Py_ssize_t n) {
+    uint8_t order[64] = {0};
+    for (int k = 0; k < 16; k++) {
+        order[3 * k] = (uint8_t)(4 * k);
+        order[3 * k + 1] = (uint8_t)(4 * k + 1);
+        order[3 * k + 2] = (uint8_t)(4 * k + 2);
+    }
+    const __m512i perm = _mm512_loadu_si512((const void *)order);
+    Py_ssize_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        _mm512_mask_storeu_epi8(dst + 3 * k, 0xFFFFFFFFFFFFull,
+                                _mm512_permutexvar_epi8(perm, _mm512_loadu_si512((const void *)(src + 4 * k))));
+    for (; k < n; k++) {
+        dst[3 * k] = src[4 * k];
+        dst[3 * k + 1] = src[4 * k + 1];
+        dst[3 * k + 2] = src[4 * k + 2];
+    }
+}
+
+static int have_simd(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
+}
+#else
+static int have_simd(void) { return 0; }
+#endif
+
+static int simd_ok = 0;
+
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s buffer", what, writable ? " writable" : "");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *patchify_rgbx(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *out_obj;
+    Py_ssize_t height, width;
+    int p, m, t;
+    if (!PyArg_ParseTuple(args, "OOnniii", &src_obj, &out_obj, &height, &width, &p, &m, &t))
+        return NULL;
+    if (!simd_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "patchify_rgbx needs AVX-512 VBMI (check _simd.simd first)");
+        return NULL;
+    }
+    if (p < 1 || p > MAX_PATCH || m < 1 || t < 1 || t > MAX_FRAMES || height <= 0 || width <= 0
+            || height % ((Py_ssize_t)p * m) || width % ((Py_ssize_t)p * m)) {
+        PyErr_Format(PyExc_ValueError, "patchify_rgbx: bad geometry %zdx%zd, patch %d, merge %d, frames %d",
+                     width, height, p, m, t);
+        return NULL;
+    }
+    if (width > PY_SSIZE_T_MAX / 4 / height || 3 * (Py_ssize_t)t > PY_SSIZE_T_MAX / width / height) {
+        PyErr_SetString(PyExc_ValueError, "patchify_rgbx: image too large");
+        return NULL;
+    }
+    Py_buffer src, out;
+    if (get_buffer(src_obj, &src, 0, "src") < 0)
+        return NULL;
+    if (get_buffer(out_obj, &out, 1, "out") < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (src.len != 4 * width * height || out.len != 3 * (Py_ssize_t)t * width * height) {
+        PyErr_Format(PyExc_ValueError, "patchify_rgbx: src has %zd bytes (want %zd), out %zd (want %zd)",
+                     src.len, 4 * width * height, out.len, 3 * (Py_ssize_t)t * width * height);
+    } else {
+#ifdef ROLLWIRE_X86
+        Py_BEGIN_ALLOW_THREADS
+        patchify_avx512((const uint8_t *)src.buf, (uint8_t *)out.buf, height, width, p, m, t);
+        Py_END_ALLOW_THREADS
+#endif
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *pack_rgb(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *dst_obj;
+    Py_ssize_t start, count;
+    if (!PyArg_ParseTuple(args, "OnnO", &src_obj, &start, &count, &dst_obj))
+        return NULL;
+    if (!simd_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "pack_rgb needs AVX-512 VBMI (check _simd.simd first)");
+        return NULL;
+    }
+    Py_buffer src, dst;
+    if (get_buffer(src_obj, &src, 0, "src") < 0)
+        return NULL;
+    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (start < 0 || count < 0 || src.len % 4 || start > src.len / 4 || count > src.len / 4 - start
+            || count > dst.len / 3) {
+        PyErr_Format(PyExc_ValueError, "pack_rgb: pixels [%zd, +%zd) of a %zd-byte RGBX buffer into %zd bytes",
+                     start, count, src.len, dst.len);
+    } else {
+#ifdef ROLLWIRE_X86
+        Py_BEGIN_ALLOW_THREADS
+        pack_avx512((const uint8_t *)src.buf + 4 * start, (uint8_t *)dst.buf, count);
+        Py_END_ALLOW_THREADS
+#endif
+        result = PyLong_FromSsize_t(3 * count);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"patchify_rgbx", patchify_rgbx, METH_VARARGS,
+     "patchify_rgbx(src, out, height, width, p, m, t): RGBX bytes (H*W*4) -> uint8 rows (N, 3, t, p*p) in out."},
+    {"pack_rgb", pack_rgb, METH_VARARGS,
+     "pack_rgb(src, start, count, dst) -> bytes written: RGBX pixels [start, start+count) packed as RGB into dst."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_simd", "AVX-512 VBMI byte shuffles for image rows.",
+                                    -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__simd(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (mod == NULL)
+        return NULL;
+    simd_ok = have_simd();
+    if (PyModule_AddObjectRef(mod, "simd", simd_ok ? Py_True : Py_False) < 0
+            || PyModule_AddIntConstant(mod, "MAX_PATCH", MAX_PATCH) < 0
+            || PyModule_AddIntConstant(mod, "MAX_FRAMES", MAX_FRAMES) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,109 @@
+"""rollwire.features._simd, the compiled byte shuffles, called directly: built where it can be, on
+where the CPU says so, the same bytes as numpy's references, and a typed error for every bad call."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rollwire.features import pixels
+
+X86_LINUX_WITH_CC = (platform.machine() in ("x86_64", "AMD64") and sys.platform == "linux"
+                     and (shutil.which("cc") or shutil.which("gcc")) is not None)
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.fixture(scope="module")
+def simd() -> Any:
+    try:
+        module = importlib.import_module("rollwire.features._simd")
+    except ImportError:
+        pytest.skip("rollwire.features._simd is not built here")
+    if not module.simd:
+        pytest.skip("this CPU has no AVX-512 VBMI: rollwire takes the numpy paths")
+    return module
+
+
+@pytest.mark.skipif(not X86_LINUX_WITH_CC, reason="the extension is built on x86-64 Linux with a C compiler")
+def test_the_extension_is_built_and_on_exactly_where_the_cpu_has_avx512_vbmi() -> None:
+    module = importlib.import_module("rollwire.features._simd")  # an install that skipped it fails here
+    want = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= cpu_flags()
+    assert module.simd is want
+    assert (pixels.SIMD is module) is (want and os.environ.get("ROLLWIRE_SIMD", "1") != "0")
+
+
+def test_rollwire_simd_0_turns_the_shuffles_off() -> None:
+    code = "from rollwire.features import pixels; print(pixels.SIMD)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ROLLWIRE_SIMD": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None"
+
+
+def reference_rows(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
+    """HF's patch formula over the R, G, B bytes (the pad byte dropped), each frame the same."""
+    chw = rgbx[:, :, :3].transpose(2, 0, 1)[None].repeat(t, axis=0)
+    gh, gw = rgbx.shape[0] // p, rgbx.shape[1] // p
+    x = chw.reshape(1, t, 3, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gh * gw, 3 * t * p * p)
+
+
+@pytest.mark.parametrize(("p", "m", "t", "gh", "gw"), [
+    (14, 2, 2, 17, 23), (16, 2, 2, 4, 6), (1, 1, 1, 3, 5), (7, 3, 4, 2, 1), (15, 1, 16, 1, 2), (14, 2, 1, 2, 2)])
+def test_patchify_is_hfs_rows_whatever_the_pad_bytes(simd: Any, p: int, m: int, t: int, gh: int, gw: int) -> None:
+    rgbx = np.random.default_rng(p * 1000 + gh * 10 + gw).integers(0, 256, (gh * p * m, gw * p * m, 4),
+                                                                    dtype=np.uint8)
+    out = np.full((gh * gw * m * m, 3 * t * p * p), 77, dtype=np.uint8)
+    simd.patchify_rgbx(rgbx, out, rgbx.shape[0], rgbx.shape[1], p, m, t)
+    assert np.array_equal(out, reference_rows(rgbx, p, m, t))
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000, 65_537])
+def test_pack_is_the_rgb_bytes_of_any_span(simd: Any, n: int) -> None:
+    rgbx = np.random.default_rng(n).integers(0, 256, (n + 40, 4), dtype=np.uint8)
+    for start in (0, 3, 40):
+        dst = bytearray(3 * n + 5)
+        assert simd.pack_rgb(rgbx, start, n, dst) == 3 * n
+        assert bytes(dst[: 3 * n]) == rgbx[start : start + n, :3].tobytes()
+        assert dst[3 * n :] == bytearray(5)  # nothing past the span written
+
+
+def test_bad_calls_are_typed_errors_not_stray_writes(simd: Any) -> None:
+    rgbx = np.zeros((28, 56, 4), dtype=np.uint8)
+    out = np.zeros((8, 3 * 2 * 196), dtype=np.uint8)
+    simd.patchify_rgbx(rgbx, out, 28, 56, 14, 2, 2)  # the good call, for contrast
+    bad_geometry = [(28, 56, 17, 2, 2), (28, 56, 14, 2, 0), (28, 56, 14, 2, 17), (30, 56, 14, 2, 2),
+                    (0, 56, 14, 2, 2), (28, 56, 14, 0, 2), (28, 84, 14, 2, 2)]
+    for args in bad_geometry:
+        with pytest.raises(ValueError):
+            simd.patchify_rgbx(rgbx, out, *args)
+    with pytest.raises(ValueError):  # out one row short
+        simd.patchify_rgbx(rgbx, out[:7], 28, 56, 14, 2, 2)
+    with pytest.raises(TypeError):  # out read-only
+        frozen = out.copy()
+        frozen.flags.writeable = False
+        simd.patchify_rgbx(rgbx, frozen, 28, 56, 14, 2, 2)
+    with pytest.raises(TypeError):  # src not contiguous
+        simd.patchify_rgbx(np.zeros((28, 112, 4), dtype=np.uint8)[:, ::2], out, 28, 56, 14, 2, 2)
+    dst = bytearray(30)
+    for start, count in [(-1, 1), (0, 11), (1567, 2), (0, -1)]:
+        with pytest.raises(ValueError):
+            simd.pack_rgb(rgbx, start, count, dst)
+    with pytest.raises(ValueError):  # not whole pixels
+        simd.pack_rgb(b"\x00" * 7, 0, 1, dst)
+    with pytest.raises(TypeError):
+        simd.pack_rgb(rgbx, 0, 1, b"\x00" * 3)  # dst read-only
