@@ -156,18 +156,26 @@ class Emitter:
             pos += len(chunk)
         slots = iter(self._slots)
         slot = next(slots, None)
+        token_ids, run_index = self.token_ids, self._run_index
+        label, count = -2, 0  # tokens appended but not yet labelled: `count` of message `label`
         for token_id, start in self._encode(text, starts):
-            index = self._run_index[bisect.bisect_right(starts, start) - 1]
+            index = run_index[bisect.bisect_right(starts, start) - 1]
             if slot is not None and start == slot[0]:
                 assert self._images is not None
                 if token_id != self._images.pad_id:
                     raise RenderError(f"internal error: the image placeholder at character {start} tokenized "
                                       f"as {token_id}, not the pad token {self._images.pad_id}")
+                self._label(label, False, count)
+                label, count = -2, 0
                 self._add_image(index, slot[1])
                 slot = next(slots, None)
                 continue
-            self.token_ids.append(token_id)
-            self._label(index, False, 1)
+            if index != label:
+                self._label(label, False, count)
+                label, count = index, 0
+            token_ids.append(token_id)
+            count += 1
+        self._label(label, False, count)
         if slot is not None:
             raise RenderError(f"internal error: the image placeholder at character {slot[0]} was not tokenized")
         self._run.clear()
