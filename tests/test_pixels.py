@@ -25,12 +25,13 @@ from rollwire.images import image_hash, load_image, to_rgb
 
 @pytest.fixture(params=["simd", "numpy"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each test that takes it runs with the compiled shuffles and without them."""
+    """Each test that takes it runs with the compiled extension (shuffles and view) and without it."""
     if request.param == "simd":
-        if pixels.SIMD is None:
+        if pixels.SIMD is None or pixels.COMPILED is None:
             pytest.skip("no compiled shuffles here (not built, or no AVX-512 VBMI): tests/test_simd.py says which")
     else:
         monkeypatch.setattr(pixels, "SIMD", None)
+        monkeypatch.setattr(pixels, "COMPILED", None)  # rgbx_pixels by ctypes
     return str(request.param)
 
 
@@ -53,7 +54,7 @@ def hf_rows(pixels: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
     return x.reshape(gh * gw, 3 * t * p * p)
 
 
-def test_view_is_the_images_pixels_whatever_made_the_image() -> None:
+def test_view_is_the_images_pixels_whatever_made_the_image(path: str) -> None:
     base = noise(96, 64, seed=1)
     made = {
         "fromarray": base,
@@ -76,7 +77,7 @@ def test_view_is_the_images_pixels_whatever_made_the_image() -> None:
             view[0, 0, 0] = 1
 
 
-def test_view_outlives_the_image_it_was_taken_from() -> None:
+def test_view_outlives_the_image_it_was_taken_from(path: str) -> None:
     image = noise(280, 196, seed=2).resize((252, 168), Image.Resampling.BICUBIC)
     expected = np.asarray(image).copy()
     view = rgbx_pixels(image)
@@ -88,7 +89,7 @@ def test_view_outlives_the_image_it_was_taken_from() -> None:
     del churn
 
 
-def test_no_view_where_pil_cannot_give_one() -> None:
+def test_no_view_where_pil_cannot_give_one(path: str) -> None:
     assert rgbx_pixels(Image.new("L", (8, 8))) is None
     assert rgbx_pixels(Image.new("RGBA", (8, 8))) is None
     big = Image.new("RGB", (2112, 2112))  # 17.8 MB: more than one of PIL's 16 MiB memory blocks

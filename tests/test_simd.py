@@ -3,6 +3,7 @@ where the CPU says so, the same bytes as numpy's references, and a typed error f
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import platform
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from rollwire.features import pixels
 
@@ -44,14 +46,16 @@ def test_the_extension_is_built_and_on_exactly_where_the_cpu_has_avx512_vbmi() -
     module = importlib.import_module("rollwire.features._simd")  # an install that skipped it fails here
     want = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= cpu_flags()
     assert module.simd is want
-    assert (pixels.SIMD is module) is (want and os.environ.get("ROLLWIRE_SIMD", "1") != "0")
+    on = os.environ.get("ROLLWIRE_SIMD", "1") != "0"
+    assert (pixels.COMPILED is module) is on
+    assert (pixels.SIMD is module) is (want and on)
 
 
 def test_rollwire_simd_0_turns_the_shuffles_off() -> None:
-    code = "from rollwire.features import pixels; print(pixels.SIMD)"
+    code = "from rollwire.features import pixels; print(pixels.SIMD, pixels.COMPILED)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ROLLWIRE_SIMD": "0"},
                          capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "None"
+    assert out.split() == ["None", "None"]
 
 
 def reference_rows(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
@@ -107,3 +111,22 @@ def test_bad_calls_are_typed_errors_not_stray_writes(simd: Any) -> None:
         simd.pack_rgb(b"\x00" * 7, 0, 1, dst)
     with pytest.raises(TypeError):
         simd.pack_rgb(rgbx, 0, 1, b"\x00" * 3)  # dst read-only
+
+
+def test_rgbx_memory_is_the_images_bytes_and_keeps_them_alive() -> None:
+    compiled = pixels.COMPILED
+    if compiled is None:
+        pytest.skip("rollwire.features._simd is not built here")
+    rgb = np.random.default_rng(9).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb).resize((7, 5), Image.Resampling.BICUBIC)  # a new image: PIL's own memory
+    expected = np.asarray(image).copy()
+    memory = compiled.rgbx_memory(image, 7, 5)
+    view = np.frombuffer(memory, dtype=np.uint8).reshape(5, 7, 4)
+    assert not view.flags.writeable
+    del image, memory
+    gc.collect()
+    assert np.array_equal(view[:, :, :3], expected)
+    assert compiled.rgbx_memory(Image.new("RGB", (7, 5)), 7, 6) is None  # not the size it says
+    assert compiled.rgbx_memory(Image.new("RGBA", (7, 5)), 7, 5) is None  # not RGB's layout
+    assert compiled.rgbx_memory(object(), 7, 5) is None  # no export at all
+    assert compiled.rgbx_memory(Image.new("RGB", (7, 5)), 0, 5) is None

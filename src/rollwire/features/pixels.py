@@ -11,8 +11,9 @@ When the export is not there or not that layout (an older Pillow, an image too l
 memory block, any other surprise) `rgbx_pixels` says None and the caller takes `np.asarray`: the
 same values, one copy more.
 
-`SIMD` is the compiled byte shuffles (`rollwire.features._simd`, AVX-512 VBMI) that read that memory
-when they are built and this CPU runs them (`ROLLWIRE_SIMD=0` turns them off), else None.
+`COMPILED` is the extension `rollwire.features._simd` when it is built (`ROLLWIRE_SIMD=0` turns it
+off): its `rgbx_memory` does the same walk of the export in C. `SIMD` is that module when this CPU
+also runs its byte shuffles (AVX-512 VBMI) that read the memory, else None.
 """
 
 from __future__ import annotations
@@ -27,17 +28,18 @@ from PIL import Image
 __all__ = ["SIMD", "rgbx_pixels"]
 
 
-def _simd() -> Any | None:
+def _compiled() -> Any | None:
     if os.environ.get("ROLLWIRE_SIMD", "1") == "0":
         return None
     try:
-        from rollwire.features import _simd as kernels  # type: ignore[attr-defined]
-    except ImportError:  # not built here (no compiler, not x86-64): the numpy and PIL paths
+        from rollwire.features import _simd as compiled  # type: ignore[attr-defined]
+    except ImportError:  # not built here (no compiler, not x86-64): the numpy, PIL and ctypes paths
         return None
-    return kernels if kernels.simd else None
+    return compiled
 
 
-SIMD: Any | None = _simd()
+COMPILED: Any | None = _compiled()  # the extension, built and on: its `rgbx_memory` runs on any CPU
+SIMD: Any | None = COMPILED if COMPILED is not None and COMPILED.simd else None
 
 
 class _ArrowSchema(ctypes.Structure):
@@ -71,6 +73,10 @@ def rgbx_pixels(image: Image.Image) -> np.ndarray | None:
     value), or None when it cannot be had. The caller must not change the image while it holds it."""
     if image.mode != "RGB" or not hasattr(image, "__arrow_c_array__"):
         return None
+    if COMPILED is not None:  # the same walk of the export, in C
+        width, height = image.size
+        memory = COMPILED.rgbx_memory(image, width, height)
+        return None if memory is None else np.frombuffer(memory, dtype=np.uint8).reshape(height, width, 4)
     try:
         schema_capsule, array_capsule = image.__arrow_c_array__()
     except (ValueError, TypeError, AttributeError, NotImplementedError):  # e.g. rows not in one block
