@@ -1,5 +1,6 @@
-"""rollwire.features._simd, the compiled byte shuffles, called directly: built where it can be, on
-where the CPU says so, the same bytes as numpy's references, and a typed error for every bad call."""
+"""rollwire.features._simd, the compiled byte shuffles, called directly: built where it can be, at the
+best level the CPU has, the same bytes as numpy's references at every level this CPU runs (AVX-512
+VBMI and AVX2), and a typed error for every bad call."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +32,58 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.fixture(scope="module")
-def simd() -> Any:
+def compiled_or_skip() -> Any:
     try:
-        module = importlib.import_module("rollwire.features._simd")
+        return importlib.import_module("rollwire.features._simd")
     except ImportError:
         pytest.skip("rollwire.features._simd is not built here")
-    if not module.simd:
-        pytest.skip("this CPU has no AVX-512 VBMI: rollwire takes the numpy paths")
-    return module
+
+
+LEVELS = ["avx512vbmi", "avx2"]
+
+
+@pytest.fixture(params=LEVELS)
+def simd(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The module running its shuffles at each level this CPU has (the best first, then AVX2)."""
+    module = compiled_or_skip()
+    best = module.best()
+    if best is None or LEVELS.index(request.param) < LEVELS.index(best):
+        pytest.skip(f"this CPU does not run {request.param} (best: {best})")
+    previous = module.use(request.param)
+    yield module
+    module.use(previous or "none")
 
 
 @pytest.mark.skipif(not X86_LINUX_WITH_CC, reason="the extension is built on x86-64 Linux with a C compiler")
-def test_the_extension_is_built_and_on_exactly_where_the_cpu_has_avx512_vbmi() -> None:
+def test_the_extension_is_built_and_picks_the_best_level_the_cpu_has() -> None:
     module = importlib.import_module("rollwire.features._simd")  # an install that skipped it fails here
-    want = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= cpu_flags()
-    assert module.simd is want
+    flags = cpu_flags()
+    want = ("avx512vbmi" if {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= flags
+            else "avx2" if "avx2" in flags else None)
+    assert module.best() == want and module.level() == want
     on = os.environ.get("ROLLWIRE_SIMD", "1") != "0"
     assert (pixels.COMPILED is module) is on
-    assert (pixels.SIMD is module) is (want and on)
+    assert (pixels.SIMD is module) is (want is not None and on)
+
+
+def test_use_takes_no_level_above_the_cpus_and_none_turns_the_kernels_off() -> None:
+    module = compiled_or_skip()
+    best = module.best()
+    with pytest.raises(ValueError):
+        module.use("sse9")
+    if best != "avx512vbmi":
+        with pytest.raises(ValueError):
+            module.use("avx512vbmi")
+    previous = module.use("none")
+    try:
+        assert module.level() is None
+        with pytest.raises(RuntimeError):
+            module.pack_rgb(b"\x00" * 4, 0, 1, bytearray(3))
+        with pytest.raises(RuntimeError):
+            module.patchify_rgbx(b"\x00" * 4, bytearray(6), 1, 1, 1, 1, 2)
+    finally:
+        module.use(previous or "none")
+    assert module.level() == best
 
 
 def test_rollwire_simd_0_turns_the_shuffles_off() -> None:
@@ -67,16 +102,18 @@ def reference_rows(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("p", "m", "t", "gh", "gw"), [
-    (14, 2, 2, 17, 23), (16, 2, 2, 4, 6), (1, 1, 1, 3, 5), (7, 3, 4, 2, 1), (15, 1, 16, 1, 2), (14, 2, 1, 2, 2)])
+    (14, 2, 2, 17, 23), (16, 2, 2, 4, 6), (1, 1, 1, 3, 5), (7, 3, 4, 2, 1), (15, 1, 16, 1, 2), (14, 2, 1, 2, 2),
+    (8, 2, 2, 2, 3), (9, 1, 3, 2, 2), (3, 2, 5, 3, 2)])
 def test_patchify_is_hfs_rows_whatever_the_pad_bytes(simd: Any, p: int, m: int, t: int, gh: int, gw: int) -> None:
     rgbx = np.random.default_rng(p * 1000 + gh * 10 + gw).integers(0, 256, (gh * p * m, gw * p * m, 4),
                                                                     dtype=np.uint8)
-    out = np.full((gh * gw * m * m, 3 * t * p * p), 77, dtype=np.uint8)
-    simd.patchify_rgbx(rgbx, out, rgbx.shape[0], rgbx.shape[1], p, m, t)
-    assert np.array_equal(out, reference_rows(rgbx, p, m, t))
+    out = np.full((gh * gw * m * m + 1, 3 * t * p * p), 77, dtype=np.uint8)  # a row more: must stay untouched
+    simd.patchify_rgbx(rgbx, out[:-1], rgbx.shape[0], rgbx.shape[1], p, m, t)
+    assert np.array_equal(out[:-1], reference_rows(rgbx, p, m, t))
+    assert (out[-1] == 77).all()
 
 
-@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000, 65_537])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 10, 11, 15, 16, 17, 18, 25, 26, 1000, 65_537])
 def test_pack_is_the_rgb_bytes_of_any_span(simd: Any, n: int) -> None:
     rgbx = np.random.default_rng(n).integers(0, 256, (n + 40, 4), dtype=np.uint8)
     for start in (0, 3, 40):
@@ -114,9 +151,7 @@ def test_bad_calls_are_typed_errors_not_stray_writes(simd: Any) -> None:
 
 
 def test_rgbx_memory_is_the_images_bytes_and_keeps_them_alive() -> None:
-    compiled = pixels.COMPILED
-    if compiled is None:
-        pytest.skip("rollwire.features._simd is not built here")
+    compiled = compiled_or_skip()
     rgb = np.random.default_rng(9).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     image = Image.fromarray(rgb).resize((7, 5), Image.Resampling.BICUBIC)  # a new image: PIL's own memory
     expected = np.asarray(image).copy()

@@ -1,18 +1,19 @@
-/* rollwire.features._simd: the two byte shuffles of a new image's turn, in AVX-512 VBMI, and the view
- * of PIL's memory they read.
+/* rollwire.features._simd: the two byte shuffles of a new image's turn, in AVX-512 VBMI or AVX2, and
+ * the view of PIL's memory they read.
  *
  * - rgbx_memory: a read-only buffer over an RGB PIL image's own RGBX bytes, from its Arrow C export
  *   (what pixels.rgbx_pixels otherwise reads with ctypes: 5 us, not 8-11); on any CPU.
  * - patchify_rgbx: PIL's RGBX pixels (R, G, B, a pad byte) -> Qwen-VL's uint8 patch rows
- *   (C, T, P, P) in HF's patch order, each frame the same. One permute of a patch row's p pixels
- *   (vpermb) puts each channel's p bytes in one lane; masked stores write them to every frame.
+ *   (C, T, P, P) in HF's patch order, each frame the same. AVX-512 VBMI: one permute of a patch
+ *   row's p pixels (vpermb) puts each channel's p bytes in one lane, masked stores write them to
+ *   every frame. AVX2: in-lane shuffles, a dword permute and two unpacks do the same for 16 pixels.
  * - pack_rgb: RGBX -> packed RGB bytes (what Image.tobytes() gives for an RGB image), the input of
- *   the image id's hash, 16 pixels a permute.
+ *   the image id's hash: 16 pixels a permute (AVX-512 VBMI), 8 a shuffle (AVX2).
  *
  * numpy moves these bytes in short runs and casts (about 2.3x a copy for the patchify) and PIL packs
- * one pixel at a time; both are the same bytes (tests/test_simd.py holds them to it). Built as an
- * optional extension (setup.py): where it is missing, or the CPU has no AVX-512 VBMI (`simd` is
- * False), rollwire takes the numpy and PIL paths. The GIL is released while the bytes move.
+ * one pixel at a time; both are the same bytes (tests/test_simd.py holds every level to it). Built as
+ * an optional extension (setup.py): where it is missing, or the CPU has neither (`level()` is None),
+ * rollwire takes the numpy and PIL paths. The GIL is released while the bytes move.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -83,16 +84,84 @@ static void pack_avx512(const uint8_t *src, uint8_t *dst, Py_ssize_t n) {
     }
 }
 
-static int have_simd(void) {
+__attribute__((target("avx2")))
+static void patchify_avx2(const uint8_t *src, uint8_t *out, Py_ssize_t height, Py_ssize_t width,
+                          int p, int m, int t) {
+    /* in each 128-bit lane, 4 pixels -> R0-3 G0-3 B0-3 X0-3; then the dwords across lanes ->
+       R0-7 G0-7 B0-7 X0-7 (64 bits each); two such vectors unpack into R0-15, G0-15, B0-15 */
+    const __m256i lane_order = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i dword_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int32_t words[16];
+    for (int k = 0; k < 16; k++)
+        words[k] = k < p ? -1 : 0;
+    const __m256i lo_mask = _mm256_loadu_si256((const __m256i *)words);
+    const __m256i hi_mask = _mm256_loadu_si256((const __m256i *)(words + 8));
+    const Py_ssize_t pp = (Py_ssize_t)p * p, plane = (Py_ssize_t)t * pp, row_bytes = 3 * plane;
+    const Py_ssize_t stride = 4 * width;
+    uint8_t *o = out;
+    for (Py_ssize_t by = 0; by < height / (p * m); by++)
+        for (Py_ssize_t bx = 0; bx < width / (p * m); bx++)
+            for (int my = 0; my < m; my++)
+                for (int mx = 0; mx < m; mx++, o += row_bytes) {
+                    const uint8_t *s = src + ((by * m + my) * p) * stride + 4 * ((bx * m + mx) * p);
+                    for (int i = 0; i < p; i++, s += stride) {
+                        __m256i a = _mm256_maskload_epi32((const int *)s, lo_mask);
+                        __m256i b = p > 8 ? _mm256_maskload_epi32((const int *)s + 8, hi_mask) : _mm256_setzero_si256();
+                        a = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, lane_order), dword_order);
+                        b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(b, lane_order), dword_order);
+                        __m256i lo = _mm256_unpacklo_epi64(a, b), hi = _mm256_unpackhi_epi64(a, b);
+                        __m128i channel[3] = {_mm256_castsi256_si128(lo), _mm256_castsi256_si128(hi),
+                                              _mm256_extracti128_si256(lo, 1)};
+                        /* a 16-byte store spills past the row into this plane's later rows, which are
+                           written after it; where it would leave the plane, the row goes by memcpy */
+                        int wide = i * p + 16 <= pp;
+                        uint8_t *d = o + (Py_ssize_t)i * p;
+                        for (int f = 0; f < t; f++, d += pp)
+                            for (int c = 0; c < 3; c++) {
+                                if (wide) {
+                                    _mm_storeu_si128((__m128i *)(d + c * plane), channel[c]);
+                                } else {
+                                    uint8_t row[16];
+                                    _mm_storeu_si128((__m128i *)row, channel[c]);
+                                    memcpy(d + c * plane, row, (size_t)p);
+                                }
+                            }
+                    }
+                }
+}
+
+__attribute__((target("avx2")))
+static void pack_avx2(const uint8_t *src, uint8_t *dst, Py_ssize_t n) {
+    const __m256i order = _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,
+                                           0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+    Py_ssize_t k = 0;
+    for (; k + 10 <= n; k += 8) {  /* 8 pixels a step; the second store ends at 3k + 28 <= 3n */
+        __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(src + 4 * k)), order);
+        _mm_storeu_si128((__m128i *)(dst + 3 * k), _mm256_castsi256_si128(v));
+        _mm_storeu_si128((__m128i *)(dst + 3 * k + 12), _mm256_extracti128_si256(v, 1));
+    }
+    for (; k < n; k++) {
+        dst[3 * k] = src[4 * k];
+        dst[3 * k + 1] = src[4 * k + 1];
+        dst[3 * k + 2] = src[4 * k + 2];
+    }
+}
+
+static int cpu_level(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi"))
+        return 2;
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
 }
 #else
-static int have_simd(void) { return 0; }
+static int cpu_level(void) { return 0; }
 #endif
 
-static int simd_ok = 0;
+static const char *LEVELS[] = {"none", "avx2", "avx512vbmi"};
+static int best = 0;   /* what this CPU runs */
+static int level = 0;  /* what the kernels use: `best` unless `use` chose a lower one */
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
     int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
@@ -110,8 +179,8 @@ static PyObject *patchify_rgbx(PyObject *self, PyObject *args) {
     int p, m, t;
     if (!PyArg_ParseTuple(args, "OOnniii", &src_obj, &out_obj, &height, &width, &p, &m, &t))
         return NULL;
-    if (!simd_ok) {
-        PyErr_SetString(PyExc_RuntimeError, "patchify_rgbx needs AVX-512 VBMI (check _simd.simd first)");
+    if (level == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "patchify_rgbx needs AVX2 or AVX-512 VBMI (see _simd.level())");
         return NULL;
     }
     if (p < 1 || p > MAX_PATCH || m < 1 || t < 1 || t > MAX_FRAMES || height <= 0 || width <= 0
@@ -138,7 +207,10 @@ static PyObject *patchify_rgbx(PyObject *self, PyObject *args) {
     } else {
 #ifdef ROLLWIRE_X86
         Py_BEGIN_ALLOW_THREADS
-        patchify_avx512((const uint8_t *)src.buf, (uint8_t *)out.buf, height, width, p, m, t);
+        if (level == 2)
+            patchify_avx512((const uint8_t *)src.buf, (uint8_t *)out.buf, height, width, p, m, t);
+        else
+            patchify_avx2((const uint8_t *)src.buf, (uint8_t *)out.buf, height, width, p, m, t);
         Py_END_ALLOW_THREADS
 #endif
         result = Py_NewRef(Py_None);
@@ -153,8 +225,8 @@ static PyObject *pack_rgb(PyObject *self, PyObject *args) {
     Py_ssize_t start, count;
     if (!PyArg_ParseTuple(args, "OnnO", &src_obj, &start, &count, &dst_obj))
         return NULL;
-    if (!simd_ok) {
-        PyErr_SetString(PyExc_RuntimeError, "pack_rgb needs AVX-512 VBMI (check _simd.simd first)");
+    if (level == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pack_rgb needs AVX2 or AVX-512 VBMI (see _simd.level())");
         return NULL;
     }
     Py_buffer src, dst;
@@ -172,7 +244,10 @@ static PyObject *pack_rgb(PyObject *self, PyObject *args) {
     } else {
 #ifdef ROLLWIRE_X86
         Py_BEGIN_ALLOW_THREADS
-        pack_avx512((const uint8_t *)src.buf + 4 * start, (uint8_t *)dst.buf, count);
+        if (level == 2)
+            pack_avx512((const uint8_t *)src.buf + 4 * start, (uint8_t *)dst.buf, count);
+        else
+            pack_avx2((const uint8_t *)src.buf + 4 * start, (uint8_t *)dst.buf, count);
         Py_END_ALLOW_THREADS
 #endif
         result = PyLong_FromSsize_t(3 * count);
@@ -282,7 +357,38 @@ static PyObject *rgbx_memory(PyObject *self, PyObject *args) {
     return (PyObject *)memory;
 }
 
+static PyObject *level_name(int k) {
+    return k ? PyUnicode_FromString(LEVELS[k]) : Py_NewRef(Py_None);
+}
+
+static PyObject *get_level(PyObject *self, PyObject *unused) { return level_name(level); }
+
+static PyObject *get_best(PyObject *self, PyObject *unused) { return level_name(best); }
+
+static PyObject *use(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name))
+        return NULL;
+    for (int k = 0; k < 3; k++)
+        if (strcmp(name, LEVELS[k]) == 0) {
+            if (k > best) {
+                PyErr_Format(PyExc_ValueError, "this CPU does not run %s (best: %s)", name, LEVELS[best]);
+                return NULL;
+            }
+            PyObject *previous = level_name(level);
+            level = k;
+            return previous;
+        }
+    PyErr_Format(PyExc_ValueError, "unknown level %s (none, avx2, avx512vbmi)", name);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"level", get_level, METH_NOARGS, "level(): the byte shuffles in use: 'avx512vbmi', 'avx2' or None."},
+    {"best", get_best, METH_NOARGS, "best(): the best level this CPU runs, or None."},
+    {"use", use, METH_VARARGS,
+     "use(name): run the shuffles at 'avx512vbmi', 'avx2' or 'none' (at most best()); returns the previous level. "
+     "For tests and side-by-side benchmarks."},
     {"rgbx_memory", rgbx_memory, METH_VARARGS,
      "rgbx_memory(image, width, height): a read-only buffer over an RGB PIL image's RGBX bytes (its Arrow "
      "export, kept alive with it), or None when PIL does not export that layout."},
@@ -302,9 +408,8 @@ PyMODINIT_FUNC PyInit__simd(void) {
     PyObject *mod = PyModule_Create(&module);
     if (mod == NULL)
         return NULL;
-    simd_ok = have_simd();
-    if (PyModule_AddObjectRef(mod, "simd", simd_ok ? Py_True : Py_False) < 0
-            || PyModule_AddIntConstant(mod, "MAX_PATCH", MAX_PATCH) < 0
+    best = level = cpu_level();
+    if (PyModule_AddIntConstant(mod, "MAX_PATCH", MAX_PATCH) < 0
             || PyModule_AddIntConstant(mod, "MAX_FRAMES", MAX_FRAMES) < 0) {
         Py_DECREF(mod);
         return NULL;

@@ -13,7 +13,7 @@ same values, one copy more.
 
 `COMPILED` is the extension `rollwire.features._simd` when it is built (`ROLLWIRE_SIMD=0` turns it
 off): its `rgbx_memory` does the same walk of the export in C. `SIMD` is that module when this CPU
-also runs its byte shuffles (AVX-512 VBMI) that read the memory, else None.
+also runs its byte shuffles that read the memory (AVX-512 VBMI or AVX2: `SIMD.level()`), else None.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _compiled() -> Any | None:
 
 
 COMPILED: Any | None = _compiled()  # the extension, built and on: its `rgbx_memory` runs on any CPU
-SIMD: Any | None = COMPILED if COMPILED is not None and COMPILED.simd else None
+SIMD: Any | None = COMPILED if COMPILED is not None and COMPILED.level() is not None else None
 
 
 class _ArrowSchema(ctypes.Structure):
