@@ -7,7 +7,10 @@
   and HF image processor, when it is importable (timing only: its template is Qwen3-VL's);
 - floor: resize the new image + one copy of its rows (held for the run, as rollwire's store holds
   its rows) + one tokenizer call over the new message's text (what any renderer must do; no
-  hashing, no checks).
+  hashing, no checks);
+- rollwire on its numpy paths: the same bridge with the compiled extension off
+  (`rollwire.features._simd`: what a machine without it, or without AVX2, runs), on a picture of
+  its own, over the floor's time on the same turn's picture.
 
 Each repetition brings a new picture (a feature-store miss, like a real turn), and all paths are
 timed on the same picture in turn, so load on the shared machine falls on each alike.
@@ -24,6 +27,7 @@ import numpy as np
 
 from rollwire.bench.images import photo
 from rollwire.bench.report import Report, Table, cpu_clock
+from rollwire.features import pixels as view
 from rollwire.features.qwen_vl import smart_resize
 from rollwire.render import create_renderer
 from rollwire.render.tokens import TextTokenizer
@@ -85,6 +89,17 @@ class _Recorder:
         del self.tok.encode
 
 
+class _NumpyPaths:
+    """The compiled extension off for the block: rollwire's numpy, PIL and ctypes paths."""
+
+    def __enter__(self) -> None:
+        self.saved = view.SIMD, view.COMPILED
+        view.SIMD = view.COMPILED = None
+
+    def __exit__(self, *exc: object) -> None:
+        view.SIMD, view.COMPILED = self.saved
+
+
 def _timed(fn: Callable[[], object], kept: list[object]) -> float:
     t = cpu_clock()
     kept.append(fn())
@@ -123,8 +138,9 @@ def run(quick: bool = False) -> Report:
     tok = renderer.tokenizer
     completion = [*tok.encode_ids(ANSWER), renderer.im_end_id]
 
-    table = Table(["T", "rollwire ms", "floor ms", "rollwire / floor", "HF re-render ms", "HF / rollwire",
-                   "renderers 0.1.12 ms", "renderers / rollwire"])
+    compiled = view.SIMD.level() if view.SIMD is not None else None
+    table = Table(["T", "rollwire ms", "floor ms", "rollwire / floor", "numpy paths / floor", "HF re-render ms",
+                   "HF / rollwire", "renderers 0.1.12 ms", "renderers / rollwire"])
     figures: dict[str, dict[str, float | None]] = {}
     history = [user(0, side)]
     prompt = renderer.render(history)
@@ -145,7 +161,7 @@ def run(quick: bool = False) -> Report:
                 seed_prompt = seed.bridge_to_next_turn(seed_prompt, completion, [new]).token_ids
             history += [{"role": "assistant", "content": ANSWER}, new]
             done += 1
-        samples: dict[str, list[float]] = {"rollwire": [], "floor": [], "hf": [], "seed": []}
+        samples: dict[str, list[float]] = {"rollwire": [], "floor": [], "numpy": [], "hf": [], "seed": []}
         kept: list[object] = []
         for r in range(reps):
             new = user(10_000 + 100 * T + r, side)
@@ -155,6 +171,10 @@ def run(quick: bool = False) -> Report:
             pixels = store.get(bridged.images[-1].id).pixel_values
             samples["floor"].append(_timed(partial(_floor, new["content"][0]["image"], (new_w, new_h), resample,
                                                    pixels, tok, list(rec.texts), floor_rows), kept))
+            if compiled:
+                with _NumpyPaths():
+                    other = user(30_000 + 100 * T + r, side)
+                    samples["numpy"].append(_timed(partial(renderer.bridge, prompt, completion, [other]), kept))
             if processor is not None and r < baseline_reps and (T <= 32 or r < 2):
                 conversation = [*history, {"role": "assistant", "content": ANSWER}, new]
                 samples["hf"].append(_timed(partial(processor.apply_chat_template, conversation, tokenize=True,
@@ -170,10 +190,14 @@ def run(quick: bool = False) -> Report:
         # each turn's rollwire time over the floor's on the same picture, timed back to back: a burst of
         # load on the shared machine falls on both sides of the ratio
         vs_floor = statistics.median(a / b for a, b in zip(samples["rollwire"], samples["floor"], strict=True))
-        table.add(T, f"{ours:.2f}", f"{fl:.2f}", f"{vs_floor:.2f}×", f"{hf:.1f}" if hf else "—",
+        numpy_vs = (statistics.median(a / b for a, b in zip(samples["numpy"], samples["floor"], strict=True))
+                    if samples["numpy"] else None)
+        table.add(T, f"{ours:.2f}", f"{fl:.2f}", f"{vs_floor:.2f}×", f"{numpy_vs:.2f}×" if numpy_vs else "—",
+                  f"{hf:.1f}" if hf else "—",
                   f"{hf / ours:.1f}×" if hf else "—", f"{sd:.2f}" if sd else "—", f"{sd / ours:.2f}×" if sd else "—")
         figures[str(T)] = {"rollwire_ms": ours, "floor_ms": fl, "hf_ms": hf, "renderers_ms": sd,
-                           "rollwire_vs_floor": vs_floor, "hf_vs_rollwire": hf / ours if hf else None,
+                           "rollwire_vs_floor": vs_floor, "numpy_paths_vs_floor": numpy_vs,
+                           "hf_vs_rollwire": hf / ours if hf else None,
                            "renderers_vs_rollwire": sd / ours if sd else None}
     worst = max(f["rollwire_vs_floor"] or 0.0 for f in figures.values())
     notes = [f"{side[0]}×{side[1]} photo-like pictures (resized to {new_w}×{new_h}), one per user turn, on the tiny "
@@ -182,12 +206,16 @@ def run(quick: bool = False) -> Report:
              "each turn's ratio (both timed back to back on the same picture). Both keep their rows for the whole run "
              "(rollwire's in its feature store); neither keeps the resized image. rollwire's cost includes the BLAKE3 "
              "image id; the floor's does not. Times are the thread's CPU time (other jobs on the shared machine do "
-             "not count)."]
+             "not count).",
+             (f"rollwire's byte shuffles ran compiled ({compiled}, rollwire.features._simd); numpy paths / floor is "
+              "the same bridge with the extension off, on a picture of its own, over the floor's time on the turn's "
+              "picture." if compiled else "The compiled extension is not built or this CPU has neither AVX-512 "
+              "VBMI nor AVX2: rollwire ran its numpy paths.")]
     notes += [why for why in (hf_why, seed_why) if why]
     return Report(
         name="render", command="rollwire bench render" + (" --quick" if quick else ""),
         summary=(f"per-turn prompt cost at worst {worst:.2f}× the floor (target ≤ 1.2×), flat in T; the HF re-render "
                  "grows with T."),
         tables=[table], notes=notes, figures={"turns": figures, "worst_rollwire_vs_floor": worst,
-                                              "hf": not hf_why, "renderers": not seed_why},
+                                              "hf": not hf_why, "renderers": not seed_why, "compiled": compiled},
     )
