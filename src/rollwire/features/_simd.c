@@ -29,6 +29,14 @@
 #define MAX_FRAMES 16
 
 #ifdef ROLLWIRE_X86
+/* the first RGBX pixel of patch k in HF's order: merged blocks row by row, then m x m patches in each */
+static inline const uint8_t *patch_pixels(const uint8_t *src, Py_ssize_t k, Py_ssize_t width, int p, int m) {
+    const Py_ssize_t per_block = (Py_ssize_t)m * m, blocks_across = width / ((Py_ssize_t)p * m);
+    const Py_ssize_t block = k / per_block, inner = k % per_block;
+    const Py_ssize_t y = (block / blocks_across * m + inner / m) * p, x = (block % blocks_across * m + inner % m) * p;
+    return src + 4 * (y * width + x);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi")))
 static void patchify_avx512(const uint8_t *src, uint8_t *out, Py_ssize_t height, Py_ssize_t width,
                             int p, int m, int t) {
@@ -42,26 +50,23 @@ static void patchify_avx512(const uint8_t *src, uint8_t *out, Py_ssize_t height,
     const __m512i perm = _mm512_loadu_si512((const void *)order);
     const __mmask16 mask = (__mmask16)((1u << p) - 1);
     const Py_ssize_t pp = (Py_ssize_t)p * p, plane = (Py_ssize_t)t * pp, row_bytes = 3 * plane;
-    const Py_ssize_t stride = 4 * width;
-    uint8_t *o = out;
-    for (Py_ssize_t by = 0; by < height / (p * m); by++)
-        for (Py_ssize_t bx = 0; bx < width / (p * m); bx++)
-            for (int my = 0; my < m; my++)
-                for (int mx = 0; mx < m; mx++, o += row_bytes) {
-                    const uint8_t *s = src + ((by * m + my) * p) * stride + 4 * ((bx * m + mx) * p);
-                    for (int i = 0; i < p; i++, s += stride) {
-                        __m512i q = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi32(mask, s));
-                        __m128i r = _mm512_castsi512_si128(q);
-                        __m128i g = _mm512_extracti32x4_epi32(q, 1);
-                        __m128i b = _mm512_extracti32x4_epi32(q, 2);
-                        uint8_t *d = o + (Py_ssize_t)i * p;
-                        for (int f = 0; f < t; f++, d += pp) {
-                            _mm_mask_storeu_epi8(d, mask, r);
-                            _mm_mask_storeu_epi8(d + plane, mask, g);
-                            _mm_mask_storeu_epi8(d + 2 * plane, mask, b);
-                        }
-                    }
-                }
+    const Py_ssize_t stride = 4 * width, patches = height * width / pp;
+    for (Py_ssize_t k = 0; k < patches; k++) {
+        const uint8_t *s = patch_pixels(src, k, width, p, m);
+        uint8_t *o = out + k * row_bytes;
+        for (int i = 0; i < p; i++, s += stride) {
+            __m512i q = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi32(mask, s));
+            __m128i r = _mm512_castsi512_si128(q);
+            __m128i g = _mm512_extracti32x4_epi32(q, 1);
+            __m128i b = _mm512_extracti32x4_epi32(q, 2);
+            uint8_t *d = o + (Py_ssize_t)i * p;
+            for (int f = 0; f < t; f++, d += pp) {
+                _mm_mask_storeu_epi8(d, mask, r);
+                _mm_mask_storeu_epi8(d + plane, mask, g);
+                _mm_mask_storeu_epi8(d + 2 * plane, mask, b);
+            }
+        }
+    }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi")))
@@ -98,37 +103,34 @@ static void patchify_avx2(const uint8_t *src, uint8_t *out, Py_ssize_t height, P
     const __m256i lo_mask = _mm256_loadu_si256((const __m256i *)words);
     const __m256i hi_mask = _mm256_loadu_si256((const __m256i *)(words + 8));
     const Py_ssize_t pp = (Py_ssize_t)p * p, plane = (Py_ssize_t)t * pp, row_bytes = 3 * plane;
-    const Py_ssize_t stride = 4 * width;
-    uint8_t *o = out;
-    for (Py_ssize_t by = 0; by < height / (p * m); by++)
-        for (Py_ssize_t bx = 0; bx < width / (p * m); bx++)
-            for (int my = 0; my < m; my++)
-                for (int mx = 0; mx < m; mx++, o += row_bytes) {
-                    const uint8_t *s = src + ((by * m + my) * p) * stride + 4 * ((bx * m + mx) * p);
-                    for (int i = 0; i < p; i++, s += stride) {
-                        __m256i a = _mm256_maskload_epi32((const int *)s, lo_mask);
-                        __m256i b = p > 8 ? _mm256_maskload_epi32((const int *)s + 8, hi_mask) : _mm256_setzero_si256();
-                        a = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, lane_order), dword_order);
-                        b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(b, lane_order), dword_order);
-                        __m256i lo = _mm256_unpacklo_epi64(a, b), hi = _mm256_unpackhi_epi64(a, b);
-                        __m128i channel[3] = {_mm256_castsi256_si128(lo), _mm256_castsi256_si128(hi),
-                                              _mm256_extracti128_si256(lo, 1)};
-                        /* a 16-byte store spills past the row into this plane's later rows, which are
-                           written after it; where it would leave the plane, the row goes by memcpy */
-                        int wide = i * p + 16 <= pp;
-                        uint8_t *d = o + (Py_ssize_t)i * p;
-                        for (int f = 0; f < t; f++, d += pp)
-                            for (int c = 0; c < 3; c++) {
-                                if (wide) {
-                                    _mm_storeu_si128((__m128i *)(d + c * plane), channel[c]);
-                                } else {
-                                    uint8_t row[16];
-                                    _mm_storeu_si128((__m128i *)row, channel[c]);
-                                    memcpy(d + c * plane, row, (size_t)p);
-                                }
-                            }
+    const Py_ssize_t stride = 4 * width, patches = height * width / pp;
+    for (Py_ssize_t k = 0; k < patches; k++) {
+        const uint8_t *s = patch_pixels(src, k, width, p, m);
+        uint8_t *o = out + k * row_bytes;
+        for (int i = 0; i < p; i++, s += stride) {
+            __m256i a = _mm256_maskload_epi32((const int *)s, lo_mask);
+            __m256i b = p > 8 ? _mm256_maskload_epi32((const int *)s + 8, hi_mask) : _mm256_setzero_si256();
+            a = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, lane_order), dword_order);
+            b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(b, lane_order), dword_order);
+            __m256i lo = _mm256_unpacklo_epi64(a, b), hi = _mm256_unpackhi_epi64(a, b);
+            __m128i channel[3] = {_mm256_castsi256_si128(lo), _mm256_castsi256_si128(hi),
+                                  _mm256_extracti128_si256(lo, 1)};
+            /* a 16-byte store spills past the row into this plane's later rows, which are
+               written after it; where it would leave the plane, the row goes by memcpy */
+            int wide = i * p + 16 <= pp;
+            uint8_t *d = o + (Py_ssize_t)i * p;
+            for (int f = 0; f < t; f++, d += pp)
+                for (int c = 0; c < 3; c++) {
+                    if (wide) {
+                        _mm_storeu_si128((__m128i *)(d + c * plane), channel[c]);
+                    } else {
+                        uint8_t row[16];
+                        _mm_storeu_si128((__m128i *)row, channel[c]);
+                        memcpy(d + c * plane, row, (size_t)p);
                     }
                 }
+        }
+    }
 }
 
 __attribute__((target("avx2")))
@@ -163,11 +165,17 @@ static const char *LEVELS[] = {"none", "avx2", "avx512vbmi"};
 static int best = 0;   /* what this CPU runs */
 static int level = 0;  /* what the kernels use: `best` unless `use` chose a lower one */
 
-static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+/* src (read) and dst (written), both C-contiguous, or a TypeError and neither held */
+static int get_buffers(PyObject *src_obj, Py_buffer *src, PyObject *dst_obj, Py_buffer *dst, const char *dst_name) {
+    if (PyObject_GetBuffer(src_obj, src, PyBUF_C_CONTIGUOUS) < 0) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s buffer", what, writable ? " writable" : "");
+        PyErr_SetString(PyExc_TypeError, "src must be a C-contiguous buffer");
+        return -1;
+    }
+    if (PyObject_GetBuffer(dst_obj, dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(src);
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous writable buffer", dst_name);
         return -1;
     }
     return 0;
@@ -194,12 +202,8 @@ static PyObject *patchify_rgbx(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_buffer src, out;
-    if (get_buffer(src_obj, &src, 0, "src") < 0)
+    if (get_buffers(src_obj, &src, out_obj, &out, "out") < 0)
         return NULL;
-    if (get_buffer(out_obj, &out, 1, "out") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
     PyObject *result = NULL;
     if (src.len != 4 * width * height || out.len != 3 * (Py_ssize_t)t * width * height) {
         PyErr_Format(PyExc_ValueError, "patchify_rgbx: src has %zd bytes (want %zd), out %zd (want %zd)",
@@ -230,12 +234,8 @@ static PyObject *pack_rgb(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_buffer src, dst;
-    if (get_buffer(src_obj, &src, 0, "src") < 0)
+    if (get_buffers(src_obj, &src, dst_obj, &dst, "dst") < 0)
         return NULL;
-    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
     PyObject *result = NULL;
     if (start < 0 || count < 0 || src.len % 4 || start > src.len / 4 || count > src.len / 4 - start
             || count > dst.len / 3) {
