@@ -294,8 +294,9 @@ def patchify_rgbx(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
     each patch row of 4-byte pixels as one `V{4p}` item into patch order (a patch's p*p pixels are
     then contiguous); then each channel out of the 4-byte pixels as one uint32 -> uint8 cast, over a
     view shifted by the channel's byte (`<u4`: its low byte is the first, on any machine), straight
-    into the rows, broadcast over the frames. With `pixels.SIMD` (AVX-512 VBMI), one permute per patch
-    row and masked stores into every frame do it at about the cost of one copy.
+    into the rows, broadcast over the frames. With `pixels.SIMD`, the compiled shuffles do it instead:
+    at AVX-512 VBMI one permute per patch row and masked stores into every frame, at about the cost of
+    one copy; at AVX2 about twice that, still under numpy's.
     """
     height, width = rgbx.shape[:2]
     if rgbx.dtype != np.uint8 or rgbx.ndim != 3 or rgbx.shape[2] != 4 or height % (p * m) or width % (p * m):
