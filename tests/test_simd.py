@@ -93,6 +93,25 @@ def test_rollwire_simd_0_turns_the_shuffles_off() -> None:
     assert out.split() == ["None", "None"]
 
 
+@pytest.mark.parametrize(("setting", "level"), [("avx2", "avx2"), ("none", "None"), ("AVX2 ", "avx2")])
+def test_rollwire_simd_picks_a_level(setting: str, level: str) -> None:
+    module = compiled_or_skip()
+    if module.best() is None:
+        pytest.skip("this CPU runs no level of the shuffles")
+    code = "from rollwire.features import pixels; print(pixels.COMPILED.level(), pixels.SIMD is None)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ROLLWIRE_SIMD": setting},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == [level, str(level == "None")]
+
+
+def test_rollwire_simd_above_the_cpu_or_unknown_is_an_error_at_import() -> None:
+    module = compiled_or_skip()
+    bad = "sse9" if module.best() == "avx512vbmi" else "avx512vbmi"
+    run = subprocess.run([sys.executable, "-c", "import rollwire.features.pixels"],
+                         env={**os.environ, "ROLLWIRE_SIMD": bad}, capture_output=True, text=True)
+    assert run.returncode != 0 and f"ROLLWIRE_SIMD={bad}" in run.stderr
+
+
 def reference_rows(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
     """HF's patch formula over the R, G, B bytes (the pad byte dropped), each frame the same."""
     chw = rgbx[:, :, :3].transpose(2, 0, 1)[None].repeat(t, axis=0)

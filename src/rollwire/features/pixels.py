@@ -12,8 +12,9 @@ memory block, any other surprise) `rgbx_pixels` says None and the caller takes `
 same values, one copy more.
 
 `COMPILED` is the extension `rollwire.features._simd` when it is built (`ROLLWIRE_SIMD=0` turns it
-off): its `rgbx_memory` does the same walk of the export in C. `SIMD` is that module when this CPU
-also runs its byte shuffles that read the memory (AVX-512 VBMI or AVX2: `SIMD.level()`), else None.
+off; `=avx2` or `=none` picks a lower level of its shuffles): its `rgbx_memory` does the same walk
+of the export in C. `SIMD` is that module when this CPU also runs its byte shuffles that read the
+memory (AVX-512 VBMI or AVX2: `SIMD.level()`), else None.
 """
 
 from __future__ import annotations
@@ -29,12 +30,20 @@ __all__ = ["SIMD", "rgbx_pixels"]
 
 
 def _compiled() -> Any | None:
-    if os.environ.get("ROLLWIRE_SIMD", "1") == "0":
+    """The extension, at the level `ROLLWIRE_SIMD` names if any: 0 (off: numpy, PIL and ctypes), none
+    (its view of PIL's memory, no shuffles), avx2 or avx512vbmi (at most what the CPU runs)."""
+    setting = os.environ.get("ROLLWIRE_SIMD", "").strip().lower()
+    if setting == "0":
         return None
     try:
         from rollwire.features import _simd as compiled  # type: ignore[attr-defined]
     except ImportError:  # not built here (no compiler, not x86-64): the numpy, PIL and ctypes paths
         return None
+    if setting not in ("", "1"):
+        try:
+            compiled.use(setting)
+        except ValueError as exc:
+            raise ImportError(f"ROLLWIRE_SIMD={setting}: {exc}") from None
     return compiled
 
 
