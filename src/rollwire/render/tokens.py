@@ -64,12 +64,15 @@ class TextTokenizer:
         if isinstance(token_ids, (str, bytes, Mapping, AbstractSet)) or not hasattr(token_ids, "__iter__"):
             raise RenderError(f"{what} must be a sequence of token ids, got {type(token_ids).__name__}")
         vocab = self.vocab_size
+        ids: list[Any] = list(token_ids)
+        if not ids or ({*map(type, ids)} == {int} and min(ids) >= 0 and max(ids) < vocab):
+            return ids  # plain ints, all in range: the usual case, checked by C loops
         out: list[int] = []
-        for k, t in enumerate(token_ids):
+        for k, t in enumerate(ids):  # the first bad one, named
             try:
                 if isinstance(t, bool):
                     raise TypeError
-                value = operator.index(t)  # type: ignore[arg-type]
+                value = operator.index(t)
             except TypeError:
                 raise RenderError(f"{what}[{k}] is {type(t).__name__} {t!r}, not a token id") from None
             if not 0 <= value < vocab:
