@@ -1,7 +1,7 @@
 """The features fast path: a view of PIL's own pixel memory, the RGBX patchify, the streamed image
 id; each against an independent reference (numpy's copy of the pixels, HF's patch formula, BLAKE3
 over `tobytes()`, the HF processor). The patchify and the id run on both their paths: the compiled
-shuffles (`pixels.SIMD`, where this CPU has AVX-512 VBMI) and numpy / PIL."""
+shuffles (`pixels.simd()`, where this CPU has AVX-512 VBMI) and numpy / PIL."""
 
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ from rollwire.images import image_hash, load_image, to_rgb
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test that takes it runs with the compiled extension (shuffles and view) and without it."""
     if request.param == "simd":
-        if pixels.SIMD is None or pixels.COMPILED is None:
-            pytest.skip("no compiled shuffles here (not built, or no AVX-512 VBMI): tests/test_simd.py says which")
+        if pixels.simd() is None:
+            pytest.skip("no compiled shuffles here (not built, or no AVX-512 VBMI or AVX2): see tests/test_simd.py")
     else:
-        monkeypatch.setattr(pixels, "SIMD", None)
-        monkeypatch.setattr(pixels, "COMPILED", None)  # rgbx_pixels by ctypes
+        monkeypatch.setattr(pixels, "COMPILED", None)  # no shuffles, and rgbx_pixels by ctypes
     return str(request.param)
 
 

@@ -63,7 +63,7 @@ def test_the_extension_is_built_and_picks_the_best_level_the_cpu_has() -> None:
     assert module.best() == want and module.level() == want
     on = os.environ.get("ROLLWIRE_SIMD", "1") != "0"
     assert (pixels.COMPILED is module) is on
-    assert (pixels.SIMD is module) is (want is not None and on)
+    assert (pixels.simd() is module) is (want is not None and on)
 
 
 def test_use_takes_no_level_above_the_cpus_and_none_turns_the_kernels_off() -> None:
@@ -87,7 +87,7 @@ def test_use_takes_no_level_above_the_cpus_and_none_turns_the_kernels_off() -> N
 
 
 def test_rollwire_simd_0_turns_the_shuffles_off() -> None:
-    code = "from rollwire.features import pixels; print(pixels.SIMD, pixels.COMPILED)"
+    code = "from rollwire.features import pixels; print(pixels.simd(), pixels.COMPILED)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ROLLWIRE_SIMD": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["None", "None"]
@@ -98,7 +98,7 @@ def test_rollwire_simd_picks_a_level(setting: str, level: str) -> None:
     module = compiled_or_skip()
     if module.best() is None:
         pytest.skip("this CPU runs no level of the shuffles")
-    code = "from rollwire.features import pixels; print(pixels.COMPILED.level(), pixels.SIMD is None)"
+    code = "from rollwire.features import pixels; print(pixels.COMPILED.level(), pixels.simd() is None)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ROLLWIRE_SIMD": setting},
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == [level, str(level == "None")]

@@ -56,7 +56,7 @@ def _pack_buffer() -> memoryview:
 
 def _rgb_chunks(rgb_image: Image.Image) -> Iterator[bytes | memoryview]:
     """`rgb_image.tobytes()` in pieces, in order: packed from PIL's own memory by the compiled shuffle
-    (`pixels.SIMD`, 16 pixels a permute) into this thread's buffer, reused; else PIL's raw encoder
+    (`pixels.simd()`, 16 pixels a permute) into this thread's buffer, reused; else PIL's raw encoder
     (what `tobytes` runs, a pixel at a time) without the join; if that private API is not there,
     `tobytes()` in one piece. A piece is used before the next is asked for (the buffer is reused)."""
     width, height = rgb_image.size
@@ -64,7 +64,7 @@ def _rgb_chunks(rgb_image: Image.Image) -> Iterator[bytes | memoryview]:
         return
     from rollwire.features import pixels  # here: rollwire.features imports this module
 
-    simd = pixels.SIMD
+    simd = pixels.simd()
     rgbx = pixels.rgbx_pixels(rgb_image) if simd is not None else None
     if simd is not None and rgbx is not None:
         buffer = _pack_buffer()

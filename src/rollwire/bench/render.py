@@ -95,11 +95,11 @@ class _NumpyPaths:
     """The compiled extension off for the block: rollwire's numpy, PIL and ctypes paths."""
 
     def __enter__(self) -> None:
-        self.saved = view.SIMD, view.COMPILED
-        view.SIMD = view.COMPILED = None
+        self.saved = view.COMPILED
+        view.COMPILED = None
 
     def __exit__(self, *exc: object) -> None:
-        view.SIMD, view.COMPILED = self.saved
+        view.COMPILED = self.saved
 
 
 def _timed(fn: Callable[[], object], kept: list[object]) -> float:
@@ -140,7 +140,7 @@ def run(quick: bool = False) -> Report:
     tok = renderer.tokenizer
     completion = [*tok.encode_ids(ANSWER), renderer.im_end_id]
 
-    compiled = view.SIMD.level() if view.SIMD is not None else None
+    compiled = shuffles.level() if (shuffles := view.simd()) is not None else None
     table = Table(["T", "rollwire ms", "floor ms", "rollwire / floor", "numpy paths / floor", "HF re-render ms",
                    "HF / rollwire", "renderers 0.1.12 ms", "renderers / rollwire"])
     figures: dict[str, dict[str, float | None]] = {}

@@ -165,6 +165,24 @@ static const char *LEVELS[] = {"none", "avx2", "avx512vbmi"};
 static int best = 0;   /* what this CPU runs */
 static int level = 0;  /* what the kernels use: `best` unless `use` chose a lower one */
 
+typedef void (*patchify_fn)(const uint8_t *, uint8_t *, Py_ssize_t, Py_ssize_t, int, int, int);
+typedef void (*pack_fn)(const uint8_t *, uint8_t *, Py_ssize_t);
+#ifdef ROLLWIRE_X86
+static const patchify_fn PATCHIFY[] = {NULL, patchify_avx2, patchify_avx512};
+static const pack_fn PACK[] = {NULL, pack_avx2, pack_avx512};
+#else
+static const patchify_fn PATCHIFY[] = {NULL, NULL, NULL};
+static const pack_fn PACK[] = {NULL, NULL, NULL};
+#endif
+
+/* 0 with a RuntimeError naming the call when no level runs (the kernels' tables hold NULL there) */
+static int have_level(const char *what) {
+    if (PATCHIFY[level] != NULL && PACK[level] != NULL)
+        return 1;
+    PyErr_Format(PyExc_RuntimeError, "%s needs AVX2 or AVX-512 VBMI (see _simd.level())", what);
+    return 0;
+}
+
 /* src (read) and dst (written), both C-contiguous, or a TypeError and neither held */
 static int get_buffers(PyObject *src_obj, Py_buffer *src, PyObject *dst_obj, Py_buffer *dst, const char *dst_name) {
     if (PyObject_GetBuffer(src_obj, src, PyBUF_C_CONTIGUOUS) < 0) {
@@ -187,10 +205,9 @@ static PyObject *patchify_rgbx(PyObject *self, PyObject *args) {
     int p, m, t;
     if (!PyArg_ParseTuple(args, "OOnniii", &src_obj, &out_obj, &height, &width, &p, &m, &t))
         return NULL;
-    if (level == 0) {
-        PyErr_SetString(PyExc_RuntimeError, "patchify_rgbx needs AVX2 or AVX-512 VBMI (see _simd.level())");
+    if (!have_level("patchify_rgbx"))
         return NULL;
-    }
+    const patchify_fn run = PATCHIFY[level];
     if (p < 1 || p > MAX_PATCH || m < 1 || t < 1 || t > MAX_FRAMES || height <= 0 || width <= 0
             || height % ((Py_ssize_t)p * m) || width % ((Py_ssize_t)p * m)) {
         PyErr_Format(PyExc_ValueError, "patchify_rgbx: bad geometry %zdx%zd, patch %d, merge %d, frames %d",
@@ -209,14 +226,9 @@ static PyObject *patchify_rgbx(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "patchify_rgbx: src has %zd bytes (want %zd), out %zd (want %zd)",
                      src.len, 4 * width * height, out.len, 3 * (Py_ssize_t)t * width * height);
     } else {
-#ifdef ROLLWIRE_X86
         Py_BEGIN_ALLOW_THREADS
-        if (level == 2)
-            patchify_avx512((const uint8_t *)src.buf, (uint8_t *)out.buf, height, width, p, m, t);
-        else
-            patchify_avx2((const uint8_t *)src.buf, (uint8_t *)out.buf, height, width, p, m, t);
+        run((const uint8_t *)src.buf, (uint8_t *)out.buf, height, width, p, m, t);
         Py_END_ALLOW_THREADS
-#endif
         result = Py_NewRef(Py_None);
     }
     PyBuffer_Release(&src);
@@ -229,10 +241,9 @@ static PyObject *pack_rgb(PyObject *self, PyObject *args) {
     Py_ssize_t start, count;
     if (!PyArg_ParseTuple(args, "OnnO", &src_obj, &start, &count, &dst_obj))
         return NULL;
-    if (level == 0) {
-        PyErr_SetString(PyExc_RuntimeError, "pack_rgb needs AVX2 or AVX-512 VBMI (see _simd.level())");
+    if (!have_level("pack_rgb"))
         return NULL;
-    }
+    const pack_fn run = PACK[level];
     Py_buffer src, dst;
     if (get_buffers(src_obj, &src, dst_obj, &dst, "dst") < 0)
         return NULL;
@@ -242,14 +253,9 @@ static PyObject *pack_rgb(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "pack_rgb: pixels [%zd, +%zd) of a %zd-byte RGBX buffer into %zd bytes",
                      start, count, src.len, dst.len);
     } else {
-#ifdef ROLLWIRE_X86
         Py_BEGIN_ALLOW_THREADS
-        if (level == 2)
-            pack_avx512((const uint8_t *)src.buf + 4 * start, (uint8_t *)dst.buf, count);
-        else
-            pack_avx2((const uint8_t *)src.buf + 4 * start, (uint8_t *)dst.buf, count);
+        run((const uint8_t *)src.buf + 4 * start, (uint8_t *)dst.buf, count);
         Py_END_ALLOW_THREADS
-#endif
         result = PyLong_FromSsize_t(3 * count);
     }
     PyBuffer_Release(&src);

@@ -13,8 +13,8 @@ same values, one copy more.
 
 `COMPILED` is the extension `rollwire.features._simd` when it is built (`ROLLWIRE_SIMD=0` turns it
 off; `=avx2` or `=none` picks a lower level of its shuffles): its `rgbx_memory` does the same walk
-of the export in C. `SIMD` is that module when this CPU also runs its byte shuffles that read the
-memory (AVX-512 VBMI or AVX2: `SIMD.level()`), else None.
+of the export in C. `simd()` is that module when its byte shuffles that read the memory run at a
+level (AVX-512 VBMI or AVX2: `level()`, what the CPU has unless lowered), else None.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["SIMD", "rgbx_pixels"]
+__all__ = ["COMPILED", "rgbx_pixels", "simd"]
 
 
 def _compiled() -> Any | None:
@@ -48,7 +48,12 @@ def _compiled() -> Any | None:
 
 
 COMPILED: Any | None = _compiled()  # the extension, built and on: its `rgbx_memory` runs on any CPU
-SIMD: Any | None = COMPILED if COMPILED is not None and COMPILED.level() is not None else None
+
+
+def simd() -> Any | None:
+    """The extension when its byte shuffles run at some level now (`COMPILED.level()`), else None."""
+    compiled = COMPILED
+    return compiled if compiled is not None and compiled.level() is not None else None
 
 
 class _ArrowSchema(ctypes.Structure):

@@ -294,7 +294,7 @@ def patchify_rgbx(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
     each patch row of 4-byte pixels as one `V{4p}` item into patch order (a patch's p*p pixels are
     then contiguous); then each channel out of the 4-byte pixels as one uint32 -> uint8 cast, over a
     view shifted by the channel's byte (`<u4`: its low byte is the first, on any machine), straight
-    into the rows, broadcast over the frames. With `pixels.SIMD`, the compiled shuffles do it instead:
+    into the rows, broadcast over the frames. With `pixels.simd()`, the compiled shuffles do it instead:
     at AVX-512 VBMI one permute per patch row and masked stores into every frame, at about the cost of
     one copy; at AVX2 about twice that, still under numpy's.
     """
@@ -304,7 +304,7 @@ def patchify_rgbx(rgbx: np.ndarray, p: int, m: int, t: int) -> np.ndarray:
                          f"{rgbx.shape}")
     if rgbx.strides != (4 * width, 4, 1):
         rgbx = np.ascontiguousarray(rgbx)
-    simd = pixels.SIMD
+    simd = pixels.simd()
     if simd is not None and height and width and p <= simd.MAX_PATCH and t <= simd.MAX_FRAMES:  # a permute a row
         out = np.empty((height * width // (p * p), 3 * t * p * p), dtype=np.uint8)
         simd.patchify_rgbx(rgbx, out, height, width, p, m, t)

@@ -158,13 +158,8 @@ class Emitter:
         slot = next(slots, None)
         token_ids, run_index = self.token_ids, self._run_index
         label, count = -2, 0  # tokens appended but not yet labelled: `count` of message `label`
-        piece, last = 0, len(starts) - 1  # the piece the token starts in: walked on, as offsets come in order
         for token_id, start in self._encode(text, starts):
-            if start < starts[piece]:  # an offset that went back (no tokenizer here does): look it up
-                piece = bisect.bisect_right(starts, start) - 1
-            while piece < last and starts[piece + 1] <= start:
-                piece += 1
-            index = run_index[piece]
+            index = run_index[bisect.bisect_right(starts, start) - 1]
             if slot is not None and start == slot[0]:
                 assert self._images is not None
                 if token_id != self._images.pad_id:
